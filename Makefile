@@ -1,0 +1,27 @@
+# The two commands of the README. Each sets itself up (scripts/bootstrap.sh is idempotent).
+SHELL := /bin/bash
+VENV ?= .venv
+export DS_ACCELERATOR ?= cpu
+# DeepSpeed compiles some ops on first use; keep them between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup demo test lint format
+
+setup:
+	@scripts/bootstrap.sh
+
+## The embedded CPU demo: corpus -> shards in a local S3 -> pretrain (2 ranks) -> stop -> resume -> export.
+demo: setup
+	$(VENV)/bin/electra-scale demo --workdir demo-output
+
+## Lint, format check and the whole test suite (starts its own SeaweedFS).
+test: setup lint
+	$(VENV)/bin/python -m pytest -q tests
+
+lint:
+	$(VENV)/bin/ruff check electra_scale tests
+	$(VENV)/bin/ruff format --check electra_scale tests
+
+format:
+	$(VENV)/bin/ruff format electra_scale tests
+	$(VENV)/bin/ruff check --fix electra_scale tests

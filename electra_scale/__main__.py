@@ -1,0 +1,3 @@
+from electra_scale.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""``electra-scale <command>``: argument parsing only; each command lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+EXIT_CONFIG = 2  # bad config or bad input: fix and re-run; do not retry as-is
+EXIT_FAILURE = 1
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s [rank {rank}] %(message)s"
+        if os.environ.get("WORLD_SIZE", "1") != "1"
+        else "%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    # torch.distributed under ZeRO repeats the same FutureWarning hundreds of times; DeepSpeed is chatty.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "botocore", "boto3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="electra-scale", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prepare", help="text -> tokenized, packed webdataset shards (local dir or s3://)")
+    pr.add_argument("--input", nargs="+", required=True, help=".txt / .jsonl / .gz files, local or s3://")
+    pr.add_argument("--output", required=True, help="output dir or s3://bucket/prefix")
+    pr.add_argument("--tokenizer", required=True, help="vocab.txt, tokenizer.json, or train:VOCAB_SIZE")
+    pr.add_argument("--seq-len", type=int, default=128)
+    pr.add_argument("--samples-per-shard", type=int, default=4096)
+    pr.add_argument("--seed", type=int, default=12345)
+    pr.add_argument("--cased", action="store_true", help="keep case (default: lowercase, as uncased BERT)")
+
+    pt = sub.add_parser("pretrain", help="pretrain with DeepSpeed (run under torchrun/deepspeed for >1 rank)")
+    pt.add_argument("--config", required=True)
+    pt.add_argument("overrides", nargs="*", metavar="key=value")
+    pt.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
+
+    de = sub.add_parser("describe", help="parameter counts, FLOPs per token and the resolved DeepSpeed config")
+    de.add_argument("--config", required=True)
+    de.add_argument("overrides", nargs="*", metavar="key=value")
+    de.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
+    de.add_argument("--json", action="store_true")
+
+    ex = sub.add_parser("export", help="checkpoint -> Hugging Face discriminator and generator (safetensors)")
+    ex.add_argument("checkpoint", help="run output dir, or one checkpoint dir (local or s3://)")
+    ex.add_argument("outdir")
+
+    dm = sub.add_parser("demo", help="the end-to-end CPU demo: corpus -> S3 shards -> pretrain -> resume -> export")
+    dm.add_argument("--workdir", default="demo-output")
+    dm.add_argument("--steps", type=int, default=300)
+    return p
+
+
+def _describe(args) -> int:
+    from electra_scale.config import deepspeed_config, load_config
+    from electra_scale.model import flops_per_token, param_counts
+
+    cfg = load_config(args.config, args.overrides)
+    info = {**param_counts(cfg), "flops_per_token": flops_per_token(cfg)}
+    info["deepspeed_config"] = deepspeed_config(cfg, args.world_size)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"config                {args.config}  (objective: {cfg.objective.kind})")
+    print(f"discriminator params  {info['discriminator_params']:,}")
+    print(f"generator params      {info['generator_params']:,}")
+    print(f"total unique params   {info['total_params']:,}  (shared embeddings counted once)")
+    print(f"train FLOPs / token   {info['flops_per_token']:.4g}")
+    tokens = cfg.train.max_steps * cfg.train.global_batch_size * cfg.data.seq_len
+    print(f"train FLOPs / run     {info['flops_per_token'] * tokens:.4g}  ({tokens:.3g} tokens)")
+    print(f"DeepSpeed config (world size {args.world_size}):")
+    print(json.dumps(info["deepspeed_config"], indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging()
+    from electra_scale.checkpoint import CheckpointError
+    from electra_scale.config import ConfigError
+    from electra_scale.data.shards import DataError
+    from electra_scale.launch import LaunchError
+    from electra_scale.storage import StorageError
+
+    try:
+        if args.command == "prepare":
+            from electra_scale.data.prepare import prepare
+
+            prepare(
+                args.input,
+                args.output,
+                args.tokenizer,
+                seq_len=args.seq_len,
+                samples_per_shard=args.samples_per_shard,
+                seed=args.seed,
+                lowercase=not args.cased,
+            )
+        elif args.command == "pretrain":
+            from electra_scale.config import load_config
+            from electra_scale.train import pretrain
+
+            try:
+                pretrain(load_config(args.config, args.overrides))
+            finally:
+                _destroy_process_group()
+        elif args.command == "describe":
+            return _describe(args)
+        elif args.command == "export":
+            from electra_scale.export import export
+
+            for name, where in export(args.checkpoint, args.outdir).items():
+                print(f"{name}: {where}")
+        elif args.command == "demo":
+            from electra_scale.demo import run_demo
+
+            run_demo(args.workdir, steps=args.steps)
+    except (ConfigError, DataError, LaunchError) as err:
+        print(f"electra-scale {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (StorageError, CheckpointError) as err:
+        print(f"electra-scale {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
+    return 0
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,429 @@
+"""The run configuration: typed dataclasses, loaded from YAML, validated at load time.
+
+A run is described by one YAML file (``configs/*.yaml``) plus dotted ``key=value`` overrides on the command
+line, e.g. ``train.max_steps=200 data.shards=s3://bucket/shards``. Every key is checked against the dataclasses
+below: an unknown key, a wrong type or an out-of-range value is a ``ConfigError`` whose message names the
+key, the bad value and what is allowed.
+
+The run config owns everything that determines the maths of training (model shape, objective, batch sizes,
+learning rate and schedule, precision). The DeepSpeed JSON it names (``train.deepspeed_config``) owns only how
+the work is spread (ZeRO stage, offload, communication); ``deepspeed_config()`` fills the run's values into
+it and rejects a JSON that contradicts them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration problem, explained in one line."""
+
+
+# ------------------------------------------------------------------------------------------------ sections
+@dataclass
+class ModelConfig:
+    """Shapes of the discriminator and the generator (paper, Table 6 and Appendix B)."""
+
+    vocab_size: int = 30522
+    embedding_size: int = 128
+    hidden_size: int = 256
+    num_layers: int = 12
+    num_heads: int = 4
+    intermediate_size: int = 1024
+    max_position_embeddings: int = 512
+    # The generator has the discriminator's depth; its width is a fraction of it (1/4 for Small and Large,
+    # 1/3 for Base). Heads default to hidden/64 and the FFN to 4 x hidden, as in the reference.
+    generator_hidden_size: int = 64
+    generator_num_heads: int | None = None
+    generator_intermediate_size: int | None = None
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+
+    @property
+    def gen_heads(self) -> int:
+        return self.generator_num_heads or max(1, self.generator_hidden_size // 64)
+
+    @property
+    def gen_intermediate(self) -> int:
+        return self.generator_intermediate_size or 4 * self.generator_hidden_size
+
+
+@dataclass
+class ObjectiveConfig:
+    # electra: replaced token detection (generator + discriminator); mlm: BERT's masked LM, same interface.
+    kind: Literal["electra", "mlm"] = "electra"
+    mask_prob: float = 0.15
+    # Of the masked positions: this share becomes [MASK], the rest keep the original token. ELECTRA uses
+    # 0.85 and no random replacement; the MLM baseline uses BERT's 0.8 [MASK] / 0.1 random / 0.1 keep.
+    mask_token_prob: float = 0.85
+    random_token_prob: float = 0.0
+    disc_weight: float = 50.0
+    temperature: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # local dir or s3://bucket/prefix written by `electra-scale prepare`
+    seq_len: int = 128
+    num_workers: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-6
+    weight_decay: float = 0.01  # not applied to biases and LayerNorm weights, as in the reference
+    # The reference's AdamWeightDecay has no bias correction. false = faithful (needs DeepSpeed's own Adam:
+    # FusedAdam on GPU, a compiled op on CPU); true = standard AdamW (torch's, no compilation).
+    bias_correction: bool = False
+    # auto: torch AdamW when bias_correction is true and DeepSpeed's Adam otherwise.
+    impl: Literal["auto", "torch", "deepspeed"] = "auto"
+    warmup_steps: int = 10000
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1_000_000
+    global_batch_size: int = 128
+    micro_batch_size: int = 32
+    seed: int = 12345
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    deepspeed_config: str = "ds_configs/zero2.json"
+    log_every: int = 10
+    # Stop (with a checkpoint) once this step is reached, without changing the LR schedule, which still
+    # runs to max_steps: for time-sliced clusters and for the demo's stop-and-resume.
+    stop_at_step: int | None = None
+    # Peak accelerator throughput for the MFU estimate; null = look up the GPU, none on CPU.
+    peak_tflops: float | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"  # local dir or s3://bucket/prefix
+    # Node-local staging for checkpoints/metrics when output_dir is on S3 (default: ~/.cache/electra-scale).
+    cache_dir: str | None = None
+    progress: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML file, apply ``section.key=value`` overrides, build and validate the typed config."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            text = resolve_path(str(path)).read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must be a mapping of sections (model:, train:, ...), not {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=100)")
+        _set_dotted(raw, key.strip(), _parse_value(value))
+    cfg = _build(Config, raw, prefix="", source=source)
+    validate(cfg)
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys += all_keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            full = f"{prefix}{key}"
+            guess = difflib.get_close_matches(full, all_keys(), n=1, cutoff=0.6)
+            hint = f"; did you mean {guess[0]!r}?" if guess else f"; known keys here: {', '.join(sorted(names))}"
+            raise ConfigError(f"unknown config key {full!r} in {source}{hint}")
+    kwargs = {}
+    for name in names & raw.keys():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", raw[name], hint)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. [0.9, 0.999]")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # PyYAML (YAML 1.1) reads 1e-3 as a string; 1.0e-3 as a float
+            with contextlib.suppress(ValueError):
+                value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported config type {hint} for {key}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and consistency checks that types alone cannot express."""
+
+    def need(ok: bool, key: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={value!r} is not allowed; it must be {allowed}")
+
+    m = cfg.model
+    for name in (
+        "vocab_size",
+        "embedding_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "intermediate_size",
+    ):
+        need(getattr(m, name) > 0, f"model.{name}", getattr(m, name), "> 0")
+    need(
+        m.hidden_size % m.num_heads == 0,
+        "model.num_heads",
+        m.num_heads,
+        f"a divisor of hidden_size {m.hidden_size}",
+    )
+    need(m.generator_hidden_size > 0, "model.generator_hidden_size", m.generator_hidden_size, "> 0")
+    need(
+        m.generator_hidden_size % m.gen_heads == 0,
+        "model.generator_num_heads",
+        m.gen_heads,
+        f"a divisor of generator_hidden_size {m.generator_hidden_size}",
+    )
+    need(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "in [0, 1)")
+    need(0.0 <= m.attention_dropout < 1.0, "model.attention_dropout", m.attention_dropout, "in [0, 1)")
+    need(
+        cfg.data.seq_len <= m.max_position_embeddings,
+        "data.seq_len",
+        cfg.data.seq_len,
+        f"<= model.max_position_embeddings ({m.max_position_embeddings})",
+    )
+    need(cfg.data.seq_len >= 8, "data.seq_len", cfg.data.seq_len, ">= 8")
+    need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, ">= 0")
+
+    o = cfg.objective
+    need(0.0 < o.mask_prob < 1.0, "objective.mask_prob", o.mask_prob, "in (0, 1)")
+    need(0.0 <= o.mask_token_prob <= 1.0, "objective.mask_token_prob", o.mask_token_prob, "in [0, 1]")
+    need(
+        0.0 <= o.random_token_prob <= 1.0 - o.mask_token_prob,
+        "objective.random_token_prob",
+        o.random_token_prob,
+        f"in [0, 1 - mask_token_prob = {1 - o.mask_token_prob:g}]",
+    )
+    need(o.disc_weight >= 0.0, "objective.disc_weight", o.disc_weight, ">= 0")
+    need(o.temperature > 0.0, "objective.temperature", o.temperature, "> 0")
+
+    p = cfg.optim
+    need(p.lr > 0, "optim.lr", p.lr, "> 0")
+    need(
+        len(p.betas) == 2 and all(0 <= b < 1 for b in p.betas),
+        "optim.betas",
+        p.betas,
+        "two numbers in [0, 1)",
+    )
+    need(p.eps > 0, "optim.eps", p.eps, "> 0")
+    need(p.weight_decay >= 0, "optim.weight_decay", p.weight_decay, ">= 0")
+    need(p.warmup_steps >= 0, "optim.warmup_steps", p.warmup_steps, ">= 0")
+    need(p.grad_clip >= 0, "optim.grad_clip", p.grad_clip, ">= 0 (0 disables clipping)")
+    if not p.bias_correction and p.impl == "torch":
+        raise ConfigError(
+            "optim.impl='torch' cannot run optim.bias_correction=false (torch's AdamW always corrects); "
+            "set optim.impl=deepspeed or optim.bias_correction=true"
+        )
+
+    t = cfg.train
+    need(t.max_steps > 0, "train.max_steps", t.max_steps, "> 0")
+    need(t.global_batch_size > 0, "train.global_batch_size", t.global_batch_size, "> 0")
+    need(t.micro_batch_size > 0, "train.micro_batch_size", t.micro_batch_size, "> 0")
+    need(
+        t.global_batch_size % t.micro_batch_size == 0,
+        "train.global_batch_size",
+        t.global_batch_size,
+        f"a multiple of train.micro_batch_size ({t.micro_batch_size})",
+    )
+    need(t.log_every > 0, "train.log_every", t.log_every, "> 0")
+    if t.stop_at_step is not None:
+        need(0 < t.stop_at_step <= t.max_steps, "train.stop_at_step", t.stop_at_step, "in [1, train.max_steps]")
+    need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", cfg.checkpoint.every_steps, "> 0")
+    need(cfg.checkpoint.keep_last > 0, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
+    need(
+        bool(cfg.run.output_dir),
+        "run.output_dir",
+        cfg.run.output_dir,
+        "a local directory or s3://bucket/prefix",
+    )
+
+
+# ------------------------------------------------------------------------------------------------ DeepSpeed
+def resolve_path(path: str) -> Path:
+    """Relative paths (configs/, ds_configs/) are looked up in the working directory, then the project."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    return PROJECT_ROOT / p
+
+
+# Keys of the DeepSpeed JSON that the run config owns. Each may be absent or "auto" in the JSON; any other
+# value must agree with the run config.
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """Load the DeepSpeed JSON the run names and fill in batch sizes, optimizer, clipping and precision."""
+    path = resolve_path(cfg.train.deepspeed_config)
+    try:
+        ds = json.loads(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"train.deepspeed_config={cfg.train.deepspeed_config!r}: cannot read {path}") from err
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"train.deepspeed_config: {path} is not valid JSON: {err}") from err
+
+    t, p = cfg.train, cfg.optim
+    per_step = t.micro_batch_size * world_size
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x world size "
+            f"= {t.micro_batch_size} x {world_size}; change train.micro_batch_size or the number of ranks"
+        )
+    use_torch_adam = p.impl == "torch" or (p.impl == "auto" and p.bias_correction)
+    adam_params: dict[str, Any] = {
+        "lr": p.lr,
+        "betas": list(p.betas),
+        "eps": p.eps,
+        "weight_decay": p.weight_decay,
+    }
+    if use_torch_adam:
+        adam_params["torch_adam"] = True
+    else:
+        adam_params["bias_correction"] = p.bias_correction
+    owned: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // per_step,
+        "gradient_clipping": p.grad_clip,
+        "optimizer": {"type": "AdamW", "params": adam_params},
+    }
+    source = f"{path.name} (train.deepspeed_config)"
+    for key, value in owned.items():
+        given = ds.get(key, "auto")
+        if key == "optimizer" and given != "auto":
+            raise ConfigError(f"{source} sets 'optimizer'; the run config owns it (optim.*): remove it from the JSON")
+        if given != "auto" and given != value:
+            raise ConfigError(
+                f"{source} sets {key}={given!r} but the run config implies {value!r}; "
+                f'set it to "auto" (or remove it) and change the run config instead'
+            )
+        ds[key] = value
+    if "scheduler" in ds:
+        raise ConfigError(f"{source} sets 'scheduler'; the LR schedule is ELECTRA's (optim.warmup_steps): remove it")
+    for name in ("bf16", "fp16"):
+        block = ds.setdefault(name, {})
+        enabled = block.get("enabled", "auto")
+        want = t.precision == name
+        if enabled not in ("auto", want):
+            raise ConfigError(f"{source} sets {name}.enabled={enabled} but train.precision={t.precision!r}")
+        block["enabled"] = want
+    ds.setdefault("steps_per_print", 10**9)  # our own logger reports; keep DeepSpeed's quiet
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds

@@ -1,0 +1,328 @@
+"""Raw text -> ELECTRA pretraining examples -> webdataset tar shards + manifest (``electra-scale prepare``).
+
+Inputs are local paths or s3:// URLs (a directory/prefix stands for the supported files below it):
+
+* ``.txt``:   documents separated by a blank line; each non-empty line is a paragraph (or a sentence).
+* ``.jsonl``: one document per line, ``{"text": ...}``; newlines inside the text are paragraph breaks.
+* either of them gzipped (``.txt.gz``, ``.jsonl.gz``).
+
+Paragraphs are split into sentences with a simple regex, because the reference
+(google-research/electra ``build_pretraining_dataset.py``) expects one sentence per line and packs examples
+sentence by sentence. Examples are built exactly as the reference's ``ExampleBuilder`` does (see
+``ExampleBuilder``), with a seeded ``random.Random`` so a re-run gives byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from electra_scale import storage
+from electra_scale.data.shards import FORMAT, MANIFEST, DataError, Manifest, ShardInfo
+from electra_scale.data.tokenizer import load_tokenizer, save_tokenizer, special_ids, tokenizer_sha256
+
+Document = list[str]  # a document's sentences, in order
+
+# Split after . ! ? (optionally followed by a closing quote/bracket) when the next sentence starts with an
+# uppercase letter, a digit or an opening quote. Deliberately simple: "Mr. Smith" is split, which only
+# moves a segment boundary by a few tokens.
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'\u201d\u2019)]))\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])")
+
+# Documents tokenized per encode_batch call: large enough for the Rust tokenizer's thread pool.
+_DOCS_PER_BATCH = 512
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    return [s for s in (p.strip() for p in _SENTENCE_END.split(paragraph)) if s]
+
+
+# --------------------------------------------------------------------------------------------- reading
+def _input_kind(url: str) -> str:
+    name = url[:-3] if url.endswith(".gz") else url
+    if name.endswith(".jsonl"):
+        return "jsonl"
+    if name.endswith(".txt"):
+        return "txt"
+    raise DataError(f"unsupported input {url}: expected .txt or .jsonl files (optionally .gz)")
+
+
+def resolve_inputs(inputs: list[str]) -> list[str]:
+    """Check every input exists (fail before any work); a directory/prefix expands to its supported files."""
+    files: list[str] = []
+    for url in inputs:
+        url = str(url)
+        is_local_dir = not storage.is_s3(url) and Path(url).is_dir()
+        if not is_local_dir and storage.exists(url):
+            _input_kind(url)
+            files.append(url)
+            continue
+        below = [n for n in storage.list_files(url) if n.endswith((".txt", ".jsonl", ".txt.gz", ".jsonl.gz"))]
+        if not below:
+            raise DataError(f"input {url} does not exist (or holds no .txt/.jsonl files)")
+        files.extend(storage.join(url, n) for n in below)
+    return files
+
+
+def iter_documents(url: str) -> Iterator[Document]:
+    """The documents of one input file, each as its list of paragraphs (non-empty, stripped lines)."""
+    if _input_kind(url) == "jsonl":
+        for lineno, line in enumerate(storage.iter_lines(url), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{url} line {lineno}: not valid JSON ({err})") from err
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise DataError(f'{url} line {lineno}: expected an object with a string "text" field')
+            doc = [p.strip() for p in obj["text"].splitlines() if p.strip()]
+            if doc:
+                yield doc
+        return
+    doc: Document = []
+    for line in storage.iter_lines(url):
+        line = line.strip()
+        if line:
+            doc.append(line)
+        elif doc:  # a blank line ends the document
+            yield doc
+            doc = []
+    if doc:
+        yield doc
+
+
+def iter_corpus(files: list[str]) -> Iterator[Document]:
+    """Every document of every input, as its list of sentences."""
+    for url in files:
+        for paragraphs in iter_documents(url):
+            yield [s for p in paragraphs for s in split_sentences(p)]
+
+
+# --------------------------------------------------------------------------------------------- examples
+class ExampleBuilder:
+    """Packs one document's sentences into ELECTRA examples, a port of the reference's ``ExampleBuilder``
+    (google-research/electra, build_pretraining_dataset.py), including the order of its random draws:
+
+    * sentences accumulate until their length reaches ``target_length`` (or the document ends);
+    * with prob. 0.1 the example has one segment only, else the first segment targets
+      (target_length - 3) // 2; a sentence goes to the first segment if it is empty, if the sentence keeps it
+      under target, or (50%) if the second segment is still empty and the first is under target; otherwise to
+      the second;
+    * the segments are trimmed to fit ``[CLS] A [SEP] B [SEP]`` in max_len;
+    * with prob. 0.05 the next example's target length is random in [5, max_len] (short examples, as in
+      fine-tuning), else max_len.
+
+    Only the unpadded ids ``[CLS] A [SEP] (B [SEP])`` are stored: token types (0 through the first [SEP], 1
+    after) and the attention mask are re-derived at load time, as the reference computes them.
+    """
+
+    def __init__(self, max_len: int, cls_id: int, sep_id: int, rng: random.Random):
+        self.max_len, self.cls_id, self.sep_id, self.rng = max_len, cls_id, sep_id, rng
+        self.sentences: list[list[int]] = []
+        self.length = 0
+        self.target_length = max_len
+
+    def add_sentence(self, ids: list[int]) -> list[int] | None:
+        # The reference appends empty sentences too; they never draw a random number nor add tokens, so
+        # skipping them is equivalent.
+        if not ids:
+            return None
+        self.sentences.append(ids)
+        self.length += len(ids)
+        return self._create_example() if self.length >= self.target_length else None
+
+    def end_document(self) -> list[int] | None:
+        return self._create_example() if self.length else None
+
+    def _create_example(self) -> list[int]:
+        rng = self.rng
+        first_target = 100000 if rng.random() < 0.1 else (self.target_length - 3) // 2
+        first: list[int] = []
+        second: list[int] = []
+        for sent in self.sentences:
+            if (
+                not first
+                or len(first) + len(sent) < first_target
+                or (not second and len(first) < first_target and rng.random() < 0.5)
+            ):
+                first += sent
+            else:
+                second += sent
+        first = first[: self.max_len - 2]
+        second = second[: max(0, self.max_len - len(first) - 3)]
+        self.sentences, self.length = [], 0
+        self.target_length = rng.randint(5, self.max_len) if rng.random() < 0.05 else self.max_len
+        example = [self.cls_id, *first, self.sep_id]
+        if second:
+            example += [*second, self.sep_id]
+        return example
+
+
+# --------------------------------------------------------------------------------------------- shards
+class _ShardWriter:
+    """Writes ``train-%06d.tar`` shards of ``samples_per_shard`` samples and publishes each one as soon as it
+    is complete: renamed into place locally, or uploaded from a temp dir (then deleted) for S3."""
+
+    def __init__(self, output: str, samples_per_shard: int, dtype: np.dtype, workdir: str):
+        self.output, self.samples_per_shard, self.dtype = output, samples_per_shard, dtype
+        self.local_dir = workdir if storage.is_s3(output) else output
+        self.shards: list[ShardInfo] = []
+        self.num_samples = self.num_tokens = 0
+        self._writer: wds.TarWriter | None = None
+        self._file = None
+        self._count = 0
+
+    def _name(self) -> str:
+        return f"train-{len(self.shards):06d}.tar"
+
+    def _tmp_path(self) -> str:
+        return os.path.join(self.local_dir, f".{self._name()}.tmp")
+
+    def write(self, ids: list[int]) -> None:
+        if self._writer is None:
+            self._file = open(self._tmp_path(), "wb")  # noqa: SIM115 - closed in _finish
+            # mtime fixed so re-running prepare gives byte-identical shards.
+            self._writer = wds.TarWriter(self._file, mtime=0)
+        arr = np.asarray(ids, dtype=self.dtype)
+        self._writer.write({"__key__": f"{self.num_samples:09d}", "ids.npy": arr})
+        self.num_samples += 1
+        self.num_tokens += len(ids)
+        self._count += 1
+        if self._count == self.samples_per_shard:
+            self._finish()
+
+    def _finish(self) -> None:
+        assert self._writer is not None and self._file is not None
+        self._writer.close()
+        self._file.close()
+        tmp, name = self._tmp_path(), self._name()
+        size = os.path.getsize(tmp)
+        if storage.is_s3(self.output):
+            storage.upload_file(tmp, storage.join(self.output, name))
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, os.path.join(self.output, name))
+        self.shards.append(ShardInfo(name=name, samples=self._count, bytes=size))
+        self._writer, self._file, self._count = None, None, 0
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._finish()
+
+    def abort(self) -> None:
+        """On failure, leave no half-written temp shard in the output dir."""
+        if self._file is not None:
+            self._file.close()
+            Path(self._tmp_path()).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------- prepare
+def prepare(
+    inputs: list[str],
+    output: str,
+    tokenizer: str,
+    seq_len: int,
+    samples_per_shard: int = 4096,
+    seed: int = 12345,
+    lowercase: bool = True,
+    progress: bool = True,
+) -> Manifest:
+    """Tokenize ``inputs`` into ELECTRA examples of at most ``seq_len`` tokens, write shards, the tokenizer
+    and ``manifest.json`` (last) under ``output``; return the manifest."""
+    output = str(output)
+    if seq_len < 8:
+        raise ValueError(f"seq_len must be at least 8, got {seq_len}")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+    files = resolve_inputs(inputs)
+    if storage.exists(storage.join(output, MANIFEST)):
+        # Overwriting shards under a live manifest would hand readers a mix of two runs.
+        raise DataError(
+            f"{output} already holds a prepared shard set (manifest.json); choose a new output or delete it first"
+        )
+
+    def texts() -> Iterator[str]:
+        for doc in iter_corpus(files):
+            yield from doc
+
+    tok = load_tokenizer(tokenizer, texts=texts, lowercase=lowercase)
+    ids = special_ids(tok)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = np.dtype(np.uint16 if vocab_size < 65536 else np.int32)
+
+    # Encode from a copy: a given tokenizer.json may carry padding/truncation settings, and special tokens
+    # written in the text (a literal "[SEP]") must not become real [SEP]s, which would break token types.
+    enc = Tokenizer.from_str(tok.to_str())
+    enc.no_padding()
+    enc.no_truncation()
+    enc.encode_special_tokens = True
+
+    builder = ExampleBuilder(seq_len, ids["cls"], ids["sep"], random.Random(seed))
+    if not storage.is_s3(output):
+        os.makedirs(output, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="electra-prepare-") as workdir:
+        writer = _ShardWriter(output, samples_per_shard, dtype, workdir)
+        bar = tqdm(desc="prepare", unit="doc", disable=not progress)
+        try:
+            for docs in _batches(iter_corpus(files), _DOCS_PER_BATCH):
+                flat = [s for doc in docs for s in doc]
+                encoded = iter(e.ids for e in enc.encode_batch(flat, add_special_tokens=False))
+                for doc in docs:
+                    for _ in doc:
+                        example = builder.add_sentence(next(encoded))
+                        if example is not None:
+                            writer.write(example)
+                    example = builder.end_document()
+                    if example is not None:
+                        writer.write(example)
+                bar.update(len(docs))
+                bar.set_postfix(samples=writer.num_samples, shards=len(writer.shards), refresh=False)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            bar.close()
+    if writer.num_samples == 0:
+        raise DataError(f"inputs {files} produced no examples (are they empty?)")
+
+    save_tokenizer(tok, output)
+    manifest = Manifest(
+        format=FORMAT,
+        seq_len=seq_len,
+        vocab_size=vocab_size,
+        dtype=dtype.name,
+        special_ids=ids,
+        tokenizer_sha256=tokenizer_sha256(tok),
+        lowercase=lowercase,
+        seed=seed,
+        num_samples=writer.num_samples,
+        num_tokens=writer.num_tokens,
+        shards=writer.shards,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        prefix=output,
+    )
+    storage.write_text(storage.join(output, MANIFEST), manifest.to_json())  # last: marks the set complete
+    return manifest
+
+
+def _batches(it: Iterator[Document], n: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for doc in it:
+        batch.append(doc)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

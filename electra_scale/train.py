@@ -1,0 +1,232 @@
+"""The pretraining loop. Reads top to bottom: set up, resume, then step / log / checkpoint until done.
+
+One optimizer step = one *global* batch of ``train.global_batch_size`` examples, split into
+``grad_accum`` micro-batches on each of ``world_size`` ranks. The global batch's content does not depend on
+the number of ranks (see data/stream.py) and the loss is normalised by the global batch's counts (see
+objective.py), so a run is the same run on 1 rank or on 64.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import defaultdict
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from electra_scale import launch, storage
+from electra_scale.checkpoint import Checkpointer
+from electra_scale.config import Config, ConfigError, deepspeed_config
+from electra_scale.data.shards import load_manifest
+from electra_scale.data.stream import PretrainStream
+from electra_scale.metrics import MetricsLogger
+from electra_scale.model import flops_per_token, peak_tflops
+from electra_scale.objective import build_objective, count_targets, summarize, training_loss
+from electra_scale.optim import electra_schedule, param_groups
+
+log = logging.getLogger("electra_scale")
+
+
+def cache_dir_for(cfg: Config) -> Path:
+    """Node-local scratch for a run whose output is on S3 (checkpoint staging, metrics)."""
+    if cfg.run.cache_dir:
+        return Path(cfg.run.cache_dir)
+    if not storage.is_s3(cfg.run.output_dir):
+        return Path(cfg.run.output_dir)
+    bucket_path = cfg.run.output_dir[len("s3://") :].replace("/", "_")
+    return Path.home() / ".cache" / "electra-scale" / bucket_path
+
+
+def _all_reduce(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def pretrain(cfg: Config) -> dict:
+    # ---------------------------------------------------------------------------------------- set up
+    dist_env = launch.detect()
+    device = launch.init_distributed(dist_env)
+    world, main = dist_env.world_size, dist_env.is_main
+    if main:
+        storage.check_writable(cfg.run.output_dir)  # bad endpoint / credentials / bucket: fail now, clearly
+
+    manifest = load_manifest(cfg.data.shards)
+    manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
+    special = manifest.special_ids
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    objective = build_objective(cfg, special)
+    total_steps = cfg.train.max_steps
+    stop_step = cfg.train.stop_at_step or total_steps
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=objective,
+        model_parameters=param_groups(objective, cfg.optim.weight_decay),
+        config=deepspeed_config(cfg, world),
+        lr_scheduler=partial(electra_schedule, warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps),
+    )
+    torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout differs between ranks
+
+    cache = cache_dir_for(cfg)
+    checkpointer = Checkpointer(cfg.run.output_dir, cache, dist_env, cfg.checkpoint.keep_last)
+    state = checkpointer.resume(engine) or {}
+    start_step = state.get("step", 0)
+    if state and state["global_batch_size"] != cfg.train.global_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} but the checkpoint was trained with "
+            f"{state['global_batch_size']}; keep it to continue the same data order and schedule"
+        )
+
+    stream = PretrainStream(
+        cfg.data.shards,
+        manifest,
+        seed=cfg.train.seed,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        rank=dist_env.rank,
+        world_size=world,
+        num_workers=cfg.data.num_workers,
+        start_step=start_step,
+    )
+    grad_accum = stream.grad_accum
+    extra_files = _checkpoint_extras(cfg) if main else {}
+    metrics = MetricsLogger(cfg.run.output_dir, cache, start_step, cfg.run.tensorboard) if main else None
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    flops_tok, peak = flops_per_token(cfg), peak_tflops(cfg.train.peak_tflops)
+    if main:
+        log.info(
+            "pretrain %s: steps %d -> %d of %d, %d rank(s) x micro-batch %d x accumulation %d = %d per step",
+            cfg.objective.kind,
+            start_step,
+            stop_step,
+            total_steps,
+            world,
+            cfg.train.micro_batch_size,
+            grad_accum,
+            cfg.train.global_batch_size,
+        )
+    progress = _progress(cfg, main, start_step, stop_step)
+
+    # ---------------------------------------------------------------------------------------- train
+    batches = iter(stream)
+    history: list[dict] = []
+    window_start, window_steps = time.perf_counter(), 0
+    sums: dict[str, float] = defaultdict(float)
+    last_saved = start_step if state else -1
+    for step in range(start_step, stop_step):
+        micro_batches = next(batches)
+        # Loss denominators are the global batch's counts, known before the forward pass.
+        local = [
+            count_targets(mb.input_ids, mb.attention_mask, special, cfg.objective.mask_prob) for mb in micro_batches
+        ]
+        n_masked, n_tokens = _all_reduce([sum(c[0] for c in local), sum(c[1] for c in local)])
+        totals = {"n_masked": n_masked, "n_tokens": n_tokens}
+        for mb in micro_batches:
+            out = engine(
+                input_ids=mb.input_ids.to(device),
+                attention_mask=mb.attention_mask.to(device),
+                token_type_ids=mb.token_type_ids.to(device),
+                positions=mb.positions,
+            )
+            # DeepSpeed averages gradients over ranks and accumulation steps; undo that to get the global mean.
+            loss = training_loss(out, totals, cfg.objective.disc_weight) * (world * grad_accum)
+            engine.backward(loss)
+            engine.step()
+            for key, value in out.items():
+                sums[key] += float(value.detach())
+        window_steps += 1
+        done = step + 1
+
+        if done % cfg.train.log_every == 0 or done == stop_step:
+            keys = sorted(sums)
+            reduced = dict(zip(keys, _all_reduce([sums[k] for k in keys])))
+            elapsed = time.perf_counter() - window_start
+            record = summarize(reduced, cfg.objective.disc_weight)
+            tokens_per_s = window_steps * tokens_per_step / elapsed
+            record.update(
+                lr=engine.get_lr()[0],
+                grad_norm=float(engine.get_global_grad_norm() or 0.0),
+                tokens_per_s=tokens_per_s,
+                tflops=tokens_per_s * flops_tok / 1e12,
+                mfu=(tokens_per_s * flops_tok / 1e12 / peak / world) if peak else None,
+                samples_seen=done * cfg.train.global_batch_size,
+            )
+            if main:
+                metrics.log(done, record)
+                history.append({"step": done, **record})
+                progress.report(done, record)
+            sums.clear()
+            window_start, window_steps = time.perf_counter(), 0
+
+        if done % cfg.checkpoint.every_steps == 0 or done == stop_step:
+            trainer_state = {
+                "step": done,
+                "world_size": world,
+                "global_batch_size": cfg.train.global_batch_size,
+                "tokens_seen": done * tokens_per_step,
+                "data_position": stream.position(done),
+                "objective": cfg.objective.kind,
+            }
+            checkpointer.save(engine, done, trainer_state, extra_files)
+            last_saved = done
+            if main:
+                metrics.sync()
+
+    if last_saved != stop_step and stop_step == start_step:
+        log.info("nothing to do: the run is already at step %d", start_step)
+    progress.close()
+    if metrics is not None:
+        metrics.close()
+    return {"start_step": start_step, "end_step": stop_step, "history": history, "world_size": world}
+
+
+def _checkpoint_extras(cfg: Config) -> dict[str, bytes]:
+    """Small files that make a checkpoint self-contained for export: config and tokenizer."""
+    extras = {"config.yaml": cfg.to_yaml().encode()}
+    for name in ("tokenizer.json", "vocab.txt", "manifest.json"):
+        url = storage.join(cfg.data.shards, name)
+        if storage.exists(url):
+            extras[f"tokenizer/{name}" if name != "manifest.json" else "data_manifest.json"] = storage.read_bytes(url)
+    return extras
+
+
+class _Progress:
+    """A tqdm bar with ETA on a terminal; one log line per logging step otherwise (batch logs, CI)."""
+
+    def __init__(self, enabled: bool, start: int, stop: int):
+        self.bar = None
+        self.start_time, self.start, self.stop = time.perf_counter(), start, stop
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True)
+        self.enabled = enabled
+
+    def report(self, step: int, rec: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            return
+        if not self.enabled:
+            return
+        rate = (step - self.start) / max(time.perf_counter() - self.start_time, 1e-9)
+        eta = (self.stop - step) / rate if rate > 0 else float("nan")
+        parts = [f"step {step}/{self.stop}", f"loss {rec['loss']:.4f}", f"gen {rec['gen_loss']:.3f}"]
+        if "disc_loss" in rec:
+            parts += [f"disc {rec['disc_loss']:.4f}", f"disc_acc {rec['disc_acc']:.3f}"]
+        parts += [f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:.0f} tok/s", f"eta {eta:.0f}s"]
+        log.info(" | ".join(parts))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress(cfg: Config, main: bool, start: int, stop: int) -> _Progress:
+    return _Progress(cfg.run.progress and main, start, stop)

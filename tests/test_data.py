@@ -1,0 +1,532 @@
+"""The data pipeline end to end on real files and a real S3 server: prepare -> shards -> stream."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from electra_scale import storage
+from electra_scale.data import (
+    DataError,
+    PretrainStream,
+    load_manifest,
+    load_tokenizer,
+    prepare,
+    read_shard,
+    save_tokenizer,
+    special_ids,
+    tokenizer_sha256,
+)
+
+SEQ_LEN = 64
+SEED = 7
+# Pseudo-words from syllables: a few thousand distinct words, so a small vocab needs ##subword pieces.
+SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "ta", "vel", "dor", "in", "gra", "pho", "sun", "e", "str", "ous"]
+COMMON = ["the", "a", "of", "and", "to", "in", "is", "was", "it", "for"]
+
+
+# --------------------------------------------------------------------------------------------- corpus
+def _make_documents(n: int, rng: random.Random) -> list[list[list[str]]]:
+    """n documents, each a list of paragraphs, each a list of sentences (known exactly, for the reference)."""
+
+    def sentence() -> str:
+        words = [
+            rng.choice(COMMON) if rng.random() < 0.3 else "".join(rng.choices(SYLLABLES, k=rng.randint(1, 4)))
+            for _ in range(rng.randint(2, 30))
+        ]
+        if rng.random() < 0.05:  # literal special tokens in the text must stay ordinary text
+            words.insert(1, rng.choice(["[SEP]", "[CLS]", "[MASK]"]))
+        if rng.random() < 0.1:
+            words.insert(1, str(rng.randint(1, 2000)))
+        return " ".join(words).capitalize() + rng.choice([".", "!", "?"])
+
+    return [[[sentence() for _ in range(rng.randint(1, 4))] for _ in range(rng.randint(1, 5))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[list[str], list[list[str]]]:
+    """The same kind of corpus in .txt, .jsonl and .jsonl.gz; returns (files, each document's sentences)."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = _make_documents(300, random.Random(0))
+    txt, jsonl, jsonl_gz = docs[:100], docs[100:200], docs[200:]
+    (root / "a.txt").write_text("\n\n".join("\n".join(" ".join(p) for p in d) for d in txt) + "\n")
+    lines = [json.dumps({"text": "\n".join(" ".join(p) for p in d), "id": i}) for i, d in enumerate(jsonl)]
+    (root / "b.jsonl").write_text("\n".join(lines) + "\n")
+    lines = [json.dumps({"text": "\n\n".join(" ".join(p) for p in d)}) for d in jsonl_gz]
+    with gzip.open(root / "c.jsonl.gz", "wt") as f:
+        f.write("\n".join(lines) + "\n")
+    files = [str(root / "a.txt"), str(root / "b.jsonl"), str(root / "c.jsonl.gz")]
+    return files, [[s for p in d for s in p] for d in docs]
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    files, _ = corpus
+    out = str(tmp_path_factory.mktemp("shards") / "out")
+    manifest = prepare(files, out, "train:600", seq_len=SEQ_LEN, samples_per_shard=37, seed=SEED, progress=False)
+    return out, manifest
+
+
+# --------------------------------------------------------------------------------------------- helpers
+class ReferenceExampleBuilder:
+    """google-research/electra build_pretraining_dataset.py ExampleBuilder, transcribed with an explicit RNG
+    and returning id lists instead of tf.train.Examples. Fed one line per sentence, a blank line per doc
+    end."""
+
+    def __init__(self, tokenize, max_length, rng, cls_id, sep_id):
+        self._tokenize, self._rng, self._cls, self._sep = tokenize, rng, cls_id, sep_id
+        self._current_sentences = []
+        self._current_length = 0
+        self._max_length = max_length
+        self._target_length = max_length
+
+    def add_line(self, line):
+        line = line.strip().replace("\n", " ")
+        if (not line) and self._current_length != 0:  # empty lines separate docs
+            return self._create_example()
+        bert_tokids = self._tokenize(line)
+        self._current_sentences.append(bert_tokids)
+        self._current_length += len(bert_tokids)
+        if self._current_length >= self._target_length:
+            return self._create_example()
+        return None
+
+    def _create_example(self):
+        if self._rng.random() < 0.1:
+            first_segment_target_length = 100000
+        else:
+            first_segment_target_length = (self._target_length - 3) // 2
+        first_segment = []
+        second_segment = []
+        for sentence in self._current_sentences:
+            if (
+                len(first_segment) == 0
+                or len(first_segment) + len(sentence) < first_segment_target_length
+                or (
+                    len(second_segment) == 0
+                    and len(first_segment) < first_segment_target_length
+                    and self._rng.random() < 0.5
+                )
+            ):
+                first_segment += sentence
+            else:
+                second_segment += sentence
+        first_segment = first_segment[: self._max_length - 2]
+        second_segment = second_segment[: max(0, self._max_length - len(first_segment) - 3)]
+        self._current_sentences = []
+        self._current_length = 0
+        if self._rng.random() < 0.05:
+            self._target_length = self._rng.randint(5, self._max_length)
+        else:
+            self._target_length = self._max_length
+        input_ids = [self._cls] + first_segment + [self._sep]
+        if second_segment:
+            input_ids += second_segment + [self._sep]
+        return input_ids
+
+
+def all_shard_samples(prefix: str, manifest) -> list[np.ndarray]:
+    out = []
+    for info in manifest.shards:
+        out.extend(read_shard(storage.join(prefix, info.name), expected_samples=info.samples))
+    return out
+
+
+def expected_at(position: int, manifest, samples_by_shard: list[list[np.ndarray]], seed: int) -> np.ndarray:
+    """The sample at a stream position, straight from the definition (independent of stream.py)."""
+    n = manifest.num_samples
+    epoch, offset = divmod(position, n)
+    for j in np.random.default_rng([seed, epoch]).permutation(len(manifest.shards)):
+        size = manifest.shards[j].samples
+        if offset < size:
+            return samples_by_shard[j][np.random.default_rng([seed, epoch, j]).permutation(size)[offset]]
+        offset -= size
+    raise AssertionError("unreachable")
+
+
+def take(stream: PretrainStream, steps: int) -> list[list]:
+    """``steps`` steps: per step, [(positions, input_ids, attention_mask, token_type_ids) per micro-batch]."""
+    out = []
+    for step in stream:
+        out.append([(mb.positions, mb.input_ids, mb.attention_mask, mb.token_type_ids) for mb in step])
+        if len(out) == steps:
+            return out
+    raise AssertionError("stream ended")
+
+
+def global_batches(streams_steps: list[list[list]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Merge several ranks' steps into per-step (positions, input_ids) sorted by position."""
+    merged = []
+    for per_rank in zip(*streams_steps):
+        pos = np.concatenate([mb[0].numpy() for rank_step in per_rank for mb in rank_step])
+        ids = np.concatenate([mb[1].numpy() for rank_step in per_rank for mb in rank_step])
+        order = np.argsort(pos)
+        merged.append((pos[order], ids[order]))
+    return merged
+
+
+def make_stream(prefix, manifest, **kw) -> PretrainStream:
+    args = dict(seed=SEED, global_batch_size=8, micro_batch_size=4, rank=0, world_size=1, num_workers=0)
+    args.update(kw)
+    return PretrainStream(prefix, manifest, **args)
+
+
+def unpad(row: np.ndarray, length: int) -> tuple:
+    return tuple(int(x) for x in row[:length])
+
+
+# --------------------------------------------------------------------------------------------- prepare
+def test_prepare_matches_reference_example_builder(prepared, corpus):
+    out, manifest = prepared
+    _, docs = corpus
+    ids = manifest.special_ids
+    assert ids == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert manifest.dtype == "uint16" and manifest.seq_len == SEQ_LEN and manifest.seed == SEED
+
+    # Independent path: the saved vocab.txt (a plain BERT WordPiece pipeline) + the reference's builder.
+    vocab_tok = load_tokenizer(os.path.join(out, "vocab.txt"))
+    ref = ReferenceExampleBuilder(
+        lambda line: vocab_tok.encode(line, add_special_tokens=False).ids if line else [],
+        SEQ_LEN,
+        random.Random(SEED),
+        ids["cls"],
+        ids["sep"],
+    )
+    expected = []
+    for doc in docs:
+        for line in [*doc, ""]:
+            example = ref.add_line(line)
+            if example:
+                expected.append(example)
+
+    samples = all_shard_samples(out, manifest)
+    assert all(s.dtype == np.uint16 for s in samples)
+    assert [s.tolist() for s in samples] == expected
+    for s in samples:
+        assert s[0] == ids["cls"] and s[-1] == ids["sep"] and 3 <= len(s) <= SEQ_LEN
+        assert int((s == ids["sep"]).sum()) in (1, 2)
+        assert not np.isin(s, [ids["pad"], ids["mask"]]).any() and int((s == ids["cls"]).sum()) == 1
+    n_seps = [int((s == ids["sep"]).sum()) for s in samples]
+    assert 1 in n_seps and 2 in n_seps  # both one- and two-segment examples occur
+    assert manifest.num_samples == len(samples) and manifest.num_tokens == sum(len(s) for s in samples)
+
+
+def test_prepare_manifest_and_files(prepared):
+    out, manifest = prepared
+    assert load_manifest(out) == manifest
+    names = [s.name for s in manifest.shards]
+    assert names == [f"train-{i:06d}.tar" for i in range(len(names))] and len(names) > 3
+    assert all(s.samples == 37 for s in manifest.shards[:-1]) and 0 < manifest.shards[-1].samples <= 37
+    for s in manifest.shards:
+        assert os.path.getsize(os.path.join(out, s.name)) == s.bytes
+    assert sorted(os.listdir(out)) == sorted([*names, "manifest.json", "tokenizer.json", "vocab.txt"])
+    tok_json = Path(out, "tokenizer.json").read_text()
+    import hashlib
+
+    assert manifest.tokenizer_sha256 == hashlib.sha256(tok_json.encode()).hexdigest()
+    vocab = Path(out, "vocab.txt").read_text().splitlines()
+    assert len(vocab) == manifest.vocab_size and vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    d = json.loads(Path(out, "manifest.json").read_text())
+    assert d["format"] == "electra-scale-shards/1" and d["shards"][0] == {
+        "name": names[0],
+        "samples": 37,
+        "bytes": manifest.shards[0].bytes,
+    }
+    # A second prepare into the same output is refused rather than mixing two shard sets.
+    with pytest.raises(DataError, match="already holds a prepared shard set"):
+        prepare([], out, "train:100", seq_len=SEQ_LEN, progress=False)
+
+
+def test_prepare_is_deterministic(prepared, corpus, tmp_path):
+    """With the same tokenizer.json (a trained vocab is not reproducible: HF's trainer breaks count ties in
+    hash-map order), the same inputs and seed give byte-identical shards."""
+    out, manifest = prepared
+    again = prepare(
+        corpus[0],
+        str(tmp_path / "again"),
+        os.path.join(out, "tokenizer.json"),
+        seq_len=SEQ_LEN,
+        samples_per_shard=37,
+        seed=SEED,
+        progress=False,
+    )
+    assert again.shards == manifest.shards and again.tokenizer_sha256 == manifest.tokenizer_sha256
+    for s in manifest.shards:
+        assert Path(out, s.name).read_bytes() == (tmp_path / "again" / s.name).read_bytes()
+
+
+# --------------------------------------------------------------------------------------------- stream
+def test_stream_one_epoch_round_trip(prepared):
+    out, manifest = prepared
+    n = manifest.num_samples
+    gb = 16
+    stream = make_stream(out, manifest, global_batch_size=gb, micro_batch_size=8, num_workers=2)
+    steps = take(stream, n // gb + 2)  # a little past the epoch's end
+    pos = np.concatenate([mb[0].numpy() for step in steps for mb in step])
+    ids = np.concatenate([mb[1].numpy() for step in steps for mb in step])
+    mask = np.concatenate([mb[2].numpy() for step in steps for mb in step])
+    assert np.array_equal(pos, np.arange(len(pos)))
+
+    samples_by_shard = [read_shard(os.path.join(out, s.name)) for s in manifest.shards]
+    got = [unpad(ids[p], int(mask[p].sum())) for p in range(len(pos))]
+    for p in range(len(pos)):
+        assert got[p] == tuple(expected_at(p, manifest, samples_by_shard, SEED).tolist())
+    # Epoch 0 is a permutation of the data set: every sample exactly once.
+    flat = sorted(tuple(s.tolist()) for shard in samples_by_shard for s in shard)
+    assert sorted(got[:n]) == flat
+    # Epoch 1 starts with a different order.
+    assert got[n : n + 8] != got[:8]
+    assert stream.position(n // gb + 1) == {
+        "samples_seen": (n // gb + 1) * gb,
+        "epoch": (n // gb + 1) * gb // n,
+        "offset_in_epoch": (n // gb + 1) * gb % n,
+    }
+
+
+def test_token_types_attention_mask_and_padding(prepared):
+    out, manifest = prepared
+    sp = manifest.special_ids
+    steps = take(make_stream(out, manifest, global_batch_size=32, micro_batch_size=16), 6)
+    short = 0
+    for step in steps:
+        for _, input_ids, mask, types in step:
+            assert input_ids.shape == mask.shape == types.shape == (16, SEQ_LEN)
+            for row, m, t in zip(input_ids.tolist(), mask.tolist(), types.tolist()):
+                length = next((i for i, v in enumerate(m) if v == 0), SEQ_LEN)
+                assert m == [1] * length + [0] * (SEQ_LEN - length)
+                assert row[length:] == [sp["pad"]] * (SEQ_LEN - length) and row[length - 1] == sp["sep"]
+                first_sep = row.index(sp["sep"])
+                assert t == [0] * (first_sep + 1) + [1] * (length - first_sep - 1) + [0] * (SEQ_LEN - length)
+                short += length < SEQ_LEN
+    assert short > 0  # padding was exercised
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # 3 workers on a 2-core machine
+def test_world_size_and_workers_do_not_change_global_batches(prepared):
+    out, manifest = prepared
+    n_steps = manifest.num_samples // 8 + 3  # crosses the epoch boundary
+    reference = global_batches([take(make_stream(out, manifest, micro_batch_size=8), n_steps)])
+    configs = {
+        "1 rank x micro 4 x accum 2": [dict(micro_batch_size=4)],
+        "2 ranks x micro 4": [dict(micro_batch_size=4, rank=r, world_size=2, num_workers=2) for r in range(2)],
+        "2 ranks x micro 2 x accum 2": [dict(micro_batch_size=2, rank=r, world_size=2) for r in range(2)],
+        "1 rank x micro 8, 3 workers": [dict(micro_batch_size=8, num_workers=3)],
+    }
+    for name, ranks in configs.items():
+        streams = [make_stream(out, manifest, **kw) for kw in ranks]
+        assert streams[0].grad_accum == 8 // (ranks[0]["micro_batch_size"] * ranks[0].get("world_size", 1))
+        got = global_batches([take(s, n_steps) for s in streams])
+        for step, ((p_ref, i_ref), (p, i)) in enumerate(zip(reference, got)):
+            assert np.array_equal(p, p_ref) and np.array_equal(i, i_ref), f"{name}: step {step} differs"
+        assert np.array_equal(reference[1][0], np.arange(8, 16))
+    # Within a step, micro-step k of rank r holds positions s*GB + k*W*m + r*m + [0, m).
+    rank1 = take(make_stream(out, manifest, micro_batch_size=2, rank=1, world_size=2), 2)
+    assert [mb[0].tolist() for mb in rank1[1]] == [[10, 11], [14, 15]]
+
+
+def test_resume_from_step_matches_uninterrupted_stream(prepared):
+    out, manifest = prepared
+    gb = 8
+    boundary = manifest.num_samples // gb  # the step during which epoch 1 begins
+    start = boundary - 2
+    for kw in (dict(micro_batch_size=4), dict(micro_batch_size=2, rank=1, world_size=2, num_workers=2)):
+        full = take(make_stream(out, manifest, global_batch_size=gb, **kw), start + 6)
+        resumed = take(make_stream(out, manifest, global_batch_size=gb, start_step=start, **kw), 6)
+        for a, b in zip(full[start:], resumed):
+            for mb_a, mb_b in zip(a, b):
+                assert all(np.array_equal(x.numpy(), y.numpy()) for x, y in zip(mb_a, mb_b))
+        assert int(resumed[-1][-1][0].max()) >= manifest.num_samples  # really crossed into epoch 1
+
+
+def test_stream_rejects_uneven_batch_sizes(prepared):
+    out, manifest = prepared
+    with pytest.raises(ValueError, match="not a multiple of micro_batch_size"):
+        make_stream(out, manifest, global_batch_size=10, micro_batch_size=4)
+    with pytest.raises(ValueError, match="rank"):
+        make_stream(out, manifest, rank=2, world_size=2, micro_batch_size=2)
+
+
+# --------------------------------------------------------------------------------------------- S3
+def test_s3_round_trip(prepared, corpus, s3_bucket):
+    """Inputs, tokenizer and shards on S3: the same shards as the local run, streamed by 2 workers."""
+    local_out, local_manifest = prepared
+    inputs = []
+    for f in [*corpus[0], os.path.join(local_out, "tokenizer.json")]:
+        url = f"{s3_bucket}/raw/{Path(f).name}"
+        storage.upload_file(f, url)
+        inputs.append(url)
+    out = f"{s3_bucket}/shards/v1"
+    manifest = prepare(inputs[:3], out, inputs[3], seq_len=SEQ_LEN, samples_per_shard=37, seed=SEED, progress=False)
+    assert load_manifest(out) == manifest and manifest.prefix == out
+    assert manifest.shards == local_manifest.shards
+    assert manifest.tokenizer_sha256 == local_manifest.tokenizer_sha256
+    files = storage.list_files(out)
+    assert sorted(files) == sorted([s.name for s in manifest.shards] + ["manifest.json", "tokenizer.json", "vocab.txt"])
+    last = manifest.shards[-1].name
+    assert storage.read_bytes(f"{out}/{last}") == Path(local_out, last).read_bytes()
+
+    n_steps = manifest.num_samples // 16 + 1
+    s3_steps = take(make_stream(out, manifest, global_batch_size=16, micro_batch_size=8, num_workers=2), n_steps)
+    local_steps = take(make_stream(local_out, local_manifest, global_batch_size=16, micro_batch_size=8), n_steps)
+    s3_batches, local_batches = global_batches([s3_steps]), global_batches([local_steps])
+    for (p, i), (p_ref, i_ref) in zip(s3_batches, local_batches):
+        assert np.array_equal(p, p_ref) and np.array_equal(i, i_ref)
+    masks = np.concatenate([mb[2].numpy() for step in s3_steps for mb in step])
+    ids = np.concatenate([b[1] for b in s3_batches])
+    got = sorted(unpad(ids[p], int(masks[p].sum())) for p in range(manifest.num_samples))
+    assert got == sorted(tuple(s.tolist()) for s in all_shard_samples(out, manifest))
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+def test_tokenizer_specs(prepared, tmp_path):
+    out, manifest = prepared
+    trained = load_tokenizer(os.path.join(out, "tokenizer.json"))
+    assert tokenizer_sha256(trained) == manifest.tokenizer_sha256
+    from_vocab = load_tokenizer(os.path.join(out, "vocab.txt"))
+    text = "The kalomi of phosunvel was strousgra, 1999 [SEP] times!"
+    # A tokenizer.json from training registers the specials as added tokens, so a literal "[SEP]" in text
+    # becomes the real one unless encode_special_tokens is set (prepare sets it); a vocab.txt never does.
+    assert trained.encode(text).ids.count(3) == 2 and from_vocab.encode(text).ids.count(3) == 1
+    trained.encode_special_tokens = True
+    assert from_vocab.encode(text).ids == trained.encode(text).ids
+    assert trained.encode(text).ids[0] == 2 and trained.encode(text).ids[-1] == 3  # [CLS] ... [SEP]
+    assert special_ids(from_vocab) == special_ids(trained) == manifest.special_ids
+
+    fresh = load_tokenizer("train:200", texts=lambda: iter(["hello world", "hello there", "worldly things"] * 5))
+    assert special_ids(fresh) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert fresh.get_vocab_size() <= 200 and fresh.token_to_id("hello") is not None
+
+    # A BERT-layout vocab ([PAD]=0, [UNK]=100, [CLS]=101, [SEP]=102, [MASK]=103), uppercase kept.
+    bert = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    bert += ["hello", "world", "Hello", "##s"]
+    (tmp_path / "vocab.txt").write_text("\n".join(bert) + "\n")
+    tok = load_tokenizer(str(tmp_path / "vocab.txt"), lowercase=False)
+    assert special_ids(tok) == {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
+    assert tok.encode("Hello worlds zzz", add_special_tokens=False).ids == [106, 105, 107, 100]
+    assert load_tokenizer(str(tmp_path / "vocab.txt")).encode("Hello", add_special_tokens=False).ids == [104]
+
+    save_tokenizer(tok, str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "vocab.txt").read_text().splitlines() == bert
+    assert tokenizer_sha256(load_tokenizer(str(tmp_path / "saved" / "tokenizer.json"))) == tokenizer_sha256(tok)
+
+    with pytest.raises(ValueError, match=r"vocab\.txt.*tokenizer\.json.*train:"):
+        load_tokenizer(str(tmp_path / "vocab.bin"))
+    with pytest.raises(ValueError, match="train:N needs an integer"):
+        load_tokenizer("train:lots", texts=lambda: iter(["x"]))
+    (tmp_path / "nospecial.txt").write_text("[UNK]\nhello\n")
+    with pytest.raises(ValueError, match=r"lacks the special token\(s\) \[PAD\] \[CLS\] \[SEP\] \[MASK\]"):
+        special_ids(load_tokenizer(str(tmp_path / "nospecial.txt")))
+
+
+# --------------------------------------------------------------------------------------------- errors
+def test_manifest_errors(prepared, tmp_path):
+    out, manifest = prepared
+    with pytest.raises(DataError, match=r"no manifest\.json at .*empty: is this the output of `electra-scale"):
+        load_manifest(str(tmp_path / "empty"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_manifest(str(tmp_path / "bad"))
+    (tmp_path / "bad" / "manifest.json").write_text(json.dumps({"format": "something-else/9"}))
+    with pytest.raises(DataError, match="expected 'electra-scale-shards/1'"):
+        load_manifest(str(tmp_path / "bad"))
+
+    manifest.check_compatible(vocab_size=manifest.vocab_size, seq_len=SEQ_LEN)
+    msg = f"vocab_size {manifest.vocab_size} but model.vocab_size is 30522; set model.vocab_size="
+    with pytest.raises(DataError, match=msg):
+        manifest.check_compatible(vocab_size=30522, seq_len=SEQ_LEN)
+    with pytest.raises(DataError, match=f"seq_len {SEQ_LEN} but the training seq_len is 128"):
+        manifest.check_compatible(vocab_size=manifest.vocab_size, seq_len=128)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_truncated_and_missing_shards(prepared, tmp_path):
+    out, _ = prepared
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    manifest = load_manifest(str(broken))
+    info = manifest.shards[2]
+    victim = broken / info.name
+    data = victim.read_bytes()
+    # Each sample is one 512-byte tar header + one 512-byte block of npy data.
+    victim.write_bytes(data[: 5 * 1024 + 512 + 64])  # cut inside the 6th sample's data
+    with pytest.raises(DataError, match=rf"^shard {victim} is truncated or corrupt at byte \d+: unexpected end"):
+        read_shard(str(victim))
+    victim.write_bytes(data[: 5 * 1024 + 100])  # cut inside a header: tar stops quietly, the manifest does not
+    assert len(read_shard(str(victim))) == 5
+    with pytest.raises(DataError, match=rf"^shard {victim} is truncated or corrupt at byte 5220: the manifest"):
+        read_shard(str(victim), expected_samples=info.samples, expected_bytes=info.bytes)
+    victim.write_bytes(data[:2048] + bytes(len(data) - 2048))  # zeroed tail: right size, too few samples
+    with pytest.raises(DataError, match=f"^shard {victim} holds 2 samples but the manifest says {info.samples}"):
+        read_shard(str(victim), expected_samples=info.samples, expected_bytes=info.bytes)
+
+    # The stream surfaces the worker's error as the same DataError, with its one-line message.
+    victim.write_bytes(data[: len(data) // 3])
+    gb = 8
+    for workers in (0, 2):
+        stream = make_stream(str(broken), manifest, global_batch_size=gb, num_workers=workers)
+        with pytest.raises(DataError, match=rf"^shard {victim} is truncated or corrupt at byte \d+: [^\n]+$"):
+            take(stream, manifest.num_samples // gb + 1)
+
+    victim.unlink()
+    stream = make_stream(str(broken), manifest, global_batch_size=gb, num_workers=2)
+    with pytest.raises(storage.StorageError, match=rf"^{victim} does not exist"):
+        take(stream, manifest.num_samples // gb + 1)
+
+
+def test_read_shard_retries_a_broken_connection(prepared, monkeypatch):
+    """botocore does not retry a GET body that breaks mid-stream; read_shard re-reads the shard."""
+    out, manifest = prepared
+    url = os.path.join(out, manifest.shards[0].name)
+    real_open, calls = storage.open_read, []
+
+    class Breaks:
+        def __init__(self, raw, after):
+            self.raw, self.left = raw, after
+
+        def read(self, n=-1):
+            if self.left <= 0:
+                raise ConnectionResetError("connection reset by peer")
+            data = self.raw.read(min(n, self.left) if n and n > 0 else self.left)
+            self.left -= len(data)
+            return data
+
+        def close(self):
+            self.raw.close()
+
+    def flaky(u, breaks: int):
+        calls.append(u)
+        raw = real_open(u)
+        return Breaks(raw, 3000) if len(calls) <= breaks else raw
+
+    monkeypatch.setattr(storage, "open_read", lambda u: flaky(u, breaks=1))
+    samples = read_shard(url, expected_samples=37, expected_bytes=manifest.shards[0].bytes)
+    assert len(calls) == 2 and [s.tolist() for s in samples] == [s.tolist() for s in read_shard(url)]
+    calls.clear()
+    monkeypatch.setattr(storage, "open_read", lambda u: flaky(u, breaks=99))
+    with pytest.raises(storage.StorageError, match=f"reading shard {url} failed 3 times, last: ConnectionReset"):
+        read_shard(url)
+    assert len(calls) == 3
+
+
+def test_input_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "One sentence here."}\n\n{"body": "no text"}\n')
+    with pytest.raises(DataError, match=rf'{bad} line 3: expected an object with a string "text" field'):
+        prepare([str(bad)], str(tmp_path / "o1"), "train:100", seq_len=SEQ_LEN, progress=False)
+    bad.write_text('{"text": "One sentence here."}\n{"text": "unterminated\n')
+    with pytest.raises(DataError, match=rf"{bad} line 2: not valid JSON"):
+        prepare([str(bad)], str(tmp_path / "o2"), "train:100", seq_len=SEQ_LEN, progress=False)
+    with pytest.raises(DataError, match=r"input .*missing\.txt does not exist"):
+        prepare([str(tmp_path / "missing.txt")], str(tmp_path / "o3"), "train:100", seq_len=SEQ_LEN)
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"unsupported input .*x\.csv"):
+        prepare([str(tmp_path / "x.csv")], str(tmp_path / "o4"), "train:100", seq_len=SEQ_LEN)
+    assert not (tmp_path / "o1" / "manifest.json").exists()

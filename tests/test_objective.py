@@ -1,0 +1,195 @@
+"""One test per rule of the ELECTRA objective (objective.py), on random token batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from electra_scale.config import ModelConfig, ObjectiveConfig, load_config
+from electra_scale.objective import (
+    ElectraObjective,
+    MLMObjective,
+    build_objective,
+    example_generators,
+    gumbel_sample,
+    mask_tokens,
+    max_predictions,
+    num_to_predict,
+    replace_tokens,
+    training_loss,
+)
+
+SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+VOCAB = 512
+
+
+def make_batch(batch: int, seq_len: int, seed: int = 0, min_len: int = 8):
+    """[CLS] A [SEP] B [SEP] + padding, with random lengths, like prepared shards."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(batch, seq_len, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for b in range(batch):
+        n = int(torch.randint(min_len, seq_len + 1, (1,), generator=g))
+        ids[b, :n] = torch.randint(5, VOCAB, (n,), generator=g)
+        ids[b, 0] = SPECIAL["cls"]
+        ids[b, n // 2] = SPECIAL["sep"]
+        ids[b, n - 1] = SPECIAL["sep"]
+        attn[b, :n] = 1
+    return ids, attn
+
+
+def run_mask(ids, attn, cfg=None, seed=7):
+    cfg = cfg or ObjectiveConfig()
+    gens = example_generators(seed, torch.arange(ids.shape[0]), ids.device)
+    return mask_tokens(ids, attn, SPECIAL, cfg, VOCAB, gens)
+
+
+def test_mask_count_follows_rate_and_cap():
+    ids, attn = make_batch(64, 128)
+    m = run_mask(ids, attn)
+    counts = m.weights.sum(-1)
+    expected = torch.round(attn.sum(-1).double() * 0.15).clamp(1, max_predictions(0.15, 128))
+    assert torch.equal(counts.long(), expected.long())
+    assert m.positions.shape[1] == max_predictions(0.15, 128) == 19
+    # The cap binds when round(n * p) > int((p + 0.005) * L): p=0.1, L=35 -> round(3.5)=4 > cap 3.
+    full = torch.ones(1, 35, dtype=torch.long)
+    assert max_predictions(0.1, 35) == 3
+    big = torch.full((1, 35), 9)
+    assert int(num_to_predict(big, full, SPECIAL, 0.1)) == 3
+
+
+def test_special_tokens_and_padding_never_masked():
+    ids, attn = make_batch(64, 64, seed=1)
+    m = run_mask(ids, attn, ObjectiveConfig(mask_prob=0.5))
+    real = m.weights.bool()
+    picked = ids.gather(1, m.positions)[real]
+    assert not torch.isin(picked, torch.tensor([SPECIAL["cls"], SPECIAL["sep"], SPECIAL["pad"]])).any()
+    assert attn.gather(1, m.positions)[real].all()
+    # Nothing outside the chosen positions changes.
+    outside = torch.ones_like(ids, dtype=torch.bool)
+    outside.scatter_(1, m.positions, ~real)  # unused slots point at [CLS], which must stay unchanged
+    outside.scatter_(1, m.positions * real, torch.zeros_like(real))
+    assert torch.equal(m.input_ids[outside], ids[outside])
+    # Positions of one example are distinct (sampled without replacement).
+    for b in range(ids.shape[0]):
+        pos = m.positions[b][real[b]]
+        assert len(set(pos.tolist())) == len(pos)
+
+
+def test_85_percent_mask_15_percent_keep_no_random():
+    ids, attn = make_batch(512, 128, seed=2, min_len=100)
+    m = run_mask(ids, attn)
+    real = m.weights.bool()
+    after = m.input_ids.gather(1, m.positions)[real]
+    original = m.targets[real]
+    is_mask = after == SPECIAL["mask"]
+    kept = after == original
+    assert torch.all(is_mask | kept), "ELECTRA never substitutes a random token"
+    share = is_mask.float().mean().item()
+    assert abs(share - 0.85) < 0.01, share  # ~9.7k positions: std ~0.004
+
+
+def test_mlm_baseline_uses_80_10_10():
+    ids, attn = make_batch(512, 128, seed=3, min_len=100)
+    cfg = ObjectiveConfig(kind="mlm", mask_token_prob=0.8, random_token_prob=0.1)
+    m = run_mask(ids, attn, cfg)
+    real = m.weights.bool()
+    after, original = m.input_ids.gather(1, m.positions)[real], m.targets[real]
+    is_mask = after == SPECIAL["mask"]
+    changed = ~is_mask & (after != original)
+    assert abs(is_mask.float().mean().item() - 0.8) < 0.015
+    # 10% random tokens, of which 1/VOCAB happen to equal the original.
+    assert abs(changed.float().mean().item() - 0.1) < 0.01
+
+
+def test_masks_are_keyed_to_the_example_not_the_batch():
+    ids, attn = make_batch(8, 64, seed=4)
+    whole = run_mask(ids, attn)
+    gens = example_generators(7, torch.arange(4, 8), ids.device)
+    half = mask_tokens(ids[4:], attn[4:], SPECIAL, ObjectiveConfig(), VOCAB, gens)
+    assert torch.equal(whole.input_ids[4:], half.input_ids)
+    assert torch.equal(whole.positions[4:], half.positions)
+
+
+def test_correct_sample_gives_all_zero_labels():
+    ids, attn = make_batch(16, 64, seed=5)
+    m = run_mask(ids, attn)
+    disc_ids, labels = replace_tokens(ids, attn, m, sampled=m.targets.clone())
+    assert torch.equal(disc_ids, ids)
+    assert not labels.any()
+    # ...and a wrong sample at a masked position is labelled replaced, nowhere else.
+    wrong = torch.where(m.targets == 5, 6, 5)
+    disc_ids, labels = replace_tokens(ids, attn, m, sampled=wrong)
+    assert int(labels.sum()) == int(m.weights.sum())
+
+
+def test_gumbel_max_samples_from_the_softmax():
+    logits = torch.log(torch.tensor([0.1, 0.2, 0.7])).expand(1, 20000, 3).contiguous()
+    gens = example_generators(0, torch.arange(1), torch.device("cpu"))
+    draws = gumbel_sample(logits, 1.0, gens)[0]
+    freq = torch.bincount(draws, minlength=3).float() / draws.numel()
+    assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.7]), atol=0.015)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_sampling_has_no_nan(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 19, VOCAB, generator=g) * 30).to(dtype)
+    logits[0, 0, :] = torch.finfo(dtype).max  # extreme but finite logits
+    gens = example_generators(0, torch.arange(4), torch.device("cpu"))
+    sampled = gumbel_sample(logits, 1.0, gens)
+    assert sampled.dtype == torch.long
+    assert ((sampled >= 0) & (sampled < VOCAB)).all()
+
+
+def tiny_objective(kind: str = "electra"):
+    cfg = load_config("configs/tiny.yaml", [f"objective.kind={kind}", f"model.vocab_size={VOCAB}"])
+    torch.manual_seed(0)
+    return build_objective(cfg, SPECIAL)
+
+
+def test_no_gradient_reaches_the_generator_through_sampling():
+    obj = tiny_objective()
+    assert isinstance(obj, ElectraObjective)
+    ids, attn = make_batch(4, 128, seed=6)
+    out = obj(ids, attn, torch.zeros_like(ids), torch.arange(4))
+    out["disc_loss"].backward()
+    gen_only = [p for n, p in obj.generator.named_parameters() if "embeddings." not in n.split("electra.")[-1][:11]]
+    assert gen_only
+    assert all(p.grad is None or not p.grad.any() for p in gen_only)
+    assert obj.discriminator.electra.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    # The generator learns only from its own loss.
+    obj.zero_grad()
+    out = obj(ids, attn, torch.zeros_like(ids), torch.arange(4))
+    out["gen_loss"].backward()
+    assert obj.generator.electra.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+
+
+def test_shared_embeddings_and_tied_output():
+    obj = tiny_objective()
+    assert obj.generator.electra.embeddings is obj.discriminator.electra.embeddings
+    assert obj.generator.generator_lm_head.weight is obj.discriminator.electra.embeddings.word_embeddings.weight
+    assert hasattr(obj.generator.electra, "embeddings_project")  # its own projection to the narrower width
+
+
+def test_disc_weight_lambda():
+    sums = {"gen_loss": torch.tensor(30.0), "disc_loss": torch.tensor(4.0)}
+    totals = {"n_masked": 10.0, "n_tokens": 200.0}
+    assert training_loss(sums, totals, 50.0).item() == pytest.approx(3.0 + 50.0 * 0.02)
+    assert training_loss(sums, totals, 0.0).item() == pytest.approx(3.0)
+
+
+def test_mlm_objective_runs_behind_the_same_interface():
+    obj = tiny_objective("mlm")
+    assert isinstance(obj, MLMObjective)
+    ids, attn = make_batch(4, 128, seed=8)
+    out = obj(ids, attn, torch.zeros_like(ids), torch.arange(4))
+    assert set(out) >= {"gen_loss", "n_masked", "n_tokens"}
+    assert out["gen_loss"].item() / out["n_masked"].item() == pytest.approx(
+        torch.log(torch.tensor(VOCAB)).item(), rel=0.1
+    )
+
+
+def test_model_config_generator_defaults():
+    m = ModelConfig(generator_hidden_size=256)
+    assert m.gen_heads == 4 and m.gen_intermediate == 1024

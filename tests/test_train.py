@@ -1,0 +1,263 @@
+"""Pretraining end to end with real DeepSpeed (gloo, 1 and 2 ranks), real shards, a real S3 server.
+
+Each run is a subprocess of the real CLI, under torchrun for 2 ranks, exactly as a user starts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from electra_scale import storage
+from electra_scale.data import prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = (
+    "the of and to in is was for on that with as by at from his her it an were are which this be or has had "
+    "river city music war king church water light school green north road film game island stone paper "
+    "bridge garden market winter summer station language mountain history science theory"
+).split()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(400):
+            sentences = [
+                " ".join(rng.choices(WORDS, k=rng.randint(4, 18))).capitalize() + "." for _ in range(rng.randint(2, 12))
+            ]
+            f.write(json.dumps({"text": " ".join(sentences)}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shards(corpus, tmp_path_factory) -> tuple[str, int]:
+    out = str(tmp_path_factory.mktemp("shards") / "tiny")
+    manifest = prepare([str(corpus)], out, "train:300", seq_len=128, samples_per_shard=64, progress=False)
+    return out, manifest.vocab_size
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(args: list[str], ranks: int = 1, env: dict | None = None, check: bool = True):
+    if ranks > 1:
+        port = free_port()
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={ranks}",
+            f"--master_port={port}",
+        ]
+        cmd += ["-m", "electra_scale", *args]
+    else:
+        cmd = [sys.executable, "-m", "electra_scale", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def pretrain_args(shards: tuple[str, int], output: str, *overrides: str) -> list[str]:
+    prefix, vocab = shards
+    return [
+        "pretrain",
+        "--config",
+        "configs/tiny.yaml",
+        f"data.shards={prefix}",
+        f"run.output_dir={output}",
+        f"model.vocab_size={vocab}",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=4",
+        "train.log_every=1",
+        "optim.warmup_steps=2",
+        "data.num_workers=1",
+        *overrides,
+    ]
+
+
+def metrics(output: str) -> list[dict]:
+    return [json.loads(line) for line in storage.read_text(storage.join(output, "metrics.jsonl")).splitlines()]
+
+
+NO_DROPOUT = ("model.dropout=0", "model.attention_dropout=0")
+
+
+def test_two_ranks_match_one_rank(shards, tmp_path):
+    """2 ranks x micro-batch 4 == 1 rank x micro-batch 8 == 1 rank x 4 x accumulation 2 (dropout off)."""
+    common = ("train.max_steps=5", "checkpoint.every_steps=100", *NO_DROPOUT)
+    run_cli(pretrain_args(shards, str(tmp_path / "w2"), *common), ranks=2)
+    run_cli(pretrain_args(shards, str(tmp_path / "w1"), *common, "train.micro_batch_size=8"))
+    run_cli(pretrain_args(shards, str(tmp_path / "acc"), *common, "train.micro_batch_size=4"))
+    two, one, acc = (
+        metrics(str(tmp_path / "w2")),
+        metrics(str(tmp_path / "w1")),
+        metrics(str(tmp_path / "acc")),
+    )
+    assert [m["step"] for m in two] == [1, 2, 3, 4, 5]
+    for a, b, c in zip(two, one, acc):
+        for key in ("loss", "gen_loss", "disc_loss", "disc_acc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+            assert c[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (c["step"], key)
+    assert two[-1]["loss"] < two[0]["loss"]  # and it learns
+
+
+@pytest.fixture(scope="module")
+def straight_run(shards, tmp_path_factory) -> str:
+    """8 steps on 2 ranks with dropout on, checkpoints every 4 steps."""
+    out = str(tmp_path_factory.mktemp("straight") / "run")
+    run_cli(pretrain_args(shards, out, "train.max_steps=8", "checkpoint.every_steps=4"), ranks=2)
+    return out
+
+
+def test_resume_is_exact_on_local_disk(shards, straight_run, tmp_path):
+    out = str(tmp_path / "resumed")
+    args = pretrain_args(shards, out, "train.max_steps=8", "checkpoint.every_steps=4")
+    run_cli([*args, "train.stop_at_step=4"], ranks=2)
+    assert storage.read_text(f"{out}/checkpoints/latest").strip() == "step_0000004"
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    second = run_cli(args, ranks=2)
+    assert "resumed from" in second.stderr and "at step 4" in second.stderr
+    straight, resumed = metrics(straight_run), metrics(out)
+    assert [m["step"] for m in resumed] == list(range(1, 9))  # no step logged twice
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == b["loss"], f"step {a['step']}: {a['loss']} != {b['loss']}"
+        assert a["lr"] == b["lr"]
+    state = json.loads(Path(out, "checkpoints", "step_0000008", "trainer_state.json").read_text())
+    assert state["step"] == 8 and state["data_position"]["samples_seen"] == 64 and state["world_size"] == 2
+    marker = json.loads(Path(out, "checkpoints", "step_0000008", "COMPLETE").read_text())
+    assert {"rng/rank_0.pt", "rng/rank_1.pt", "trainer_state.json", "mp_rank_00_model_states.pt"} <= set(
+        marker["files"]
+    )
+    assert any("zero_pp_rank_1_" in name for name in marker["files"])
+
+
+def test_resume_is_exact_on_s3(shards, s3_bucket, tmp_path):
+    local_prefix, vocab = shards
+    s3_shards = f"{s3_bucket}/shards"
+    for name in storage.list_files(local_prefix):
+        storage.upload_file(Path(local_prefix, name), storage.join(s3_shards, name))
+    s3 = (s3_shards, vocab)
+    common = ("train.max_steps=6", "checkpoint.every_steps=3")
+    run_cli(pretrain_args(s3, f"{s3_bucket}/straight", *common, f"run.cache_dir={tmp_path / 'cache0'}"))
+    resumed_args = pretrain_args(s3, f"{s3_bucket}/resumed", *common, f"run.cache_dir={tmp_path / 'cache'}")
+    run_cli([*resumed_args, "train.stop_at_step=3"])
+    assert storage.read_text(f"{s3_bucket}/resumed/checkpoints/latest").strip() == "step_0000003"
+    run_cli(resumed_args)
+    straight, resumed = metrics(f"{s3_bucket}/straight"), metrics(f"{s3_bucket}/resumed")
+    assert [m["step"] for m in resumed] == list(range(1, 7))
+    assert [m["loss"] for m in straight] == [m["loss"] for m in resumed]
+    files = storage.list_files(f"{s3_bucket}/resumed/checkpoints")
+    assert "step_0000006/COMPLETE" in files and "latest" in files
+    assert not any(Path(tmp_path, "cache", "checkpoints").glob("step_*")), "staging is cleaned after upload"
+
+
+def test_export_round_trip(straight_run, tmp_path):
+    from transformers import ElectraForMaskedLM, ElectraForPreTraining
+
+    from electra_scale.config import load_config
+    from electra_scale.objective import build_objective
+
+    run_cli(["export", straight_run, str(tmp_path / "hf")])
+    disc = ElectraForPreTraining.from_pretrained(tmp_path / "hf" / "discriminator").eval()
+    gen = ElectraForMaskedLM.from_pretrained(tmp_path / "hf" / "generator").eval()
+    assert (tmp_path / "hf" / "discriminator" / "model.safetensors").exists()
+
+    # Independently of DeepSpeed's consolidation: the module weights rank 0 saved (fp32 run) in the checkpoint.
+    ckpt = Path(straight_run, "checkpoints", "step_0000008")
+    cfg = load_config(ckpt / "config.yaml")
+    special = json.loads((ckpt / "data_manifest.json").read_text())["special_ids"]
+    reference = build_objective(cfg, special).eval()
+    module_state = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    reference.load_state_dict(module_state)
+
+    ids = torch.randint(5, cfg.model.vocab_size, (2, 32))
+    with torch.no_grad():
+        expected = reference.discriminator(input_ids=ids).logits
+        assert torch.allclose(disc(input_ids=ids).logits, expected, atol=1e-5)
+        assert torch.allclose(gen(input_ids=ids).logits, reference.generator(input_ids=ids).logits, atol=1e-5)
+    # The exported tokenizer encodes text to the ids the model was trained on.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf" / "discriminator")
+    encoded = tok("the river city", "north road")["input_ids"]
+    assert encoded[0] == special["cls"] and encoded.count(special["sep"]) == 2
+
+
+@pytest.mark.parametrize("stage", ["zero1", "zero3"])
+def test_other_zero_stages_train_the_same_model(shards, tmp_path, stage):
+    common = ("train.max_steps=3", "checkpoint.every_steps=100", *NO_DROPOUT)
+    run_cli(pretrain_args(shards, str(tmp_path / "z2"), *common))
+    run_cli(pretrain_args(shards, str(tmp_path / stage), *common, f"train.deepspeed_config=ds_configs/{stage}.json"))
+    for a, b in zip(metrics(str(tmp_path / "z2")), metrics(str(tmp_path / stage))):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+    assert Path(tmp_path, stage, "checkpoints", "step_0000003", "COMPLETE").exists()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def assert_one_line_error(proc, *needles: str) -> str:
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def assert_nothing_complete(output: Path) -> None:
+    assert not list(output.rglob("COMPLETE")) and not (output / "checkpoints" / "latest").exists()
+
+
+def test_shards_without_manifest(shards, tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "run"
+    proc = run_cli(pretrain_args((str(tmp_path / "empty"), shards[1]), str(out)), check=False)
+    assert_one_line_error(proc, "manifest.json", str(tmp_path / "empty"))
+    assert_nothing_complete(out)
+
+
+def test_vocab_mismatch(shards, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli([*pretrain_args(shards, str(out)), "model.vocab_size=30522"], check=False)
+    assert_one_line_error(proc, "vocab", "30522", str(shards[1]))
+    assert_nothing_complete(out)
+
+
+def test_unreachable_s3_endpoint(shards, tmp_path):
+    out = tmp_path / "run"
+    env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    env["ELECTRA_S3_MAX_ATTEMPTS"] = "2"
+    proc = run_cli(pretrain_args(("s3://nowhere/shards", shards[1]), str(out)), env=env, check=False)
+    assert_one_line_error(proc, "cannot reach the S3 endpoint http://127.0.0.1:9", "AWS_ENDPOINT_URL")
+    assert_nothing_complete(out)
+
+
+def test_wrong_s3_credentials(shards, s3_bucket, s3_server, tmp_path):
+    out = f"{s3_bucket}/run"
+    env = {**s3_server.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    proc = run_cli(pretrain_args((f"{s3_bucket}/shards", shards[1]), out), env=env, check=False)
+    assert_one_line_error(proc, "rejected the credentials", "AWS_SECRET_ACCESS_KEY")
+    assert storage.list_files(out) == []
+
+
+def test_malformed_config_file(shards, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: 10\n model: {}\n")
+    proc = run_cli(["pretrain", "--config", str(bad)], check=False)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "not valid YAML", "line 3")
