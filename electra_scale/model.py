@@ -17,34 +17,28 @@ from electra_scale.config import Config, ModelConfig
 ATTENTION = "sdpa"
 
 
-def discriminator_config(m: ModelConfig) -> ElectraConfig:
+def _electra_config(m: ModelConfig, hidden: int, heads: int, ffn: int) -> ElectraConfig:
     return ElectraConfig(
         vocab_size=m.vocab_size,
         embedding_size=m.embedding_size,
-        hidden_size=m.hidden_size,
+        hidden_size=hidden,
         num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        intermediate_size=m.intermediate_size,
+        num_attention_heads=heads,
+        intermediate_size=ffn,
         max_position_embeddings=m.max_position_embeddings,
         hidden_dropout_prob=m.dropout,
         attention_probs_dropout_prob=m.attention_dropout,
         attn_implementation=ATTENTION,
     )
+
+
+def discriminator_config(m: ModelConfig) -> ElectraConfig:
+    return _electra_config(m, m.hidden_size, m.num_heads, m.intermediate_size)
 
 
 def generator_config(m: ModelConfig) -> ElectraConfig:
-    return ElectraConfig(
-        vocab_size=m.vocab_size,
-        embedding_size=m.embedding_size,
-        hidden_size=m.generator_hidden_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.gen_heads,
-        intermediate_size=m.gen_intermediate,
-        max_position_embeddings=m.max_position_embeddings,
-        hidden_dropout_prob=m.dropout,
-        attention_probs_dropout_prob=m.attention_dropout,
-        attn_implementation=ATTENTION,
-    )
+    """Same depth as the discriminator, narrower."""
+    return _electra_config(m, m.generator_hidden_size, m.gen_heads, m.gen_intermediate)
 
 
 def build_electra(m: ModelConfig) -> tuple[ElectraForMaskedLM, ElectraForPreTraining]:

@@ -144,8 +144,14 @@ def replace_tokens(
     return disc_ids, (disc_ids != input_ids) & attention_mask.bool()
 
 
-def _gather(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+def masked_lm_logits(mlm, m: Masked, attention_mask, token_type_ids) -> torch.Tensor:
+    """Encode the masked sequence with an ``ElectraForMaskedLM`` and project to the vocabulary only at the
+    masked positions [B, N, V] (fp32), as the reference gathers them: projecting every position would spend
+    most of a generator's FLOPs on outputs nobody reads."""
+    hidden = mlm.electra(input_ids=m.input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+    hidden = hidden.last_hidden_state
+    picked = hidden.gather(1, m.positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    return mlm.generator_lm_head(mlm.generator_predictions(picked)).float()
 
 
 class ElectraObjective(nn.Module):
@@ -165,13 +171,7 @@ class ElectraObjective(nn.Module):
         vocab = self.generator.config.vocab_size
         m = mask_tokens(input_ids, attention_mask, self.special, self.cfg, vocab, gens)
 
-        # Generator: encode, then project to the vocabulary only at the masked positions.
-        gen_hidden = self.generator.electra(
-            input_ids=m.input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
-        gen_logits = self.generator.generator_lm_head(
-            self.generator.generator_predictions(_gather(gen_hidden, m.positions))
-        ).float()
+        gen_logits = masked_lm_logits(self.generator, m, attention_mask, token_type_ids)
         gen_nll = F.cross_entropy(gen_logits.transpose(1, 2), m.targets, reduction="none")  # [B, N]
 
         sampled = gumbel_sample(gen_logits, self.cfg.temperature, gens)
@@ -209,10 +209,7 @@ class MLMObjective(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids, positions) -> dict[str, torch.Tensor]:
         gens = example_generators(self.seed, positions, input_ids.device)
         m = mask_tokens(input_ids, attention_mask, self.special, self.cfg, self.mlm.config.vocab_size, gens)
-        hidden = self.mlm.electra(
-            input_ids=m.input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
-        logits = self.mlm.generator_lm_head(self.mlm.generator_predictions(_gather(hidden, m.positions))).float()
+        logits = masked_lm_logits(self.mlm, m, attention_mask, token_type_ids)
         nll = F.cross_entropy(logits.transpose(1, 2), m.targets, reduction="none")
         return {
             "gen_loss": (nll * m.weights).sum(),

@@ -127,6 +127,7 @@ def pretrain(cfg: Config) -> dict:
         ]
         n_masked, n_tokens = _all_reduce([sum(c[0] for c in local), sum(c[1] for c in local)])
         totals = {"n_masked": n_masked, "n_tokens": n_tokens}
+        lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)
         for mb in micro_batches:
             out = engine(
                 input_ids=mb.input_ids.to(device),
@@ -150,7 +151,7 @@ def pretrain(cfg: Config) -> dict:
             record = summarize(reduced, cfg.objective.disc_weight)
             tokens_per_s = window_steps * tokens_per_step / elapsed
             record.update(
-                lr=engine.get_lr()[0],
+                lr=lr,
                 grad_norm=float(engine.get_global_grad_norm() or 0.0),
                 tokens_per_s=tokens_per_s,
                 tflops=tokens_per_s * flops_tok / 1e12,

@@ -54,8 +54,16 @@ def bare_loop(cfg, shards: str, steps: int, warmup: int) -> float:
     model = build_objective(cfg, manifest.special_ids)
     opt = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, eps=cfg.optim.eps)
     sched = electra_schedule(opt, cfg.optim.warmup_steps, cfg.train.max_steps)
-    stream = PretrainStream(shards, manifest, seed=0, global_batch_size=cfg.train.micro_batch_size,
-                            micro_batch_size=cfg.train.micro_batch_size, rank=0, world_size=1, num_workers=0)
+    stream = PretrainStream(
+        shards,
+        manifest,
+        seed=0,
+        global_batch_size=cfg.train.micro_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+    )
     mb = next(iter(stream))[0]
     n_masked, n_tokens = count_targets(mb.input_ids, mb.attention_mask, manifest.special_ids, cfg.objective.mask_prob)
     totals = {"n_masked": n_masked, "n_tokens": n_tokens}
@@ -74,9 +82,21 @@ def bare_loop(cfg, shards: str, steps: int, warmup: int) -> float:
 
 
 def framework(config: str, overrides: list[str], shards: str, out: Path, steps: int, log_every: int) -> float:
-    cmd = [sys.executable, "-m", "electra_scale", "pretrain", "--config", config, f"data.shards={shards}",
-           f"run.output_dir={out}", f"train.max_steps={steps}", f"train.log_every={log_every}",
-           "checkpoint.every_steps=100000", "run.tensorboard=false", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "electra_scale",
+        "pretrain",
+        "--config",
+        config,
+        f"data.shards={shards}",
+        f"run.output_dir={out}",
+        f"train.max_steps={steps}",
+        f"train.log_every={log_every}",
+        "checkpoint.every_steps=100000",
+        "run.tensorboard=false",
+        *overrides,
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = records[1:]  # the first window includes start-up and warm-up
@@ -93,8 +113,13 @@ def main() -> None:
 
     from electra_scale.config import load_config
 
-    overrides = [f"train.global_batch_size={args.micro_batch}", f"train.micro_batch_size={args.micro_batch}",
-                 "train.precision=fp32", "optim.bias_correction=true", "data.num_workers=1"]
+    overrides = [
+        f"train.global_batch_size={args.micro_batch}",
+        f"train.micro_batch_size={args.micro_batch}",
+        "train.precision=fp32",
+        "optim.bias_correction=true",
+        "data.num_workers=1",
+    ]
     cfg = load_config(args.config, overrides + [f"train.max_steps={args.steps}"])
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -102,8 +127,10 @@ def main() -> None:
         log_every = max(args.steps // 4, 1)
         bare = bare_loop(cfg, shards, steps=args.steps - log_every, warmup=log_every)
         ours = framework(args.config, overrides, shards, work / "run", args.steps, log_every)
-    print(f"\n{args.config}: 1 rank, seq {cfg.data.seq_len}, micro-batch {args.micro_batch}, fp32, "
-          f"{os.cpu_count()} CPU threads")
+    print(
+        f"\n{args.config}: 1 rank, seq {cfg.data.seq_len}, micro-batch {args.micro_batch}, fp32, "
+        f"{os.cpu_count()} CPU threads"
+    )
     print(f"  bare PyTorch loop        {bare:10,.0f} tokens/s")
     print(f"  electra-scale pretrain   {ours:10,.0f} tokens/s")
     print(f"  overhead (bare / ours)   {bare / ours:10.3f}x")
