@@ -116,6 +116,11 @@ class Checkpointer:
         tag = tag_for(step)
         started = time.monotonic()
         local_dir = self.local / tag
+        # A directory for this step can survive a crash mid-save (it never got COMPLETE): start it afresh so
+        # that no stale file is listed in the new marker. One process per filesystem clears it.
+        if (self.env.local_rank == 0) if self.on_s3 else self.env.is_main:
+            shutil.rmtree(local_dir, ignore_errors=True)
+        dist.barrier()
         engine.save_checkpoint(str(self.local), tag=tag, save_latest=False)
         rng_file = local_dir / "rng" / f"rank_{self.env.rank}.pt"
         rng_file.parent.mkdir(parents=True, exist_ok=True)

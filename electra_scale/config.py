@@ -170,6 +170,11 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=100)")
         _set_dotted(raw, key.strip(), _parse_value(value))
+    return config_from_dict(raw, source)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Build and validate a Config from nested dicts (a parsed YAML file, or a checkpoint's config.yaml)."""
     cfg = _build(Config, raw, prefix="", source=source)
     validate(cfg)
     return cfg

@@ -17,7 +17,7 @@ import yaml
 
 from electra_scale import storage
 from electra_scale.checkpoint import LATEST, MARKER, CheckpointError, fetch_and_verify
-from electra_scale.config import Config, _build, validate
+from electra_scale.config import Config, config_from_dict
 from electra_scale.objective import build_objective
 
 log = logging.getLogger("electra_scale")
@@ -49,8 +49,7 @@ def load_checkpoint_model(checkpoint: str, workdir: Path) -> tuple[Config, torch
     if problem:
         raise CheckpointError(f"checkpoint {root}/{tag} fails verification: {problem}")
     ckpt_dir = local_root / tag
-    cfg = _build(Config, yaml.safe_load((ckpt_dir / "config.yaml").read_text()), "", str(ckpt_dir))
-    validate(cfg)
+    cfg = config_from_dict(yaml.safe_load((ckpt_dir / "config.yaml").read_text()), str(ckpt_dir))
     special = json.loads((ckpt_dir / "data_manifest.json").read_text())["special_ids"]
     model = build_objective(cfg, special)
     state = get_fp32_state_dict_from_zero_checkpoint(str(local_root), tag=tag)

@@ -118,7 +118,6 @@ def pretrain(cfg: Config) -> dict:
     history: list[dict] = []
     window_start, window_steps = time.perf_counter(), 0
     sums: dict[str, float] = defaultdict(float)
-    last_saved = start_step if state else -1
     for step in range(start_step, stop_step):
         micro_batches = next(batches)
         # Loss denominators are the global batch's counts, known before the forward pass.
@@ -175,11 +174,10 @@ def pretrain(cfg: Config) -> dict:
                 "objective": cfg.objective.kind,
             }
             checkpointer.save(engine, done, trainer_state, extra_files)
-            last_saved = done
             if main:
                 metrics.sync()
 
-    if last_saved != stop_step and stop_step == start_step:
+    if main and start_step >= stop_step:
         log.info("nothing to do: the run is already at step %d", start_step)
     progress.close()
     if metrics is not None:
