@@ -119,11 +119,16 @@ def main(argv: list[str] | None = None) -> int:
                 lowercase=not args.cased,
             )
         elif args.command == "pretrain":
+            from electra_scale import launch
             from electra_scale.config import load_config
             from electra_scale.train import pretrain
 
+            cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any spawn
+            spawn = launch.node_spawn_command(launch.detect(), sys.argv[1:])
+            if spawn:  # a Kubernetes pod running one process per GPU hands over to torchrun
+                os.execv(spawn[0], spawn)
             try:
-                pretrain(load_config(args.config, args.overrides))
+                pretrain(cfg)
             finally:
                 _destroy_process_group()
         elif args.command == "describe":

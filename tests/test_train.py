@@ -216,6 +216,39 @@ def test_other_zero_stages_train_the_same_model(shards, zero2_baseline, tmp_path
     assert Path(out, "checkpoints", "step_0000003", "COMPLETE").exists()
 
 
+def test_two_processes_started_as_slurm_tasks(shards, tmp_path):
+    """What srun gives each task: the run must detect SLURM, agree on a master and train as 2 ranks."""
+    out = str(tmp_path / "slurm")
+    port = str(free_port())
+    args = pretrain_args(shards, out, "train.max_steps=2", "checkpoint.every_steps=100")
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NTASKS": "2",
+            "SLURM_NODEID": "0",
+            "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_TASKS_PER_NODE": "2",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_STEP_ID": "0",
+            "MASTER_PORT": port,
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "electra_scale", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+            )
+        )
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert "launch: SLURM, world size 2 (1 node(s) x 2)" in errs[0]
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    marker = json.loads(Path(out, "checkpoints", "step_0000002", "COMPLETE").read_text())
+    assert marker["world_size"] == 2 and "rng/rank_1.pt" in marker["files"]
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 def assert_one_line_error(proc, *needles: str) -> str:
     assert proc.returncode != 0
