@@ -54,12 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--cased", action="store_true", help="keep case (default: lowercase, as uncased BERT)")
 
     pt = sub.add_parser("pretrain", help="pretrain with DeepSpeed (run under torchrun/deepspeed for >1 rank)")
-    pt.add_argument("--config", required=True)
+    pt.add_argument("--config", required=True, action="append", help="YAML; repeat to layer files (later wins)")
     pt.add_argument("overrides", nargs="*", metavar="key=value")
     pt.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher
 
     de = sub.add_parser("describe", help="parameter counts, FLOPs per token and the resolved DeepSpeed config")
-    de.add_argument("--config", required=True)
+    de.add_argument("--config", required=True, action="append", help="YAML; repeat to layer files (later wins)")
     de.add_argument("overrides", nargs="*", metavar="key=value")
     de.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", "1")))
     de.add_argument("--json", action="store_true")
@@ -84,7 +84,7 @@ def _describe(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"config                {args.config}  (objective: {cfg.objective.kind})")
+    print(f"config                {' + '.join(args.config)}  (objective: {cfg.objective.kind})")
     print(f"discriminator params  {info['discriminator_params']:,}")
     print(f"generator params      {info['generator_params']:,}")
     print(f"total unique params   {info['total_params']:,}  (shared embeddings counted once)")
@@ -128,9 +128,13 @@ def main(argv: list[str] | None = None) -> int:
             if spawn:  # a Kubernetes pod running one process per GPU hands over to torchrun
                 os.execv(spawn[0], spawn)
             try:
-                pretrain(cfg)
+                result = pretrain(cfg)
             finally:
                 _destroy_process_group()
+            if result["preempted"]:
+                from electra_scale.train import EXIT_PREEMPTED
+
+                return EXIT_PREEMPTED
         elif args.command == "describe":
             return _describe(args)
         elif args.command == "export":

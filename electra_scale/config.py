@@ -146,31 +146,47 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML file, apply ``section.key=value`` overrides, build and validate the typed config."""
+def load_config(paths: str | Path | list | tuple | None, overrides: list[str] = ()) -> Config:
+    """Read one or more YAML files (later ones deep-merged over earlier ones, e.g. a preset then a cluster's
+    site settings), apply ``section.key=value`` overrides, then build and validate the typed config."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, str | Path):
+        paths = [paths]
     raw: dict[str, Any] = {}
-    source = str(path) if path else "<defaults>"
-    if path is not None:
-        try:
-            text = resolve_path(str(path)).read_text()
-        except OSError as err:
-            raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from err
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must be a mapping of sections (model:, train:, ...), not {type(raw).__name__}")
-    raw = copy.deepcopy(raw)
+    for path in paths:
+        _merge(raw, _read_yaml(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=100)")
         _set_dotted(raw, key.strip(), _parse_value(value))
-    return config_from_dict(raw, source)
+    return config_from_dict(raw, " + ".join(map(str, paths)) or "<defaults>")
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        text = resolve_path(str(path)).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping of sections (model:, train:, ...), not {type(raw).__name__}")
+    return raw
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:

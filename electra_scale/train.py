@@ -9,6 +9,7 @@ objective.py), so a run is the same run on 1 rank or on 64.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -29,6 +30,30 @@ from electra_scale.objective import build_objective, count_targets, summarize, t
 from electra_scale.optim import electra_schedule, param_groups
 
 log = logging.getLogger("electra_scale")
+
+# Exit code of a run stopped by SIGTERM/SIGUSR1 after saving a checkpoint: "try again". SLURM scripts requeue
+# on it and the Kubernetes podFailurePolicy restarts the pod on it; re-running the command resumes.
+EXIT_PREEMPTED = 75
+
+
+class StopRequest:
+    """SIGTERM (Kubernetes, cloud preemption) or SIGUSR1 (SLURM --signal) asks the run to stop. The handler
+    only records it: the loop finishes the step, all ranks agree on the stop step through the all-reduce they
+    already do each step, and then save. A second signal during the save changes nothing."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            log.info("%s received: stopping after this step with a checkpoint", self.signal_name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
 
 
 def cache_dir_for(cfg: Config) -> Path:
@@ -114,6 +139,8 @@ def pretrain(cfg: Config) -> dict:
     progress = _progress(cfg, main, start_step, stop_step)
 
     # ---------------------------------------------------------------------------------------- train
+    stop = StopRequest()
+    done, preempted = start_step, False
     batches = iter(stream)
     history: list[dict] = []
     window_start, window_steps = time.perf_counter(), 0
@@ -124,7 +151,9 @@ def pretrain(cfg: Config) -> dict:
         local = [
             count_targets(mb.input_ids, mb.attention_mask, special, cfg.objective.mask_prob) for mb in micro_batches
         ]
-        n_masked, n_tokens = _all_reduce([sum(c[0] for c in local), sum(c[1] for c in local)])
+        n_masked, n_tokens, stops = _all_reduce(
+            [sum(c[0] for c in local), sum(c[1] for c in local), float(stop.requested)]
+        )
         totals = {"n_masked": n_masked, "n_tokens": n_tokens}
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)
         for mb in micro_batches:
@@ -143,7 +172,8 @@ def pretrain(cfg: Config) -> dict:
         window_steps += 1
         done = step + 1
 
-        if done % cfg.train.log_every == 0 or done == stop_step:
+        preempted = stops > 0  # every rank sees the same sum, so all stop after the same step
+        if done % cfg.train.log_every == 0 or done == stop_step or preempted:
             keys = sorted(sums)
             reduced = dict(zip(keys, _all_reduce([sums[k] for k in keys])))
             elapsed = time.perf_counter() - window_start
@@ -164,7 +194,7 @@ def pretrain(cfg: Config) -> dict:
             sums.clear()
             window_start, window_steps = time.perf_counter(), 0
 
-        if done % cfg.checkpoint.every_steps == 0 or done == stop_step:
+        if done % cfg.checkpoint.every_steps == 0 or done == stop_step or preempted:
             trainer_state = {
                 "step": done,
                 "world_size": world,
@@ -176,13 +206,23 @@ def pretrain(cfg: Config) -> dict:
             checkpointer.save(engine, done, trainer_state, extra_files)
             if main:
                 metrics.sync()
+        if preempted:
+            if main:
+                log.info("stopped at step %d by a signal; re-run the same command to resume", done)
+            break
 
     if main and start_step >= stop_step:
         log.info("nothing to do: the run is already at step %d", start_step)
     progress.close()
     if metrics is not None:
         metrics.close()
-    return {"start_step": start_step, "end_step": stop_step, "history": history, "world_size": world}
+    return {
+        "start_step": start_step,
+        "end_step": done,
+        "preempted": preempted,
+        "history": history,
+        "world_size": world,
+    }
 
 
 def _checkpoint_extras(cfg: Config) -> dict[str, bytes]:

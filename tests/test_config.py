@@ -161,3 +161,14 @@ def test_describe_rejects_a_bad_override():
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "did you mean 'train.max_steps'" in errors[0]
+
+
+def test_config_files_layer_later_wins(tmp_path):
+    site = write(tmp_path, "data:\n  shards: s3://site/shards\nrun:\n  output_dir: s3://site/run\n")
+    cfg = load_config(["configs/large.yaml", site], ["train.max_steps=5"])
+    assert cfg.data.shards == "s3://site/shards" and cfg.run.output_dir == "s3://site/run"
+    assert cfg.model.num_layers == 24 and cfg.data.seq_len == 512 and cfg.train.max_steps == 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  output_dri: x\n")
+    with pytest.raises(ConfigError, match=r"did you mean 'run.output_dir'"):
+        load_config(["configs/large.yaml", bad])

@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -216,22 +218,19 @@ def test_other_zero_stages_train_the_same_model(shards, zero2_baseline, tmp_path
     assert Path(out, "checkpoints", "step_0000003", "COMPLETE").exists()
 
 
-def test_two_processes_started_as_slurm_tasks(shards, tmp_path):
-    """What srun gives each task: the run must detect SLURM, agree on a master and train as 2 ranks."""
-    out = str(tmp_path / "slurm")
-    port = str(free_port())
-    args = pretrain_args(shards, out, "train.max_steps=2", "checkpoint.every_steps=100")
-    procs = []
-    for rank in range(2):
+def start_slurm_tasks(args: list[str], tasks: int = 2) -> list[subprocess.Popen]:
+    """Start the CLI as srun would: one process per task, each with its SLURM task environment."""
+    port, procs = str(free_port()), []
+    for rank in range(tasks):
         env = {
             **os.environ,
             "OMP_NUM_THREADS": "1",
             "SLURM_PROCID": str(rank),
             "SLURM_LOCALID": str(rank),
-            "SLURM_NTASKS": "2",
+            "SLURM_NTASKS": str(tasks),
             "SLURM_NODEID": "0",
             "SLURM_JOB_NODELIST": "localhost",
-            "SLURM_TASKS_PER_NODE": "2",
+            "SLURM_TASKS_PER_NODE": str(tasks),
             "SLURM_JOB_ID": "4242",
             "SLURM_STEP_ID": "0",
             "MASTER_PORT": port,
@@ -241,12 +240,45 @@ def test_two_processes_started_as_slurm_tasks(shards, tmp_path):
                 [sys.executable, "-m", "electra_scale", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
             )
         )
+    return procs
+
+
+def test_two_processes_started_as_slurm_tasks(shards, tmp_path):
+    """What srun gives each task: the run must detect SLURM, agree on a master and train as 2 ranks."""
+    out = str(tmp_path / "slurm")
+    procs = start_slurm_tasks(pretrain_args(shards, out, "train.max_steps=2", "checkpoint.every_steps=100"))
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     assert "launch: SLURM, world size 2 (1 node(s) x 2)" in errs[0]
     assert [m["step"] for m in metrics(out)] == [1, 2]
     marker = json.loads(Path(out, "checkpoints", "step_0000002", "COMPLETE").read_text())
     assert marker["world_size"] == 2 and "rng/rank_1.pt" in marker["files"]
+
+
+@pytest.mark.parametrize(("signum", "to_rank"), [(signal.SIGUSR1, 1), (signal.SIGTERM, 0)])
+def test_signal_checkpoints_on_every_rank_and_resume_continues(shards, tmp_path, signum, to_rank):
+    out = tmp_path / "run"
+    args = pretrain_args(shards, str(out), "train.max_steps=400", "checkpoint.every_steps=1000")
+    procs = start_slurm_tasks(args)
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "run did not get going"
+        time.sleep(0.2)
+    procs[to_rank].send_signal(signum)  # only one rank is told: both must still stop at the same step
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [75, 75], errs[0][-2000:] + errs[1][-2000:]
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    stopped = int(latest.removeprefix("step_"))
+    assert 3 <= stopped < 400 and (out / "checkpoints" / latest / "COMPLETE").exists()
+    assert f"stopped at step {stopped} by a signal" in errs[0]
+    assert [m["step"] for m in metrics(str(out))] == list(range(1, stopped + 1))
+
+    # Re-running the same command resumes there (stop a few steps later to keep the test short).
+    procs = start_slurm_tasks([*args, f"train.stop_at_step={stopped + 2}"])
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:]
+    assert f"at step {stopped}" in errs[0]
+    assert [m["step"] for m in metrics(str(out))] == list(range(1, stopped + 3))
 
 
 # ------------------------------------------------------------------------------------------------ bad input

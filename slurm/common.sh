@@ -1,0 +1,51 @@
+# The shared body of every slurm/pretrain_*.sh (they differ only in #SBATCH lines and CONFIG).
+# Sourced, not run. Starts one `electra-scale pretrain` task per GPU with srun; electra_scale/launch.py reads
+# rank, world size and master from SLURM's variables. On SIGUSR1 (--signal=USR1@N before the time limit, or
+# `scancel --signal=USR1 JOB`) every task finishes its step, saves a checkpoint and exits 75; then the job
+# requeues itself, and the requeued run resumes from that checkpoint.
+#
+# Environment:
+#   ELECTRA_HOME   the electra-scale checkout (default: the directory sbatch was run from)
+#   ELECTRA_IMAGE  run inside this container with pyxis/enroot (e.g. registry/electra-scale:0.1.0); else
+#   ELECTRA_VENV   the virtualenv to use (default: $ELECTRA_HOME/.venv)
+set -euo pipefail
+
+EXIT_PREEMPTED=75
+ELECTRA_HOME=${ELECTRA_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+cd "$ELECTRA_HOME"
+
+# NCCL on InfiniBand/RoCE clusters; uncomment and adapt to your fabric.
+#   export NCCL_IB_HCA=mlx5            # which HCAs to use
+#   export NCCL_SOCKET_IFNAME=ib0      # interface for bootstrap traffic (not eth0 on most clusters)
+#   export NCCL_DEBUG=WARN             # INFO to see the topology NCCL picked
+#   export NCCL_ASYNC_ERROR_HANDLING=1 # fail fast instead of hanging when a peer dies
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+
+run_pretrain() {
+    local srun_args=(--kill-on-bad-exit=1 --cpu-bind=none)
+    local cmd
+    if [ -n "${ELECTRA_IMAGE:-}" ]; then
+        srun_args+=(--container-image="$ELECTRA_IMAGE" --container-workdir=/opt/electra-scale)
+        cmd=(electra-scale)
+    else
+        cmd=("${ELECTRA_VENV:-$ELECTRA_HOME/.venv}/bin/electra-scale")
+    fi
+    echo "electra-scale: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${CONFIG} $*"
+    # srun in the background so that this shell can wait and still react; the tasks get the signal.
+    set +e
+    srun "${srun_args[@]}" "${cmd[@]}" pretrain --config "$CONFIG" "$@" &
+    local pid=$!
+    wait "$pid"
+    local rc=$?
+    while [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; do  # interrupted wait: srun still running
+        wait "$pid"
+        rc=$?
+    done
+    set -e
+    if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
+        echo "electra-scale: checkpoint saved after a signal; requeueing job ${SLURM_JOB_ID}"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    exit "$rc"
+}
