@@ -5,17 +5,21 @@ export DS_ACCELERATOR ?= cpu
 # DeepSpeed compiles some ops on first use; keep them between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test lint format
+.PHONY: setup services demo test lint format
 
 setup:
 	@scripts/bootstrap.sh
+
+## System services the tests use (a one-machine SLURM cluster needs slurm-wlm + munge).
+services:
+	@scripts/services.sh install
 
 ## The embedded CPU demo: corpus -> shards in a local S3 -> pretrain (2 ranks) -> stop -> resume -> export.
 demo: setup
 	$(VENV)/bin/electra-scale demo --workdir demo-output
 
 ## Lint, format check and the whole test suite (starts its own SeaweedFS).
-test: setup lint
+test: setup services lint
 	$(VENV)/bin/python -m pytest -q tests
 
 lint:

@@ -13,7 +13,8 @@ names it):
    (``mpirun -x MASTER_ADDR=...``) or, with mpi4py installed, rank 0's hostname broadcast over MPI.
 4. A Kubernetes Indexed Job: ``JOB_COMPLETION_INDEX`` is the pod's index, ``ELECTRA_NNODES`` the number of pods,
    ``ELECTRA_K8S_SERVICE`` the headless Service (the pod's ``subdomain``); pod ``i`` is reachable as
-   ``<job>-<i>.<service>``, so the master is ``<job>-0.<service>``. With ``ELECTRA_NPROC_PER_NODE`` > 1 the pod
+   ``<job>-<i>.<service>``, so the master is ``<job>-0.<service>`` (or ``MASTER_ADDR``, if set). With
+   ``ELECTRA_NPROC_PER_NODE`` > 1 the pod
    starts one process per GPU itself, through torchrun (see ``node_spawn_command``).
 5. Nothing: one process.
 """
@@ -217,7 +218,7 @@ def _from_kubernetes(env: dict) -> DistEnv:
         local_rank=0,
         local_world_size=per_pod,
         node_rank=index,
-        master_addr=f"{job}-0.{service}" if service else "127.0.0.1",
+        master_addr=env.get("MASTER_ADDR") or (f"{job}-0.{service}" if service else "127.0.0.1"),
         master_port=_int(env, "MASTER_PORT", 29500),
         source="Kubernetes Indexed Job",
     )

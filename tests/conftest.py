@@ -1,13 +1,18 @@
-"""Shared fixtures: a real SeaweedFS S3 server (fresh ports, stopped after the session)."""
+"""Shared fixtures: a real SeaweedFS S3 server (fresh ports, stopped after the session), and a small corpus
+with its prepared shards for the training, launch and SLURM tests."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import uuid
+from pathlib import Path
 
 import pytest
 
 from electra_scale import storage
+from electra_scale.data import prepare
 from electra_scale.s3server import SeaweedS3
 
 # DeepSpeed on CPU: say so up front (silences accelerator detection) and reuse compiled ops between tests.
@@ -31,3 +36,31 @@ def s3_bucket(s3_server, monkeypatch):
     s3_server.create_bucket(name)
     yield f"s3://{name}"
     storage.s3_client.cache_clear()
+
+
+# A small English-like corpus and its shards (seq 128, the tiny preset's), shared by the training tests.
+WORDS = (
+    "the of and to in is was for on that with as by at from his her it an were are which this be or has had "
+    "river city music war king church water light school green north road film game island stone paper "
+    "bridge garden market winter summer station language mountain history science theory"
+).split()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    with open(path, "w") as f:
+        for _ in range(400):
+            sentences = [
+                " ".join(rng.choices(WORDS, k=rng.randint(4, 18))).capitalize() + "." for _ in range(rng.randint(2, 12))
+            ]
+            f.write(json.dumps({"text": " ".join(sentences)}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shards(corpus, tmp_path_factory) -> tuple[str, int]:
+    out = str(tmp_path_factory.mktemp("shards") / "tiny")
+    manifest = prepare([str(corpus)], out, "train:300", seq_len=128, samples_per_shard=64, progress=False)
+    return out, manifest.vocab_size

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -19,34 +18,8 @@ import pytest
 import torch
 
 from electra_scale import storage
-from electra_scale.data import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = (
-    "the of and to in is was for on that with as by at from his her it an were are which this be or has had "
-    "river city music war king church water light school green north road film game island stone paper "
-    "bridge garden market winter summer station language mountain history science theory"
-).split()
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    with open(path, "w") as f:
-        for _ in range(400):
-            sentences = [
-                " ".join(rng.choices(WORDS, k=rng.randint(4, 18))).capitalize() + "." for _ in range(rng.randint(2, 12))
-            ]
-            f.write(json.dumps({"text": " ".join(sentences)}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="session")
-def shards(corpus, tmp_path_factory) -> tuple[str, int]:
-    out = str(tmp_path_factory.mktemp("shards") / "tiny")
-    manifest = prepare([str(corpus)], out, "train:300", seq_len=128, samples_per_shard=64, progress=False)
-    return out, manifest.vocab_size
 
 
 def free_port() -> int:
@@ -279,6 +252,56 @@ def test_signal_checkpoints_on_every_rank_and_resume_continues(shards, tmp_path,
     assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:]
     assert f"at step {stopped}" in errs[0]
     assert [m["step"] for m in metrics(str(out))] == list(range(1, stopped + 3))
+
+
+def test_kubernetes_pod_with_two_gpus_spawns_two_ranks(shards, tmp_path):
+    """The env an Indexed Job pod gets (ELECTRA_NPROC_PER_NODE=2): the CLI hands over to torchrun itself."""
+    out = str(tmp_path / "k8s")
+    env = {
+        "JOB_COMPLETION_INDEX": "0",
+        "ELECTRA_NNODES": "1",
+        "ELECTRA_NPROC_PER_NODE": "2",
+        "HOSTNAME": "electra-small-0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    proc = run_cli(pretrain_args(shards, out, "train.max_steps=2", "checkpoint.every_steps=100"), env=env)
+    assert "launch: torchrun/deepspeed, world size 2 (1 node(s) x 2)" in proc.stderr
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    marker = json.loads(Path(out, "checkpoints", "step_0000002", "COMPLETE").read_text())
+    assert marker["world_size"] == 2
+
+
+def test_mpirun_two_ranks(shards, tmp_path):
+    """mpirun starts the CLI twice; launch.py reads OMPI_COMM_WORLD_* and the master from MASTER_ADDR."""
+    out = str(tmp_path / "mpi")
+    cmd = [
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--bind-to",
+        "none",
+        "-np",
+        "2",
+        "-x",
+        "MASTER_ADDR=127.0.0.1",
+        "-x",
+        f"MASTER_PORT={free_port()}",
+        "-x",
+        "OMP_NUM_THREADS=1",
+        "-x",
+        "PATH",
+        "-x",
+        "DS_ACCELERATOR",
+        sys.executable,
+        "-m",
+        "electra_scale",
+        *pretrain_args(shards, out, "train.max_steps=2", "checkpoint.every_steps=100"),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launch: OpenMPI, world size 2 (1 node(s) x 2)" in proc.stderr + proc.stdout
+    assert [m["step"] for m in metrics(out)] == [1, 2]
 
 
 # ------------------------------------------------------------------------------------------------ bad input
