@@ -144,7 +144,7 @@ def pretrain(cfg: Config) -> dict:
     batches = iter(stream)
     history: list[dict] = []
     window_start, window_steps = time.perf_counter(), 0
-    sums: dict[str, float] = defaultdict(float)
+    sums: dict[str, torch.Tensor | float] = defaultdict(float)
     for step in range(start_step, stop_step):
         micro_batches = next(batches)
         # Loss denominators are the global batch's counts, known before the forward pass.
@@ -168,14 +168,14 @@ def pretrain(cfg: Config) -> dict:
             engine.backward(loss)
             engine.step()
             for key, value in out.items():
-                sums[key] += float(value.detach())
+                sums[key] += value.detach()  # stays on the device: one sync per logging step, not per metric
         window_steps += 1
         done = step + 1
 
         preempted = stops > 0  # every rank sees the same sum, so all stop after the same step
         if done % cfg.train.log_every == 0 or done == stop_step or preempted:
             keys = sorted(sums)
-            reduced = dict(zip(keys, _all_reduce([sums[k] for k in keys])))
+            reduced = dict(zip(keys, _all_reduce([float(sums[k]) for k in keys])))
             elapsed = time.perf_counter() - window_start
             record = summarize(reduced, cfg.objective.disc_weight)
             tokens_per_s = window_steps * tokens_per_step / elapsed

@@ -22,7 +22,10 @@ cd "$ELECTRA_HOME"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
 run_pretrain() {
-    local srun_args=(--kill-on-bad-exit=1 --cpu-bind=none)
+    # No --kill-on-bad-exit: after a signal every task saves and exits 75, and srun must let the last one
+    # finish its save rather than kill it when the first one exits. A crashed task is still caught: the
+    # others fail in their next collective (timeout) or at the time limit.
+    local srun_args=(--cpu-bind=none)
     local cmd
     if [ -n "${ELECTRA_IMAGE:-}" ]; then
         srun_args+=(--container-image="$ELECTRA_IMAGE" --container-workdir=/opt/electra-scale)

@@ -174,6 +174,23 @@ def test_export_round_trip(straight_run, tmp_path):
     assert encoded[0] == special["cls"] and encoded.count(special["sep"]) == 2
 
 
+def test_corrupted_checkpoint_falls_back_to_the_previous_one(shards, tmp_path):
+    out = tmp_path / "run"
+    args = pretrain_args(shards, str(out), "train.max_steps=6", "checkpoint.every_steps=2")
+    run_cli([*args, "train.stop_at_step=4"])
+    before = {m["step"]: m["loss"] for m in metrics(str(out))}
+    optim = next((out / "checkpoints" / "step_0000004").glob("*optim_states.pt"))
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte, size unchanged
+    optim.write_bytes(bytes(data))
+    proc = run_cli(args)
+    assert "step_0000004 fails verification" in proc.stderr and "does not match its sha256" in proc.stderr
+    assert "at step 2" in proc.stderr  # resumed from the previous complete checkpoint
+    after = metrics(str(out))
+    assert [m["step"] for m in after] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in after[:4]] == [before[s] for s in (1, 2, 3, 4)]  # steps 3-4 redone exactly
+
+
 @pytest.fixture(scope="module")
 def zero2_baseline(shards, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("zero2") / "run")
@@ -270,6 +287,36 @@ def test_kubernetes_pod_with_two_gpus_spawns_two_ranks(shards, tmp_path):
     assert [m["step"] for m in metrics(out)] == [1, 2]
     marker = json.loads(Path(out, "checkpoints", "step_0000002", "COMPLETE").read_text())
     assert marker["world_size"] == 2
+
+
+def test_two_kubernetes_pods_train_together(shards, tmp_path):
+    """2 "pods" of an Indexed Job (one process each), with the env the Job controller and the manifest give
+    them; MASTER_ADDR stands in for the headless Service's DNS name <job>-0.<service> resolving to 127.0.0.1."""
+    out = str(tmp_path / "pods")
+    port = str(free_port())
+    procs = []
+    for index in range(2):
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "JOB_COMPLETION_INDEX": str(index),
+            "ELECTRA_NNODES": "2",
+            "ELECTRA_NPROC_PER_NODE": "1",
+            "ELECTRA_K8S_SERVICE": "electra-small",
+            "HOSTNAME": f"electra-{index}",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        args = pretrain_args(shards, out, "train.max_steps=2", "checkpoint.every_steps=100")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "electra_scale", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+            )
+        )
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    assert "launch: Kubernetes Indexed Job, world size 2 (2 node(s) x 1)" in errs[0]
+    assert [m["step"] for m in metrics(out)] == [1, 2]
 
 
 def test_mpirun_two_ranks(shards, tmp_path):
