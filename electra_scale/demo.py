@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 from electra_scale import storage
+from electra_scale.launch import free_port
 from electra_scale.s3server import SeaweedS3
 
 log = logging.getLogger("electra_scale")
@@ -65,17 +65,11 @@ def fetch_corpus(workdir: Path) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli(*args: str, ranks: int = 1) -> None:
     """Run ``electra-scale`` as a user would, under torchrun when more than one rank is wanted."""
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"]
-        cmd += [f"--master_port={_free_port()}", "-m", "electra_scale", *args]
+        cmd += [f"--master_port={free_port()}", "-m", "electra_scale", *args]
     else:
         cmd = [sys.executable, "-m", "electra_scale", *args]
     print(

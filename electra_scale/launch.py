@@ -69,7 +69,8 @@ def _int(env: dict, key: str, default: int | None = None) -> int:
         raise LaunchError(f"{key}={env[key]!r} is not an integer") from err
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this machine now (for a master that nobody else picks)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -234,7 +235,7 @@ def detect(env: dict[str, str] | None = None) -> DistEnv:
         return _checked(_from_openmpi(env))
     if "JOB_COMPLETION_INDEX" in env:
         return _checked(_from_kubernetes(env))
-    return DistEnv(0, 1, 0, 1, 0, "127.0.0.1", _free_port(), "single process")
+    return DistEnv(0, 1, 0, 1, 0, "127.0.0.1", free_port(), "single process")
 
 
 def node_spawn_command(dist_env: DistEnv, argv: list[str]) -> list[str] | None:

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,9 @@ from pathlib import Path
 import pytest
 
 from electra_scale import storage
+from electra_scale.launch import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(*cmd: str, env: dict | None = None, check: bool = True) -> str:
@@ -49,8 +43,8 @@ def slurm(tmp_path_factory):
             [
                 "ClusterName=electra-test",
                 "SlurmctldHost=localhost",
-                f"SlurmctldPort={_free_port()}",
-                f"SlurmdPort={_free_port()}",
+                f"SlurmctldPort={free_port()}",
+                f"SlurmdPort={free_port()}",
                 "AuthType=auth/munge",
                 "SlurmUser=root",
                 "ProctrackType=proctrack/linuxproc",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,14 +17,9 @@ import pytest
 import torch
 
 from electra_scale import storage
+from electra_scale.launch import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_cli(args: list[str], ranks: int = 1, env: dict | None = None, check: bool = True):
@@ -208,29 +202,30 @@ def test_other_zero_stages_train_the_same_model(shards, zero2_baseline, tmp_path
     assert Path(out, "checkpoints", "step_0000003", "COMPLETE").exists()
 
 
+def start_processes(args: list[str], envs: list[dict]) -> list[subprocess.Popen]:
+    """One CLI process per environment, as a launcher (srun, the Job controller) starts them."""
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "electra_scale", *args],
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for env in envs
+    ]
+
+
 def start_slurm_tasks(args: list[str], tasks: int = 2) -> list[subprocess.Popen]:
     """Start the CLI as srun would: one process per task, each with its SLURM task environment."""
-    port, procs = str(free_port()), []
-    for rank in range(tasks):
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "SLURM_PROCID": str(rank),
-            "SLURM_LOCALID": str(rank),
-            "SLURM_NTASKS": str(tasks),
-            "SLURM_NODEID": "0",
-            "SLURM_JOB_NODELIST": "localhost",
-            "SLURM_TASKS_PER_NODE": str(tasks),
-            "SLURM_JOB_ID": "4242",
-            "SLURM_STEP_ID": "0",
-            "MASTER_PORT": port,
-        }
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "electra_scale", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
-            )
-        )
-    return procs
+    port = str(free_port())
+    envs = [
+        {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(tasks), "SLURM_NODEID": "0",
+         "SLURM_JOB_NODELIST": "localhost", "SLURM_TASKS_PER_NODE": str(tasks), "SLURM_JOB_ID": "4242",
+         "SLURM_STEP_ID": "0", "MASTER_PORT": port}
+        for rank in range(tasks)
+    ]  # fmt: skip
+    return start_processes(args, envs)
 
 
 def test_two_processes_started_as_slurm_tasks(shards, tmp_path):
@@ -294,25 +289,13 @@ def test_two_kubernetes_pods_train_together(shards, tmp_path):
     them; MASTER_ADDR stands in for the headless Service's DNS name <job>-0.<service> resolving to 127.0.0.1."""
     out = str(tmp_path / "pods")
     port = str(free_port())
-    procs = []
-    for index in range(2):
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "JOB_COMPLETION_INDEX": str(index),
-            "ELECTRA_NNODES": "2",
-            "ELECTRA_NPROC_PER_NODE": "1",
-            "ELECTRA_K8S_SERVICE": "electra-small",
-            "HOSTNAME": f"electra-{index}",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": port,
-        }
-        args = pretrain_args(shards, out, "train.max_steps=2", "checkpoint.every_steps=100")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "electra_scale", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
-            )
-        )
+    envs = [
+        {"JOB_COMPLETION_INDEX": str(index), "ELECTRA_NNODES": "2", "ELECTRA_NPROC_PER_NODE": "1",
+         "ELECTRA_K8S_SERVICE": "electra-small", "HOSTNAME": f"electra-{index}", "MASTER_ADDR": "127.0.0.1",
+         "MASTER_PORT": port}
+        for index in range(2)
+    ]  # fmt: skip
+    procs = start_processes(pretrain_args(shards, out, "train.max_steps=2", "checkpoint.every_steps=100"), envs)
     errs = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     assert "launch: Kubernetes Indexed Job, world size 2 (2 node(s) x 1)" in errs[0]
