@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -71,7 +72,17 @@ def _parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="the end-to-end CPU demo: corpus -> S3 shards -> pretrain -> resume -> export")
     dm.add_argument("--workdir", default="demo-output")
     dm.add_argument("--steps", type=int, default=300)
+
+    # Commands with many options keep them next to their code: each module has add_arguments(parser) and
+    # run(args) -> exit code. Importing them must stay cheap (no torch at module level).
+    for name, module, help_text in MODULE_COMMANDS:
+        importlib.import_module(module).add_arguments(sub.add_parser(name, help=help_text))
     return p
+
+
+MODULE_COMMANDS: list[tuple[str, str, str]] = [
+    # (command, module, help)
+]
 
 
 def _describe(args) -> int:
@@ -146,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             from electra_scale.demo import run_demo
 
             run_demo(args.workdir, steps=args.steps)
+        else:
+            module = dict((name, mod) for name, mod, _ in MODULE_COMMANDS)[args.command]
+            return importlib.import_module(module).run(args)
     except (ConfigError, DataError, LaunchError) as err:
         print(f"electra-scale {args.command}: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
