@@ -126,6 +126,9 @@ class RunConfig:
     cache_dir: str | None = None
     progress: bool = True
     tensorboard: bool = True
+    # Each rank appends the stream positions it trained on to samples/rank_<r>.jsonl (next to metrics.jsonl,
+    # or in cache_dir when output_dir is on S3): the audit trail for "every sample exactly once".
+    record_samples: bool = False
 
 
 @dataclass

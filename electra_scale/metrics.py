@@ -64,3 +64,39 @@ class MetricsLogger:
         self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+
+class SampleLog:
+    """``samples/rank_<r>.jsonl``: one line per optimizer step with the stream positions this rank trained on.
+
+    Stream positions identify examples exactly (epoch, shard, sample; see data/stream.py), so the union of all
+    ranks' files says which samples a run consumed. Like metrics.jsonl, lines past the resumed step are dropped
+    on resume: the file is the history of the run that counts, and a step redone after a crash appears once.
+    """
+
+    def __init__(self, directory: Path, rank: int, start_step: int):
+        self.path = Path(directory, "samples", f"rank_{rank}.jsonl")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            kept = [
+                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step
+            ]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
+
+    def log(self, step: int, positions: list[int]) -> None:
+        self.file.write(json.dumps({"step": step, "positions": positions}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def read_samples(directory: str | Path) -> dict[int, list[int]]:
+    """step -> every rank's positions for that step (sorted), from a run's samples/ directory."""
+    steps: dict[int, list[int]] = {}
+    for path in sorted(Path(directory, "samples").glob("rank_*.jsonl")):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            steps.setdefault(rec["step"], []).extend(rec["positions"])
+    return {step: sorted(pos) for step, pos in sorted(steps.items())}

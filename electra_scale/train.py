@@ -24,7 +24,7 @@ from electra_scale.checkpoint import Checkpointer
 from electra_scale.config import Config, ConfigError, deepspeed_config
 from electra_scale.data.shards import load_manifest
 from electra_scale.data.stream import PretrainStream
-from electra_scale.metrics import MetricsLogger
+from electra_scale.metrics import MetricsLogger, SampleLog
 from electra_scale.model import flops_per_token, peak_tflops
 from electra_scale.objective import build_objective, count_targets, summarize, training_loss
 from electra_scale.optim import electra_schedule, param_groups
@@ -122,6 +122,7 @@ def pretrain(cfg: Config) -> dict:
     grad_accum = stream.grad_accum
     extra_files = _checkpoint_extras(cfg) if main else {}
     metrics = MetricsLogger(cfg.run.output_dir, cache, start_step, cfg.run.tensorboard) if main else None
+    samples = SampleLog(cache, dist_env.rank, start_step) if cfg.run.record_samples else None
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     flops_tok, peak = flops_per_token(cfg), peak_tflops(cfg.train.peak_tflops)
     if main:
@@ -171,6 +172,8 @@ def pretrain(cfg: Config) -> dict:
                 sums[key] += value.detach()  # stays on the device: one sync per logging step, not per metric
         window_steps += 1
         done = step + 1
+        if samples is not None:
+            samples.log(done, [int(p) for mb in micro_batches for p in mb.positions])
 
         preempted = stops > 0  # every rank sees the same sum, so all stop after the same step
         if done % cfg.train.log_every == 0 or done == stop_step or preempted:
@@ -216,6 +219,8 @@ def pretrain(cfg: Config) -> dict:
     progress.close()
     if metrics is not None:
         metrics.close()
+    if samples is not None:
+        samples.close()
     return {
         "start_step": start_step,
         "end_step": done,
