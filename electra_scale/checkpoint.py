@@ -1,18 +1,26 @@
-"""Checkpoints that resume exactly, on local disk or S3, and never count until they are complete.
+"""Checkpoints that resume exactly, on local disk or S3, never count until complete, and don't stall training.
 
 Layout (a local directory or an s3:// prefix, same keys)::
 
     OUTPUT/checkpoints/step_0000500/   DeepSpeed's files (per rank), trainer_state.json, config.yaml,
                                        tokenizer/, rng/rank_<r>.pt (DeepSpeed does not save RNG state)
-    OUTPUT/checkpoints/step_0000500/COMPLETE   written last: every file with its size and sha256
+    OUTPUT/checkpoints/step_0000500/parts/rank_<r>.json   each rank's files with size and sha256, once uploaded
+    OUTPUT/checkpoints/step_0000500/COMPLETE   written last, by rank 0: every file with its size and sha256
     OUTPUT/checkpoints/latest                  names the newest complete step; written after COMPLETE
 
-Saving: every rank writes with ``engine.save_checkpoint`` into a local directory (the output dir itself, or a
-node-local staging dir when the output is on S3), hashes the files it owns, uploads them, and reports them
-to rank 0, which writes COMPLETE and then ``latest`` once all ranks are done.
+Saving has two halves. In the foreground every rank writes with ``engine.save_checkpoint`` into a local
+directory (the output dir itself, or node-local staging when the output is on S3): training waits only for
+that. In a background thread each rank then hashes the files it owns, uploads them (multipart above 8 MiB)
+and writes its ``parts/rank_<r>.json``; rank 0's thread waits for every part, then writes COMPLETE, then
+``latest``, then applies retention. The thread does no collective, so it never races the training loop's
+all-reduces. At most one upload is in flight per rank: the next save waits for it (and says so in the log).
 
 Resuming: try ``latest`` first, then every other complete step, newest first; a checkpoint is used only if
 every file in its marker is present with the right size and sha256, otherwise it is skipped with a warning.
+A checkpoint saved on a different number of ranks (or another ZeRO stage of the same group) is converted to
+DeepSpeed's universal format first (``ds_to_universal --inject_missing_state``) and loaded with
+``checkpoint.load_universal``; DeepSpeed cannot convert between ZeRO-1/2 and ZeRO-3, or into ZeRO-0, and
+that case stops with an error that says what would work.
 """
 
 from __future__ import annotations
@@ -23,7 +31,11 @@ import logging
 import random
 import re
 import shutil
+import subprocess
+import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from electra_scale import storage
+from electra_scale.config import CheckpointConfig
 from electra_scale.launch import DistEnv
 
 log = logging.getLogger("electra_scale")
@@ -83,7 +96,10 @@ def set_rng_state(state: dict) -> None:
 def fetch_and_verify(remote_root: str, local_root: Path, tag: str) -> str | None:
     """Make a checkpoint's files present under ``local_root/tag`` (downloading them when the checkpoint is on
     S3) and check each against its completion marker. Returns the first problem found, or None."""
-    marker = json.loads(storage.read_text(storage.join(remote_root, tag, MARKER)))
+    try:
+        marker = json.loads(storage.read_text(storage.join(remote_root, tag, MARKER)))
+    except (storage.StorageError, json.JSONDecodeError) as err:
+        return f"{MARKER} is unreadable: {err}"
     local_dir = Path(local_root, tag)
     for rel, meta in marker["files"].items():
         path = local_dir / rel
@@ -101,25 +117,59 @@ def fetch_and_verify(remote_root: str, local_root: Path, tag: str) -> str | None
     return None
 
 
+def same_zero_group(saved: int, current: int) -> bool:
+    """Universal checkpoints convert within ZeRO-1/2 and within ZeRO-3 (checked with DeepSpeed 0.19.8)."""
+    return (saved in (1, 2) and current in (1, 2)) or (saved == 3 and current == 3)
+
+
+@dataclass
+class Resumable:
+    """A verified checkpoint on local disk, and how DeepSpeed must load it."""
+
+    tag: str
+    world_size: int
+    zero_stage: int
+    universal: bool = False  # loaded from the converted copy ``<tag>.universal``
+
+    @property
+    def load_tag(self) -> str:
+        return f"{self.tag}.universal" if self.universal else self.tag
+
+
 class Checkpointer:
-    def __init__(self, output_dir: str, cache_dir: Path, dist_env: DistEnv, keep_last: int):
+    def __init__(self, output_dir: str, cache_dir: Path, dist_env: DistEnv, cfg: CheckpointConfig):
         self.remote = storage.join(output_dir, "checkpoints")
         self.on_s3 = storage.is_s3(output_dir)
         # Where DeepSpeed writes and reads: the output dir itself, or node-local staging for S3.
         self.local = Path(cache_dir, "checkpoints") if self.on_s3 else Path(self.remote)
         self.env = dist_env
-        self.keep_last = keep_last
+        self.cfg = cfg
+        self._upload: threading.Thread | None = None
+        self._upload_tag: str | None = None
+        self._upload_error: BaseException | None = None
+
+    @property
+    def _fs_leader(self) -> bool:
+        """One process per filesystem touches shared local files: per node for S3 staging, else rank 0."""
+        return self.env.local_rank == 0 if self.on_s3 else self.env.is_main
 
     # ------------------------------------------------------------------------------------------- save
     def save(self, engine, step: int, trainer_state: dict, extra_files: dict[str, bytes]) -> str:
-        """Write a checkpoint for ``step`` from every rank; returns its tag once it is complete."""
+        """Write ``step``'s checkpoint locally on every rank, then hash/upload/mark it in the background."""
         tag = tag_for(step)
+        self.wait()  # at most one upload in flight
         started = time.monotonic()
         local_dir = self.local / tag
-        # A directory for this step can survive a crash mid-save (it never got COMPLETE): start it afresh so
-        # that no stale file is listed in the new marker. One process per filesystem clears it.
-        if (self.env.local_rank == 0) if self.on_s3 else self.env.is_main:
+        dist.barrier()  # every rank's previous upload is done: its staging files may go
+        if self.on_s3 and self.env.is_main:
+            storage.delete_prefix(storage.join(self.remote, tag))  # debris of a crashed save of this step
+        if self._fs_leader:
+            # A directory for this step can survive a crash mid-save (it never got COMPLETE): start afresh so
+            # that no stale file (or part list) is listed in the new marker.
             shutil.rmtree(local_dir, ignore_errors=True)
+            if self.on_s3:
+                for old in self.local.glob("step_*"):
+                    shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
         engine.save_checkpoint(str(self.local), tag=tag, save_latest=False)
         rng_file = local_dir / "rng" / f"rank_{self.env.rank}.pt"
@@ -130,39 +180,101 @@ class Checkpointer:
             for name, data in extra_files.items():
                 (local_dir / name).parent.mkdir(parents=True, exist_ok=True)
                 (local_dir / name).write_bytes(data)
-        dist.barrier()
+        dist.barrier()  # all files of this checkpoint are on local disk
+        log.debug("checkpoint %s saved locally in %.1fs", tag, time.monotonic() - started)
 
+        args = (tag, step, trainer_state.get("world_size"), trainer_state.get("zero_stage"))
+        if self.cfg.async_upload:
+            self._upload_error, self._upload_tag = None, tag
+            self._upload = threading.Thread(target=self._finish_guarded, args=args, name=f"upload-{tag}", daemon=True)
+            self._upload.start()
+        else:
+            self._finish(*args)
+        return tag
+
+    def wait(self, quiet: bool = False) -> None:
+        """Block until this rank's in-flight upload (if any) is done; raise if it failed."""
+        if self._upload is None:
+            return
+        if self._upload.is_alive():
+            if not quiet:
+                log.info("checkpoint: waiting for the upload of %s before the next save", self._upload_tag)
+            self._upload.join()
+        self._upload = None
+        if self._upload_error is not None:
+            err, self._upload_error = self._upload_error, None
+            raise CheckpointError(f"checkpoint {self._upload_tag} was not completed: {err}") from err
+
+    def close(self) -> None:
+        """End of run: every rank's last upload is done and marked, and S3 staging is cleaned (collective)."""
+        self.wait(quiet=True)
+        dist.barrier()
+        if self.on_s3 and self._fs_leader:
+            for old in self.local.glob("step_*"):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _finish_guarded(self, *args) -> None:
+        try:
+            self._finish(*args)
+        except BaseException as err:  # surfaced by wait() in the training thread
+            self._upload_error = err
+            log.error("checkpoint %s: upload failed: %s", args[0], err)
+
+    def _finish(self, tag: str, step: int, world_size: int, zero_stage: int) -> None:
+        """Hash and upload this rank's files and report them; rank 0 then writes COMPLETE and ``latest``."""
+        started = time.monotonic()
+        local_dir = self.local / tag
         mine = {}
         for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             rel = path.relative_to(local_dir).as_posix()
-            if owner_rank(rel) != self.env.rank or rel == MARKER:
+            if owner_rank(rel) != self.env.rank or rel == MARKER or rel.startswith("parts/"):
                 continue
             mine[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
             if self.on_s3:
                 storage.upload_file(path, storage.join(self.remote, tag, rel))
-        gathered: list[dict] = [None] * self.env.world_size  # type: ignore[list-item]
-        dist.all_gather_object(gathered, mine)
+        storage.write_text(storage.join(self.remote, tag, "parts", f"rank_{self.env.rank}.json"), json.dumps(mine))
+        if not self.env.is_main:
+            return
 
-        if self.env.is_main:
-            files = {k: v for part in gathered for k, v in part.items()}
-            marker = {"step": step, "tag": tag, "world_size": self.env.world_size, "files": files}
-            storage.write_text(storage.join(self.remote, tag, MARKER), json.dumps(marker, indent=1))
-            storage.write_text(storage.join(self.remote, LATEST), tag + "\n")
-            self._apply_retention(keep=tag)
-            log.info("checkpoint %s complete (%d files, %.1fs)", tag, len(files), time.monotonic() - started)
-        dist.barrier()
-        if self.on_s3 and self.env.local_rank == 0:
-            shutil.rmtree(local_dir, ignore_errors=True)  # the S3 copy is the checkpoint now
-        return tag
+        files: dict[str, dict] = {}
+        deadline = time.monotonic() + self.cfg.upload_timeout_s
+        for r in range(self.env.world_size):
+            part = storage.join(self.remote, tag, "parts", f"rank_{r}.json")
+            while not storage.exists(part):
+                if time.monotonic() > deadline:
+                    raise CheckpointError(
+                        f"rank {r} did not finish uploading {tag} within checkpoint.upload_timeout_s="
+                        f"{self.cfg.upload_timeout_s:g}s; the checkpoint stays incomplete and will not be used"
+                    )
+                time.sleep(0.05)
+            files.update(json.loads(storage.read_text(part)))
+        marker = {"step": step, "tag": tag, "world_size": world_size, "zero_stage": zero_stage, "files": files}
+        storage.write_text(storage.join(self.remote, tag, MARKER), json.dumps(marker, indent=1))
+        storage.write_text(storage.join(self.remote, LATEST), tag + "\n")
+        self._apply_retention(newest=tag)
+        log.info(
+            "checkpoint %s complete (%d files, %.1fs after the local save)", tag, len(files), time.monotonic() - started
+        )
 
-    def _apply_retention(self, keep: str) -> None:
+    def _apply_retention(self, newest: str) -> None:
+        """Keep the last ``keep_last`` complete checkpoints and every ``keep_every``-th step; never the newest
+        (``latest``). Incomplete directories older than the newest are debris of crashed saves: the only save
+        that can be in flight is the one just completed, so they go too."""
         complete = self.complete_tags()
-        for tag in complete[self.keep_last :]:
-            if tag != keep:
+        keep_every = self.cfg.keep_every
+        for tag in complete[self.cfg.keep_last :]:
+            if tag != newest and not (keep_every and step_of(tag) % keep_every == 0):
                 storage.delete_prefix(storage.join(self.remote, tag))
                 log.info("retention: deleted %s", tag)
+        for tag in self.all_tags():
+            if tag not in complete and step_of(tag) < step_of(newest):
+                storage.delete_prefix(storage.join(self.remote, tag))
+                log.info("retention: deleted %s, an incomplete checkpoint left by an interrupted save", tag)
 
     # ------------------------------------------------------------------------------------------- find
+    def all_tags(self) -> set[str]:
+        return {rel.split("/")[0] for rel in storage.list_files(self.remote) if _TAG.match(rel.split("/")[0])}
+
     def complete_tags(self) -> list[str]:
         """Tags with a completion marker, newest first."""
         tags = set()
@@ -185,8 +297,12 @@ class Checkpointer:
         return tags
 
     # ------------------------------------------------------------------------------------------- resume
-    def resume(self, engine) -> dict | None:
-        """Load the newest checkpoint that verifies into ``engine``; return its trainer state (None if fresh)."""
+    def select(self, zero_stage: int) -> Resumable | None:
+        """Find the newest checkpoint that verifies and make it loadable here (None for a new run).
+
+        Runs before ``deepspeed.initialize`` because a checkpoint from another world size needs
+        ``checkpoint.load_universal`` in the DeepSpeed config. Every rank takes part (it is collective).
+        """
         holder = [self.candidates() if self.env.is_main else None]
         dist.broadcast_object_list(holder, src=0)
         tags: list[str] = holder[0]
@@ -201,21 +317,68 @@ class Checkpointer:
                 log.warning("checkpoint %s fails verification (%s); trying an older one", tag, problem)
                 problems.append(f"{tag}: {problem}")
                 continue
-            engine.load_checkpoint(str(self.local), tag=tag)
-            local_dir = self.local / tag
-            state = json.loads((local_dir / "trainer_state.json").read_text())
-            rng_file = local_dir / "rng" / f"rank_{self.env.rank}.pt"
-            if state.get("world_size") == self.env.world_size and rng_file.exists():
-                set_rng_state(torch.load(rng_file, weights_only=False))
-            dist.barrier()
-            if self.on_s3 and self.env.local_rank == 0:
-                shutil.rmtree(local_dir, ignore_errors=True)  # loaded; S3 holds the checkpoint
-            if self.env.is_main:
-                log.info("resumed from %s/%s at step %d", self.remote, tag, state["step"])
-            return state
+            return self._loadable(tag, zero_stage)
         if problems:
             raise CheckpointError(
                 f"no checkpoint in {self.remote} verifies ({'; '.join(problems)}); refusing to start over and "
                 "overwrite the run: fix or remove the broken checkpoints, or use a new run.output_dir"
             )
         return None
+
+    def _loadable(self, tag: str, zero_stage: int) -> Resumable:
+        state = json.loads((self.local / tag / "trainer_state.json").read_text()) if self.env.is_main else None
+        holder = [state]
+        dist.broadcast_object_list(holder, src=0)
+        saved_world, saved_stage = holder[0]["world_size"], holder[0].get("zero_stage", zero_stage)
+        found = Resumable(tag, saved_world, saved_stage)
+        if saved_world == self.env.world_size and saved_stage == zero_stage:
+            return found
+        where = f"{tag} was saved by {saved_world} rank(s) at ZeRO-{saved_stage}"
+        if saved_stage == 0 and zero_stage == 0:
+            return found  # ZeRO-0 files hold whole, unpartitioned states: they load on any world size
+        if not same_zero_group(saved_stage, zero_stage):
+            raise CheckpointError(
+                f"{where}; this run has {self.env.world_size} rank(s) at ZeRO-{zero_stage}. DeepSpeed's universal "
+                "checkpoint converts only within ZeRO-1/2 or within ZeRO-3, never into ZeRO-0: resume with a ZeRO "
+                f"stage of the saved one's group (train.deepspeed_config), or on {saved_world} rank(s) at "
+                f"ZeRO-{saved_stage}"
+            )
+        if self._fs_leader:
+            log.info("%s; converting it to a universal checkpoint for %d rank(s)", where, self.env.world_size)
+            self._convert_to_universal(tag)
+        dist.barrier()
+        found.universal = True
+        return found
+
+    def _convert_to_universal(self, tag: str) -> None:
+        src, dst = self.local / tag, self.local / f"{tag}.universal"
+        shutil.rmtree(dst, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src)]
+        cmd += ["--output_folder", str(dst), "--inject_missing_state", "--num_extract_workers", "1"]
+        cmd += ["--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CheckpointError(f"converting {tag} to a universal checkpoint failed: {proc.stderr.strip()[-2000:]}")
+        # The converted copy keeps the trainer's own files next to DeepSpeed's.
+        for rel in ("trainer_state.json",):
+            shutil.copyfile(src / rel, dst / rel)
+
+    def load(self, engine, found: Resumable) -> dict:
+        """Load a checkpoint that ``select`` returned into ``engine``; return its trainer state."""
+        engine.load_checkpoint(str(self.local), tag=found.load_tag)
+        local_dir = self.local / found.tag
+        state = json.loads((local_dir / "trainer_state.json").read_text())
+        rng_file = local_dir / "rng" / f"rank_{self.env.rank}.pt"
+        # Per-rank RNG (dropout) only means something on the same ranks; the data and the objective's
+        # masking do not depend on it (they are keyed by stream position), so a new world size loses nothing.
+        if found.world_size == self.env.world_size and rng_file.exists():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        dist.barrier()
+        if self._fs_leader:
+            shutil.rmtree(self.local / f"{found.tag}.universal", ignore_errors=True)
+            if self.on_s3:
+                shutil.rmtree(local_dir, ignore_errors=True)  # loaded; S3 holds the checkpoint
+        if self.env.is_main:
+            how = f" (converted from {found.world_size} rank(s), ZeRO-{found.zero_stage})" if found.universal else ""
+            log.info("resumed from %s/%s at step %d%s", self.remote, found.tag, state["step"], how)
+        return state

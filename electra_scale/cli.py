@@ -135,16 +135,17 @@ def main(argv: list[str] | None = None) -> int:
             from electra_scale.train import pretrain
 
             cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any spawn
+            from electra_scale.train import EXIT_PREEMPTED
+
             spawn = launch.node_spawn_command(launch.detect(), sys.argv[1:])
-            if spawn:  # a Kubernetes pod running one process per GPU hands over to torchrun
-                os.execv(spawn[0], spawn)
+            if spawn:  # a Kubernetes pod running one process per GPU supervises torchrun
+                return launch.run_node(spawn, EXIT_PREEMPTED)
             try:
                 result = pretrain(cfg)
             finally:
                 _destroy_process_group()
             if result["preempted"]:
-                from electra_scale.train import EXIT_PREEMPTED
-
+                launch.mark_preempted()
                 return EXIT_PREEMPTED
         elif args.command == "describe":
             return _describe(args)

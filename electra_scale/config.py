@@ -80,6 +80,9 @@ class DataConfig:
     shards: str = ""  # local dir or s3://bucket/prefix written by `electra-scale prepare`
     seq_len: int = 128
     num_workers: int = 2
+    # A truncated or corrupt shard: "error" stops the run naming the shard and the byte where it broke; "skip"
+    # leaves it out (every rank alike, every epoch), logs it once and counts it (docs/faults.md).
+    on_corrupt_shard: Literal["error", "skip"] = "error"
 
 
 @dataclass
@@ -117,6 +120,13 @@ class TrainConfig:
 class CheckpointConfig:
     every_steps: int = 1000
     keep_last: int = 3
+    # Also keep every checkpoint whose step is a multiple of this (e.g. for evaluation along the way); null = off.
+    keep_every: int | None = None
+    # Hash and upload in a background thread, so training waits only for the local save. At most one upload
+    # is in flight: the next save waits for it. false = the save returns once the checkpoint is complete.
+    async_upload: bool = True
+    # Rank 0 gives up marking a checkpoint complete if some rank's files are not up after this long.
+    upload_timeout_s: float = 3600.0
 
 
 @dataclass
@@ -374,6 +384,13 @@ def validate(cfg: Config) -> None:
         need(0 < t.stop_at_step <= t.max_steps, "train.stop_at_step", t.stop_at_step, "in [1, train.max_steps]")
     need(cfg.checkpoint.every_steps > 0, "checkpoint.every_steps", cfg.checkpoint.every_steps, "> 0")
     need(cfg.checkpoint.keep_last > 0, "checkpoint.keep_last", cfg.checkpoint.keep_last, ">= 1")
+    need(
+        cfg.checkpoint.keep_every is None or cfg.checkpoint.keep_every > 0,
+        "checkpoint.keep_every",
+        cfg.checkpoint.keep_every,
+        "> 0 or null",
+    )
+    need(cfg.checkpoint.upload_timeout_s > 0, "checkpoint.upload_timeout_s", cfg.checkpoint.upload_timeout_s, "> 0")
     need(
         bool(cfg.run.output_dir),
         "run.output_dir",

@@ -21,12 +21,14 @@ names it):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -256,6 +258,47 @@ def node_spawn_command(dist_env: DistEnv, argv: list[str]) -> list[str] | None:
         "electra_scale",
         *argv,
     ]
+
+
+# A rank that stops on a signal after checkpointing touches this file (path from the supervising pod process);
+# torchrun itself reports any non-zero child as exit 1, which would hide "preempted, try again" (75).
+PREEMPTED_FLAG_ENV = "ELECTRA_PREEMPTED_FLAG"
+
+
+def run_node(cmd: list[str], preempted_code: int) -> int:
+    """Run a pod's torchrun as a child: forward SIGTERM/SIGUSR1 straight to the ranks (torchrun would tear
+    them down instead of letting them checkpoint) and exit with ``preempted_code`` if they stopped on one."""
+    import signal
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="electra-node-") as tmp:
+        flag = Path(tmp, "preempted")
+        proc = subprocess.Popen(cmd, env={**os.environ, PREEMPTED_FLAG_ENV: str(flag)})
+
+        def forward(signum, _frame):
+            for pid in _children(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, forward)
+        code = proc.wait()
+        return preempted_code if code != 0 and flag.exists() else code
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        return [int(c) for t in tasks for c in (t / "children").read_text().split()]
+    except OSError:
+        return []
+
+
+def mark_preempted() -> None:
+    """Called by a rank that checkpointed and stops on a signal (see run_node)."""
+    if os.environ.get(PREEMPTED_FLAG_ENV):
+        Path(os.environ[PREEMPTED_FLAG_ENV]).touch()
 
 
 def init_distributed(dist_env: DistEnv) -> torch.device:

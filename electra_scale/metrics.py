@@ -74,14 +74,16 @@ class SampleLog:
     on resume: the file is the history of the run that counts, and a step redone after a crash appears once.
     """
 
-    def __init__(self, directory: Path, rank: int, start_step: int):
+    def __init__(self, directory: Path, rank: int, world_size: int, start_step: int):
         self.path = Path(directory, "samples", f"rank_{rank}.jsonl")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept))
+        mine = [self.path]
+        if rank == 0:  # files of ranks that this (smaller) world no longer has: nobody else truncates them
+            mine += [p for p in self.path.parent.glob("rank_*.jsonl") if int(p.stem.split("_")[1]) >= world_size]
+        for path in mine:
+            if path.exists():
+                lines = path.read_text().splitlines()
+                path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= start_step))
         self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
 
     def log(self, step: int, positions: list[int]) -> None:
@@ -100,3 +102,33 @@ def read_samples(directory: str | Path) -> dict[int, list[int]]:
             rec = json.loads(line)
             steps.setdefault(rec["step"], []).extend(rec["positions"])
     return {step: sorted(pos) for step, pos in sorted(steps.items())}
+
+
+class DiscriminatorHealth:
+    """Warns once when the discriminator predicts "original" almost everywhere.
+
+    The failure mode of replaced token detection: about 85% of tokens are original and the generator's
+    samples are often correct (then they count as original too), so "never replaced" is a cheap local optimum.
+    Its signature is recall on replaced tokens near 0 long after warmup. ``compare`` flags such runs from
+    metrics.jsonl; this makes the same diagnosis visible while the run is going.
+    """
+
+    THRESHOLD = 0.01
+
+    def __init__(self, warmup_steps: int, total_steps: int):
+        self.after = max(2 * warmup_steps, total_steps // 10, 1)
+        self.warned = False
+
+    def check(self, step: int, record: dict) -> None:
+        recall = record.get("disc_recall")
+        if self.warned or recall is None or step < self.after or recall >= self.THRESHOLD:
+            return
+        self.warned = True
+        log.warning(
+            "discriminator recall on replaced tokens is %.3f at step %d: it predicts 'original' almost everywhere. "
+            "Likely causes: the learning rate (optim.lr, optim.warmup_steps), a generator too strong or too weak "
+            "(model.generator_hidden_size; the paper uses 1/4 to 1/2 of the discriminator's width), "
+            "objective.disc_weight, or simply too few steps so far",
+            recall,
+            step,
+        )

@@ -96,12 +96,19 @@ class SeaweedS3:
             "-master.telemetry=false",
             "-master.volumeSizeLimitMB=64",
         ]
+        self._cmd = cmd
+        return self._launch(timeout)
+
+    def _launch(self, timeout: float) -> SeaweedS3:
         log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(self._cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"SeaweedFS exited with {self.proc.returncode}; see {self.data_dir}/weed.log")
+                tail = (self.data_dir / "weed.log").read_text(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(
+                    f"SeaweedFS exited with {self.proc.returncode}; see {self.data_dir}/weed.log: {' | '.join(tail)}"
+                )
             try:
                 urllib.request.urlopen(self.endpoint, timeout=1)
                 return self
@@ -111,6 +118,24 @@ class SeaweedS3:
                 time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"SeaweedFS did not answer on {self.endpoint} within {timeout:.0f}s")
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would: no chance to close connections or flush anything."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(os.getpgid(self.proc.pid), signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def restart(self, timeout: float = 60.0) -> SeaweedS3:
+        """Kill the server and start it again on the same ports and data (for fault tests)."""
+        self.kill()
+        for attempt in range(3):
+            try:
+                return self._launch(timeout)
+            except RuntimeError:  # exited at once: a port of the killed process may not be free yet
+                if attempt == 2 or self.proc is None or self.proc.poll() is None:
+                    raise
+                time.sleep(1)
+        raise AssertionError("unreachable")
 
     def create_bucket(self, name: str) -> None:
         import boto3

@@ -24,7 +24,7 @@ from electra_scale.checkpoint import Checkpointer
 from electra_scale.config import Config, ConfigError, deepspeed_config
 from electra_scale.data.shards import load_manifest
 from electra_scale.data.stream import PretrainStream
-from electra_scale.metrics import MetricsLogger, SampleLog
+from electra_scale.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
 from electra_scale.model import flops_per_token, peak_tflops
 from electra_scale.objective import build_objective, count_targets, summarize, training_loss
 from electra_scale.optim import electra_schedule, param_groups
@@ -74,6 +74,7 @@ def _all_reduce(values: list[float]) -> list[float]:
 
 def pretrain(cfg: Config) -> dict:
     # ---------------------------------------------------------------------------------------- set up
+    stop = StopRequest()  # from the start: a signal during set-up stops the run after its first step
     dist_env = launch.detect()
     device = launch.init_distributed(dist_env)
     world, main = dist_env.world_size, dist_env.is_main
@@ -88,19 +89,27 @@ def pretrain(cfg: Config) -> dict:
     objective = build_objective(cfg, special)
     total_steps = cfg.train.max_steps
     stop_step = cfg.train.stop_at_step or total_steps
+    ds_config = deepspeed_config(cfg, world)
+    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+
+    # Find (and verify) the checkpoint to resume before building the engine: one saved on another number of
+    # ranks is converted to DeepSpeed's universal format, which the engine must be configured to load.
+    cache = cache_dir_for(cfg)
+    checkpointer = Checkpointer(cfg.run.output_dir, cache, dist_env, cfg.checkpoint)
+    resume_from = checkpointer.select(zero_stage)
+    if resume_from is not None and resume_from.universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
         model=objective,
         model_parameters=param_groups(objective, cfg.optim.weight_decay),
-        config=deepspeed_config(cfg, world),
+        config=ds_config,
         lr_scheduler=partial(electra_schedule, warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps),
     )
     torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout differs between ranks
-
-    cache = cache_dir_for(cfg)
-    checkpointer = Checkpointer(cfg.run.output_dir, cache, dist_env, cfg.checkpoint.keep_last)
-    state = checkpointer.resume(engine) or {}
+    state = checkpointer.load(engine, resume_from) if resume_from is not None else {}
     start_step = state.get("step", 0)
     if state and state["global_batch_size"] != cfg.train.global_batch_size:
         raise ConfigError(
@@ -118,11 +127,13 @@ def pretrain(cfg: Config) -> dict:
         world_size=world,
         num_workers=cfg.data.num_workers,
         start_step=start_step,
+        on_corrupt_shard=cfg.data.on_corrupt_shard,
+        resume_position=state.get("data_position"),  # exact resume past skipped shards
     )
     grad_accum = stream.grad_accum
     extra_files = _checkpoint_extras(cfg) if main else {}
     metrics = MetricsLogger(cfg.run.output_dir, cache, start_step, cfg.run.tensorboard) if main else None
-    samples = SampleLog(cache, dist_env.rank, start_step) if cfg.run.record_samples else None
+    samples = SampleLog(cache, dist_env.rank, world, start_step) if cfg.run.record_samples else None
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     flops_tok, peak = flops_per_token(cfg), peak_tflops(cfg.train.peak_tflops)
     if main:
@@ -138,9 +149,9 @@ def pretrain(cfg: Config) -> dict:
             cfg.train.global_batch_size,
         )
     progress = _progress(cfg, main, start_step, stop_step)
+    health = DiscriminatorHealth(cfg.optim.warmup_steps, total_steps)
 
     # ---------------------------------------------------------------------------------------- train
-    stop = StopRequest()
     done, preempted = start_step, False
     batches = iter(stream)
     history: list[dict] = []
@@ -189,11 +200,13 @@ def pretrain(cfg: Config) -> dict:
                 tflops=tokens_per_s * flops_tok / 1e12,
                 mfu=(tokens_per_s * flops_tok / 1e12 / peak / world) if peak else None,
                 samples_seen=done * cfg.train.global_batch_size,
+                skipped_shards=len(stream.skipped_shards),
             )
             if main:
                 metrics.log(done, record)
                 history.append({"step": done, **record})
                 progress.report(done, record)
+                health.check(done, record)
             sums.clear()
             window_start, window_steps = time.perf_counter(), 0
 
@@ -201,6 +214,7 @@ def pretrain(cfg: Config) -> dict:
             trainer_state = {
                 "step": done,
                 "world_size": world,
+                "zero_stage": zero_stage,
                 "global_batch_size": cfg.train.global_batch_size,
                 "tokens_seen": done * tokens_per_step,
                 "data_position": stream.position(done),
@@ -210,9 +224,11 @@ def pretrain(cfg: Config) -> dict:
             if main:
                 metrics.sync()
         if preempted:
-            if main:
-                log.info("stopped at step %d by a signal; re-run the same command to resume", done)
             break
+
+    checkpointer.close()  # the last checkpoint is complete (uploaded, marked) before the run reports done
+    if preempted and main:
+        log.info("stopped at step %d by a signal; re-run the same command to resume", done)
 
     if main and start_step >= stop_step:
         log.info("nothing to do: the run is already at step %d", start_step)

@@ -266,9 +266,11 @@ def test_signal_checkpoints_on_every_rank_and_resume_continues(shards, tmp_path,
     assert [m["step"] for m in metrics(str(out))] == list(range(1, stopped + 3))
 
 
-def test_kubernetes_pod_with_two_gpus_spawns_two_ranks(shards, tmp_path):
-    """The env an Indexed Job pod gets (ELECTRA_NPROC_PER_NODE=2): the CLI hands over to torchrun itself."""
-    out = str(tmp_path / "k8s")
+def test_kubernetes_pod_with_two_gpus_spawns_two_ranks_and_stops_on_sigterm(shards, tmp_path):
+    """The env an Indexed Job pod gets (ELECTRA_NPROC_PER_NODE=2): the CLI supervises torchrun with 2 ranks.
+    Kubernetes' SIGTERM reaches only the pod's main process: the ranks must still checkpoint, and the pod
+    must exit 75 (which the podFailurePolicy restarts on), although torchrun reports any failure as 1."""
+    out = tmp_path / "k8s"
     env = {
         "JOB_COMPLETION_INDEX": "0",
         "ELECTRA_NNODES": "1",
@@ -277,11 +279,19 @@ def test_kubernetes_pod_with_two_gpus_spawns_two_ranks(shards, tmp_path):
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
     }
-    proc = run_cli(pretrain_args(shards, out, "train.max_steps=2", "checkpoint.every_steps=100"), env=env)
-    assert "launch: torchrun/deepspeed, world size 2 (1 node(s) x 2)" in proc.stderr
-    assert [m["step"] for m in metrics(out)] == [1, 2]
-    marker = json.loads(Path(out, "checkpoints", "step_0000002", "COMPLETE").read_text())
-    assert marker["world_size"] == 2
+    args = pretrain_args(shards, str(out), "train.max_steps=400", "checkpoint.every_steps=1000")
+    (pod,) = start_processes(args, [env])
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+        assert time.monotonic() < deadline and pod.poll() is None, "run did not get going"
+        time.sleep(0.2)
+    pod.send_signal(signal.SIGTERM)
+    err = pod.communicate(timeout=180)[1]
+    assert pod.returncode == 75, err[-3000:]
+    assert "launch: torchrun/deepspeed, world size 2 (1 node(s) x 2)" in err
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    marker = json.loads((out / "checkpoints" / latest / "COMPLETE").read_text())
+    assert marker["world_size"] == 2 and marker["step"] >= 2
 
 
 def test_two_kubernetes_pods_train_together(shards, tmp_path):

@@ -15,11 +15,12 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys
 
 from electra_scale import storage
 
@@ -142,47 +143,39 @@ class _CountingReader(io.RawIOBase):
         super().close()
 
 
-def _is_transient(err: BaseException) -> bool:
-    """A connection that broke mid-GET (botocore does not retry a streaming body), not bad data."""
-    module = type(err).__module__.split(".")[0]
-    return isinstance(err, ConnectionError | TimeoutError) or module in ("botocore", "urllib3")
+def read_shard(url: str, expected_samples: int | None = None, expected_bytes: int | None = None) -> list[np.ndarray]:
+    """All samples' id arrays of one shard, in tar order. A truncated or corrupt shard raises ``DataError``
+    naming the byte where it broke; pass the manifest's counts to also catch a shard cut exactly between two
+    members, or a damaged header (tar itself takes either for the end of the archive).
 
-
-def read_shard(
-    url: str, expected_samples: int | None = None, expected_bytes: int | None = None, attempts: int = 3
-) -> list[np.ndarray]:
-    """All samples' id arrays of one shard, in tar order. Truncation/corruption raises ``DataError``; pass
-    the manifest's counts to catch a shard cut exactly between two members, which tar itself cannot see.
-    A connection that breaks mid-read is retried from the start (shards are small), ``attempts`` times."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return _read_shard_once(url, expected_samples, expected_bytes)
-        except Exception as err:
-            if not _is_transient(err):
-                raise
-            if attempt == attempts:
-                raise storage.StorageError(
-                    f"reading shard {url} failed {attempts} times, last: {type(err).__name__}: {err}"
-                ) from err
-    raise AssertionError("unreachable")
-
-
-def _read_shard_once(url: str, expected_samples: int | None, expected_bytes: int | None) -> list[np.ndarray]:
+    A connection that breaks mid-read is not our concern here: ``storage.open_read`` resumes the GET from the
+    byte where it broke (docs/faults.md), and raises ``StorageError`` once its retry budget is spent."""
     stream = _CountingReader(storage.open_read(url))
     out: list[np.ndarray] = []
+    where = 0  # start of the member being read, for errors in a member's content
+    archive: tarfile.TarFile | None = None
     try:
-        samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-        for sample in samples:
+        archive = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 - stream mode; `stream` is closed below
+
+        def files() -> Iterator[dict[str, Any]]:
+            nonlocal where
+            for info in archive:
+                where = info.offset
+                if info.isreg():
+                    yield {"fname": info.name, "data": archive.extractfile(info).read(), "__url__": url}
+
+        for sample in group_by_keys(files()):  # webdataset's grouping of a sample's files by key
             out.append(np.load(io.BytesIO(sample["ids.npy"]), allow_pickle=False))
-    except (tarfile.TarError, KeyError, ValueError, EOFError) as err:
-        # webdataset appends " @ <stream>" and (stream, url) to err.args; the first part is the real message.
-        reason = str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__
-        if isinstance(err, KeyError):
-            reason = f"a sample lacks {reason}"
-        raise DataError(f"shard {url} is truncated or corrupt at byte {stream.offset}: {reason}") from err
-    else:
+        tar_end = archive.offset  # where tar stopped: the end-of-archive marker, or a header it could not parse
         while stream.read(1 << 16):  # the end-of-archive padding, so the byte count below is the file's size
             pass
+    except tarfile.TarError as err:
+        # Data that ran out is reported where it ran out; a header tar refuses, where that header starts.
+        at = stream.offset if "unexpected end" in str(err) or archive is None else archive.offset
+        raise DataError(f"shard {url} is truncated or corrupt at byte {at}: {err}") from err
+    except (KeyError, ValueError, EOFError) as err:  # a member that is not a sample's .npy
+        reason = f"a sample lacks {err}" if isinstance(err, KeyError) else str(err).split(" @ ")[0]
+        raise DataError(f"shard {url} is corrupt at byte {where}: {reason}") from err
     finally:
         stream.close()
     if expected_bytes is not None and stream.offset != expected_bytes:
@@ -192,7 +185,8 @@ def _read_shard_once(url: str, expected_samples: int | None, expected_bytes: int
         )
     if expected_samples is not None and len(out) != expected_samples:
         raise DataError(
-            f"shard {url} holds {len(out)} samples but the manifest says {expected_samples}; it is truncated "
-            "or was overwritten by another prepare run: re-run `electra-scale prepare`"
+            f"shard {url} holds {len(out)} samples but the manifest says {expected_samples}: it is truncated or "
+            f"corrupt at byte {tar_end}, where its tar stops (a damaged header, or overwritten by another "
+            "prepare run); re-run `electra-scale prepare`"
         )
     return out
