@@ -2,6 +2,7 @@
 # System services the test suite needs, installed and started idempotently.
 #   scripts/services.sh install   install slurm-wlm, munge and openmpi-bin (Debian; needs root)
 #   scripts/services.sh munge     make sure a munge daemon is running (SLURM's authentication)
+#   scripts/services.sh containers  install podman, buildah, runc and debootstrap (scripts/container_test.sh)
 # No systemd runs on CI machines, so nothing starts by itself.
 set -euo pipefail
 
@@ -27,8 +28,19 @@ munge)
         su -s /bin/sh munge -c /usr/sbin/munged
     fi
     ;;
+containers)
+    if ! command -v podman >/dev/null || ! command -v debootstrap >/dev/null || ! command -v runc >/dev/null; then
+        if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+            echo "services: missing; install them (Debian: apt-get install podman buildah runc debootstrap)" >&2
+            exit 1
+        fi
+        echo "services: installing podman, buildah, runc and debootstrap" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman buildah runc debootstrap >/dev/null
+    fi
+    ;;
 *)
-    echo "usage: $0 install|munge" >&2
+    echo "usage: $0 install|munge|containers" >&2
     exit 2
     ;;
 esac

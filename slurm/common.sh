@@ -11,6 +11,7 @@
 set -euo pipefail
 
 EXIT_PREEMPTED=75
+KILLED_BY_USR1=138 # srun's status when a task died of SIGUSR1 (128 + 10)
 ELECTRA_HOME=${ELECTRA_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$ELECTRA_HOME"
 
@@ -47,6 +48,13 @@ run_pretrain() {
     set -e
     if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
         echo "electra-scale: checkpoint saved after a signal; requeueing job ${SLURM_JOB_ID}"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    if [ "$rc" -eq "$KILLED_BY_USR1" ]; then
+        # The signal came while a task was still starting (before it could catch USR1): nothing new to save,
+        # the run resumes from its latest complete checkpoint all the same.
+        echo "electra-scale: USR1 reached a task before training started; requeueing job ${SLURM_JOB_ID}"
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi

@@ -120,6 +120,94 @@ def test_a_pod_finds_its_place_from_the_manifest_env():
     assert "--nproc_per_node=8" in cmd and "--node_rank=3" in cmd
 
 
+def pytorchjob() -> tuple[dict, dict]:
+    docs = {doc["kind"]: doc for doc in kustomize_dir(ROOT / "k8s" / "kubeflow")}
+    return docs["PyTorchJob"], docs["ConfigMap"]
+
+
+def kustomize_dir(path: Path) -> list[dict]:
+    out = subprocess.run([tool("kubectl"), "kustomize", str(path)], capture_output=True, text=True, check=True)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_pytorchjob_pod_and_configmap_validate(version, tmp_path):
+    """The PyTorchJob CRD's schema is not in kubernetes-validate; its pod templates and ConfigMap are core
+    objects, so they are validated as a PodTemplate and a ConfigMap."""
+    job, configmap = pytorchjob()
+    docs = [configmap]
+    for kind, replica in job["spec"]["pytorchReplicaSpecs"].items():
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": kind.lower()},
+                "template": replica["template"],
+            }
+        )
+    path = tmp_path / "pytorchjob-parts.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    validate(path, version)
+
+
+def test_pytorchjob_fields_the_training_operator_needs():
+    job, configmap = pytorchjob()
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    spec = job["spec"]
+    replicas = spec["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Master", "Worker"} and replicas["Master"]["replicas"] == 1
+    nodes, gpus = replicas["Master"]["replicas"] + replicas["Worker"]["replicas"], int(spec["nprocPerNode"])
+    assert (nodes, gpus) == OVERLAYS["large"][1:]
+    for replica in replicas.values():
+        assert replica["restartPolicy"] in ("OnFailure", "ExitCode")
+        pod = replica["template"]["spec"]
+        container = pod["containers"][0]
+        # The operator finds the master port by these names; torchrun gets the master from its env.
+        assert container["name"] == "pytorch"
+        assert any(p["name"] == "pytorchjob-port" for p in container["ports"])
+        assert container["command"] == ["torchrun"] and "--master_addr=$(MASTER_ADDR)" in container["args"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == spec["nprocPerNode"]
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        assert next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]["medium"] == "Memory"
+        assert (
+            next(v for v in pod["volumes"] if v["name"] == "site-config")["configMap"]["name"]
+            == (configmap["metadata"]["name"])
+        )
+        for entry in container["env"]:
+            if re.search(r"KEY|SECRET|TOKEN|PASSWORD", entry["name"]):
+                assert "value" not in entry and "secretKeyRef" in entry["valueFrom"], entry["name"]
+    cfg = load_config("configs/large.yaml")
+    assert cfg.train.global_batch_size % (cfg.train.micro_batch_size * nodes * gpus) == 0
+
+
+def test_pytorchjob_pod_starts_torchrun_with_the_operators_env(monkeypatch):
+    """What the training operator adds to pod 3 (a Worker), then the container's command as the kubelet expands
+    it, parsed by torchrun's own parser: 8 nodes, 8 processes here, node rank 3, the Master's Service."""
+    from torch.distributed.run import config_from_args, get_args_parser
+
+    job, _ = pytorchjob()
+    container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "pytorchjob-port")
+    operator_env = {
+        "MASTER_ADDR": f"{job['metadata']['name']}-master-0",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": "64",
+        "RANK": "3",
+        "PET_NPROC_PER_NODE": job["spec"]["nprocPerNode"],
+        "PET_NODE_RANK": "3",
+        "PET_NNODES": "8",
+    }
+    for key, value in operator_env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    args = [re.sub(r"\$\((\w+)\)", lambda m: operator_env[m.group(1)], a) for a in container["args"]]
+    config, _, cmd_args = config_from_args(get_args_parser().parse_args(args))
+    assert (config.min_nodes, config.max_nodes, config.nproc_per_node) == (8, 8, 8)
+    assert config.rdzv_configs["rank"] == 3 and config.rdzv_endpoint == f"{operator_env['MASTER_ADDR']}:{port}"
+    assert cmd_args[cmd_args.index("-m") :][:3] == ["-m", "electra_scale", "pretrain"]
+    assert cmd_args[cmd_args.index("--config") + 1] == "configs/large.yaml"
+
+
 def test_dockerfile_lints_clean_and_runs_as_non_root():
     text = (ROOT / "Dockerfile").read_text()
     proc = subprocess.run([tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True)
@@ -129,6 +217,24 @@ def test_dockerfile_lints_clean_and_runs_as_non_root():
     assert user.split(":")[0] not in ("root", "0")
     assert 'ENTRYPOINT ["electra-scale"]' in text
     assert not re.search(r"AWS_SECRET_ACCESS_KEY=|AWS_ACCESS_KEY_ID=", text)
+
+
+def test_container_test_script_parses_and_hashes_the_images_inputs():
+    """scripts/container_test.sh (the image built with podman and run; too slow for every CI run) is re-run
+    by .ci/run when --check says its inputs changed: every file the image is built from must be among them."""
+    script = ROOT / "scripts" / "container_test.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    hashed = set(re.search(r"find (.+?) -type f", script.read_text()).group(1).split())
+    copied = {
+        src.rstrip("/")
+        for line in re.findall(r"^COPY (.+)$", (ROOT / "Dockerfile").read_text(), re.M)
+        for src in line.split()[:-1]
+    }
+    # The package's code and configs are tested by the suite on every run; what decides how the image is
+    # built and what gets installed into it must trigger a rebuild.
+    assert copied - hashed == {"README.md", "electra_scale", "configs", "ds_configs"}
+    assert {"Dockerfile", ".dockerignore", "scripts/container_test.sh"} <= hashed
+    assert "container_test.sh --check" in (ROOT / ".ci" / "run").read_text()
 
 
 SLURM_SCRIPTS = ["pretrain_large.sh", "pretrain_small.sh", "pretrain_tiny_cpu.sh"]

@@ -1,7 +1,12 @@
-"""slurm/ scripts on a real one-machine SLURM cluster (slurmctld + slurmd + munge, started here).
+"""slurm/ scripts on a real one-machine SLURM cluster (slurmctld + two slurmd + munge, started here).
 
-`make test` installs slurm-wlm and munge (scripts/services.sh). The cluster claims 8 CPUs on this machine
-(SlurmdParameters=config_overrides) so a 2-task job fits on 2 cores.
+`make test` installs slurm-wlm and munge (scripts/services.sh). Two nodes on one machine: one slurmd per node
+(`slurmd -N <name>`), each on its own port and spool directory (`%n` in the paths), both at 127.0.0.1. Each
+claims 4 CPUs (SlurmdParameters=config_overrides), so jobs fit on 2 real cores. Debian's Slurm is built without
+--enable-multiple-slurmd, so the nodes cannot share a NodeHostname (nor be called `localhost`, which Slurm
+matches to any single node): they are node1 and node2, names that nothing resolves. On a cluster the master is
+the first host of SLURM_JOB_NODELIST (tests/test_launch.py checks that expansion); here the jobs get
+MASTER_ADDR=127.0.0.1, which launch.py takes before the node list.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,13 +37,34 @@ def _run(*cmd: str, env: dict | None = None, check: bool = True) -> str:
     return out.stdout
 
 
+NODES = ("node1", "node2")
+
+
+@dataclass
+class Cluster:
+    env: dict
+    dir: Path
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, Restarts, NodeList, ...)."""
+        text = _run("scontrol", "show", "job", "--oneliner", job_id, env=self.env, check=False)
+        return dict(re.findall(r"(\w+)=(\S*)", text))
+
+    def slurmd_log(self, node: str) -> str:
+        return (self.dir / f"slurmd-{node}.log").read_text()
+
+    def jobcomp(self, job_id: str) -> list[str]:
+        path = self.dir / "jobcomp.log"
+        return [line for line in path.read_text().splitlines() if f"JobId={job_id} " in line] if path.exists() else []
+
+
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     if not shutil.which("slurmctld"):
         pytest.fail("slurm-wlm is not installed: run the tests through `make test`, which installs it")
     d = tmp_path_factory.mktemp("slurm")
-    for sub in ("state", "spool"):
-        (d / sub).mkdir()
+    (d / "state").mkdir()
+    nodes = [f"NodeName={name} NodeAddr=127.0.0.1 Port={free_port()} CPUs=4 RealMemory=4000" for name in NODES]
     conf = d / "slurm.conf"
     conf.write_text(
         "\n".join(
@@ -44,7 +72,6 @@ def slurm(tmp_path_factory):
                 "ClusterName=electra-test",
                 "SlurmctldHost=localhost",
                 f"SlurmctldPort={free_port()}",
-                f"SlurmdPort={free_port()}",
                 "AuthType=auth/munge",
                 "SlurmUser=root",
                 "ProctrackType=proctrack/linuxproc",
@@ -57,30 +84,40 @@ def slurm(tmp_path_factory):
                 "JobRequeue=1",
                 "SlurmdParameters=config_overrides",
                 f"StateSaveLocation={d / 'state'}",
-                f"SlurmdSpoolDir={d / 'spool'}",
+                f"SlurmdSpoolDir={d / 'spool-%n'}",
                 f"SlurmctldPidFile={d / 'slurmctld.pid'}",
-                f"SlurmdPidFile={d / 'slurmd.pid'}",
+                f"SlurmdPidFile={d / 'slurmd-%n.pid'}",
                 f"SlurmctldLogFile={d / 'slurmctld.log'}",
-                f"SlurmdLogFile={d / 'slurmd.log'}",
-                "NodeName=localhost NodeAddr=127.0.0.1 CPUs=8 RealMemory=8000",
-                "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+                f"SlurmdLogFile={d / 'slurmd-%n.log'}",
+                # No accounting daemon (sacct); every job end, requeues included, is logged to this file.
+                "JobCompType=jobcomp/filetxt",
+                f"JobCompLoc={d / 'jobcomp.log'}",
+                *nodes,
+                f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP",
             ]
         )
         + "\n"
     )
     env = {**os.environ, "SLURM_CONF": str(conf)}
     subprocess.run(["bash", str(ROOT / "scripts" / "services.sh"), "munge"], check=True)
-    subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env)
-    subprocess.run(["slurmd", "-f", str(conf), "-N", "localhost"], check=True, env=env)
-    deadline = time.monotonic() + 30
-    while "idle" not in _run("sinfo", "-h", "-o", "%T", env=env, check=False):
-        assert time.monotonic() < deadline, (d / "slurmctld.log").read_text()[-2000:]
-        time.sleep(0.3)
-    yield env
-    for pid_file in ("slurmd.pid", "slurmctld.pid"):
-        pid = d / pid_file
-        if pid.exists():
-            subprocess.run(["kill", pid.read_text().strip()], check=False)
+    try:
+        subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env)
+        for name in NODES:
+            subprocess.run(["slurmd", "-f", str(conf), "-N", name], check=True, env=env)
+        deadline = time.monotonic() + 30
+        while _run("sinfo", "-h", "-o", "%D %T", env=env, check=False).split() != [str(len(NODES)), "idle"]:
+            assert time.monotonic() < deadline, (d / "slurmctld.log").read_text()[-2000:]
+            time.sleep(0.3)
+        yield Cluster(env, d)
+    finally:
+        # A failed test may leave its job running: cancel it (its tasks end with it), then stop the daemons.
+        subprocess.run(["scancel", "--partition=debug"], env=env, capture_output=True, check=False)
+        deadline = time.monotonic() + 30
+        while _run("squeue", "-h", env=env, check=False).strip() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in [*(d / f"slurmd-{name}.pid" for name in NODES), d / "slurmctld.pid"]:
+            if pid.exists():
+                subprocess.run(["kill", pid.read_text().strip()], check=False)
 
 
 def sbatch_args(shards, out: Path, log: Path, *overrides: str) -> list[str]:
@@ -102,8 +139,8 @@ def sbatch_args(shards, out: Path, log: Path, *overrides: str) -> list[str]:
     ]
 
 
-def job_env(slurm: dict) -> dict:
-    return {**slurm, "ELECTRA_HOME": str(ROOT), "ELECTRA_VENV": sys.prefix}
+def job_env(cluster: Cluster) -> dict:
+    return {**cluster.env, "ELECTRA_HOME": str(ROOT), "ELECTRA_VENV": sys.prefix, "MASTER_ADDR": "127.0.0.1"}
 
 
 def steps(out: Path) -> list[int]:
@@ -111,17 +148,47 @@ def steps(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in text.splitlines()]
 
 
-def test_sbatch_tiny_job_trains_and_checkpoints(slurm, shards, tmp_path):
+def test_sbatch_tiny_job_on_two_nodes_trains_and_checkpoints(slurm, shards, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.out"
+    # One task on each node: the script's 1 node x 2 tasks, overridden on the command line as a user would.
     args = sbatch_args(shards, out, log, "train.max_steps=3", "checkpoint.every_steps=100")
-    proc = subprocess.run(
-        [args[0], "--wait", *args[1:]], capture_output=True, text=True, env=job_env(slurm), timeout=300
-    )
+    args[2:2] = ["--wait", "--nodes=2", "--ntasks-per-node=1"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=job_env(slurm), timeout=300)
     assert proc.returncode == 0, log.read_text()[-3000:] if log.exists() else proc.stderr
+    job = proc.stdout.strip().split(";")[0]
     text = log.read_text()
-    assert "launch: SLURM, world size 2 (1 node(s) x 2)" in text
+    assert "launch: SLURM, world size 2 (2 node(s) x 1), backend gloo" in text
+    info = slurm.job(job)
+    assert info["JobState"] == "COMPLETED" and info["NodeList"] == "node[1-2]", info
+    for node in NODES:  # each node's slurmd started one task of the training step (SLURM_NODEID 0 and 1)
+        assert re.search(rf"launch task StepId={job}\.0 ", slurm.slurmd_log(node)), node
     assert steps(out) == [1, 2, 3]
     assert (out / "checkpoints" / "step_0000003" / "COMPLETE").exists()
+
+
+def log_tail(log: Path) -> str:
+    return log.read_text()[-3000:] if log.exists() else "(no job output yet)"
+
+
+def follow(slurm: Cluster, job: str, log: Path, timeout: float, done: Callable[[dict], bool]) -> dict:
+    """Poll `scontrol show job` until done(info). A requeued job may start again only ~2 minutes later (its
+    BeginTime); the tests need not wait for that, so a pending requeued job is told to start now (an update
+    issued right at the requeue is lost, hence the pause)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = slurm.job(job)
+        if done(info):
+            return info
+        assert info.get("JobState") not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), (info, log_tail(log))
+        assert time.monotonic() < deadline, (info, log_tail(log))
+        if info.get("JobState") == "PENDING" and int(info.get("Restarts", 0)) > 0:
+            time.sleep(2)
+            _run("scontrol", "update", f"JobId={job}", "StartTime=now", env=slurm.env, check=False)
+        time.sleep(0.5)
+
+
+def completed(info: dict) -> bool:
+    return info.get("JobState") == "COMPLETED"
 
 
 def test_usr1_checkpoints_requeues_and_resumes(slurm, shards, tmp_path):
@@ -130,24 +197,55 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, shards, tmp_path):
     job = _run(*args, env=job_env(slurm)).strip().split(";")[0]
     deadline = time.monotonic() + 240
     while len(steps(out)) < 3:
-        assert time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else "job never started"
+        assert time.monotonic() < deadline, log_tail(log)
         time.sleep(0.2)
-    _run("scancel", "--signal=USR1", job, env=slurm)  # what --signal=USR1@N does before the time limit
+    _run("scancel", "--signal=USR1", job, env=slurm.env)  # what --signal=USR1@N does before the time limit
 
-    # The script requeues on exit 75; a requeued job waits before it may start again, so start it now.
-    deadline = time.monotonic() + 120
-    while "Restarts=1" not in _run("scontrol", "show", "job", job, env=slurm, check=False):
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
-    time.sleep(2)
-    _run("scontrol", "update", f"JobId={job}", "StartTime=now", env=slurm, check=False)
-    deadline = time.monotonic() + 300
-    while "JobState=COMPLETED" not in (info := _run("scontrol", "show", "job", job, env=slurm, check=False)):
-        assert time.monotonic() < deadline and "JobState=FAILED" not in info, log.read_text()[-3000:]
-        time.sleep(1)
+    info = follow(slurm, job, log, 420, completed)
 
     text = log.read_text()
     stopped = int(re.search(r"stopped at step (\d+) by a signal", text).group(1))
     assert 3 <= stopped < 150
-    assert "requeueing job" in text and f"at step {stopped}" in text  # the rerun resumed from that checkpoint
+    assert "requeueing job" in text
+    assert re.search(rf"resumed from \S+/step_{stopped:07d} at step {stopped}\b", text)  # from that checkpoint
     assert steps(out) == list(range(1, 151)), "no step trained twice past the checkpoint, none missing"
+    assert info["Restarts"] == "1"
+
+
+def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, shards, tmp_path):
+    """The path a real job takes: Slurm itself sends USR1 before the time limit, the tasks checkpoint and exit
+    75, the script requeues the job, and the rerun resumes from that checkpoint and finishes.
+
+    `--time=3 --signal=USR1@30`: slurmctld checks time limits every 30 s and signals once the job is within
+    30 + 30 s of its end, so USR1 arrives 2:00-2:30 after the start, late enough for the tasks to be training
+    on a loaded machine, and at least 30 s before the limit. max_steps is out of reach, so the first run surely
+    ends by that signal whatever this machine's speed; once requeued, the run is told through a layered site
+    config (read at every start) to stop 10 steps past its checkpoint (train.stop_at_step keeps the schedule),
+    so that the rerun finishes well before its own signal."""
+    out, log, site = tmp_path / "run", tmp_path / "job.out", tmp_path / "site.yaml"
+    site.write_text("# filled in once the job has been requeued\n")
+    args = sbatch_args(shards, out, log, "train.max_steps=100000", "checkpoint.every_steps=100000")
+    args[2:2] = ["--time=3", "--signal=USR1@30"]
+    script = args.index(str(ROOT / "slurm" / "pretrain_tiny_cpu.sh"))
+    args[script + 1 : script + 1] = ["--config", str(site)]
+    job = _run(*args, env=job_env(slurm)).strip().split(";")[0]
+
+    # On a loaded machine USR1 may reach a run still starting up: it dies, slurm/common.sh requeues it all the
+    # same (nothing new to save), and the next run tries again. Wait for a run that checkpointed on the signal.
+    follow(slurm, job, log, 600, lambda _: log.exists() and "by a signal" in log.read_text())
+    text = log.read_text()
+    assert "SIGUSR1 received" in text, log_tail(log)
+    stopped = int(re.search(r"stopped at step (\d+) by a signal", text).group(1))
+    site.write_text(f"train:\n  stop_at_step: {stopped + 10}\n")  # before the requeued job may start again
+    info = follow(slurm, job, log, 420, completed)
+
+    text = log.read_text()
+    assert "checkpoint saved after a signal; requeueing" in text
+    assert re.search(rf"resumed from \S+/step_{stopped:07d} at step {stopped}\b", text)  # the signal's checkpoint
+    assert steps(out) == list(range(1, stopped + 11)), "no step trained twice past the checkpoint, none missing"
+    assert info["TimeLimit"] == "00:03:00" and int(info["Restarts"]) >= 1
+    print(
+        f"\njob {job}: stopped at step {stopped} by the time limit's USR1; {info['JobState']}, "
+        f"restarts {info['Restarts']}"
+    )
+    print("\n".join(slurm.jobcomp(job)))
