@@ -82,15 +82,23 @@ def _parser() -> argparse.ArgumentParser:
 
 MODULE_COMMANDS: list[tuple[str, str, str]] = [
     # (command, module, help)
+    ("plot", "electra_scale.plot", "PNG curves from runs' metrics.jsonl (loss, accuracy, disc P/R, tokens/s, lr)"),
+    ("bench", "electra_scale.bench", "step time, tokens/s, MFU, framework overhead, memory and data-path throughput"),
+    ("finetune", "electra_scale.finetune", "fine-tune a discriminator (or random init) on a GLUE/CSV/JSONL task"),
+    ("compare", "electra_scale.compare", "ELECTRA vs MLM at equal pretraining FLOPs, scored downstream"),
 ]
 
 
 def _describe(args) -> int:
     from electra_scale.config import deepspeed_config, load_config
-    from electra_scale.model import flops_per_token, param_counts
+    from electra_scale.model import flops_per_token, paper_flops_per_token, param_counts
 
     cfg = load_config(args.config, args.overrides)
-    info = {**param_counts(cfg), "flops_per_token": flops_per_token(cfg)}
+    info = {
+        **param_counts(cfg),
+        "flops_per_token": flops_per_token(cfg),
+        "paper_flops_per_token": paper_flops_per_token(cfg),
+    }
     info["deepspeed_config"] = deepspeed_config(cfg, args.world_size)
     if args.json:
         print(json.dumps(info, indent=2))
@@ -99,9 +107,11 @@ def _describe(args) -> int:
     print(f"discriminator params  {info['discriminator_params']:,}")
     print(f"generator params      {info['generator_params']:,}")
     print(f"total unique params   {info['total_params']:,}  (shared embeddings counted once)")
-    print(f"train FLOPs / token   {info['flops_per_token']:.4g}")
     tokens = cfg.train.max_steps * cfg.train.global_batch_size * cfg.data.seq_len
+    print(f"train FLOPs / token   {info['flops_per_token']:.4g}  (matmuls, backward = 2x forward: MFU's)")
+    print(f"  paper convention    {info['paper_flops_per_token']:.4g}  (every op, dense lookups, backward = forward)")
     print(f"train FLOPs / run     {info['flops_per_token'] * tokens:.4g}  ({tokens:.3g} tokens)")
+    print(f"  paper convention    {info['paper_flops_per_token'] * tokens:.4g}  (the ELECTRA paper's Table 8 axis)")
     print(f"DeepSpeed config (world size {args.world_size}):")
     print(json.dumps(info["deepspeed_config"], indent=2))
     return 0

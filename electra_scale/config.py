@@ -168,16 +168,16 @@ def load_config(paths: str | Path | list | tuple | None, overrides: list[str] = 
         paths = [paths]
     raw: dict[str, Any] = {}
     for path in paths:
-        _merge(raw, _read_yaml(path))
+        merge_into(raw, read_yaml(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=100)")
-        _set_dotted(raw, key.strip(), _parse_value(value))
+        set_dotted(raw, key.strip(), parse_value(value))
     return config_from_dict(raw, " + ".join(map(str, paths)) or "<defaults>")
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         text = resolve_path(str(path)).read_text()
     except OSError as err:
@@ -194,29 +194,29 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _merge(base: dict, extra: dict) -> None:
+def merge_into(base: dict, extra: dict) -> None:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+            merge_into(base[key], value)
         else:
             base[key] = copy.deepcopy(value)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     """Build and validate a Config from nested dicts (a parsed YAML file, or a checkpoint's config.yaml)."""
-    cfg = _build(Config, raw, prefix="", source=source)
+    cfg = build_dataclass(Config, raw, prefix="", source=source)
     validate(cfg)
     return cfg
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
 
 
-def _set_dotted(raw: dict, key: str, value: Any) -> None:
+def set_dotted(raw: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = raw
     for part in parts[:-1]:
@@ -238,7 +238,7 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
-def _build(cls: type, raw: Any, prefix: str, source: str):
+def build_dataclass(cls: type, raw: Any, prefix: str, source: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -253,7 +253,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str):
     for name in names & raw.keys():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, raw[name], f"{prefix}{name}.", source)
+            kwargs[name] = build_dataclass(hint, raw[name], f"{prefix}{name}.", source)
         else:
             kwargs[name] = _coerce(f"{prefix}{name}", raw[name], hint)
     return cls(**kwargs)

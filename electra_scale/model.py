@@ -81,6 +81,22 @@ def param_counts(cfg: Config) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
+# Two conventions, for two uses:
+#
+# flops_per_token        what the hardware must do: matmul FLOPs only (2 per multiply-accumulate), backward =
+#                        2 x forward, sparse embedding lookups (free), attention scores included, and the
+#                        vocabulary projection only at the masked positions. Used for tokens/s -> TFLOP/s -> MFU,
+#                        and it equals torch's FlopCounterMode count of a real training step (tests/test_flops.py).
+#                        ELECTRA-Large (s = 512, 25% masking): 2.17 GFLOP per token.
+# paper_flops_per_token  the ELECTRA paper's accounting (its Table 8 and google-research/electra's
+#                        flops_computation.py), for comparing against the paper's compute axis: every op counted
+#                        (softmax, LayerNorm, GELU, dropout, biases), *dense* one-hot embedding lookups (2·e·V per
+#                        token: the largest term for small models), and backward = 1 x forward, so training =
+#                        2 x forward. ELECTRA-Large 400k steps x 2048 x 512: 7.1e20 (1.70 GFLOP per token).
+#
+# Both count the generator's FLOPs against ELECTRA, as the paper does.
+
+
 def _encoder_flops(hidden: int, ffn: int, layers: int, seq_len: int, embedding: int) -> float:
     """Forward matmul FLOPs per token of one Transformer encoder (2 FLOPs per multiply-accumulate)."""
     per_layer = (
@@ -93,12 +109,14 @@ def _encoder_flops(hidden: int, ffn: int, layers: int, seq_len: int, embedding: 
 
 
 def flops_per_token(cfg: Config) -> float:
-    """Training FLOPs per input token: forward matmuls x 3 (the backward pass costs twice the forward).
+    """Training FLOPs per input token, hardware convention (see above): forward matmuls x 3.
 
-    Convention (the common "6N" one, not the reference's flops_computation.py, which also counts softmax,
-    LayerNorm and activations): matmuls only, attention scores included, embedding lookups free, and the
-    vocabulary projection counted only at the masked positions (mask_prob of the tokens), since that is all
-    the objective computes. For ELECTRA the generator's FLOPs are counted too, as the paper does.
+    Counted: every encoder matmul incl. attention scores, the embedding -> hidden projection when they differ,
+    the discriminator's head (dense h x h and the 1-logit output) at every position, and the generator's (or
+    MLM's) head (dense h -> e, then e -> V) at ``mask_prob`` of the positions. Not counted: embedding lookups,
+    softmax, LayerNorm, activations, the optimizer. The code projects to the vocabulary at
+    ``int((mask_prob + 0.005) * seq_len)`` slots per example (the reference's max_predictions_per_seq), which
+    is mask_prob up to rounding (25% -> 130/512 = 25.4% for Large); we count mask_prob.
     """
     m, s, p = cfg.model, cfg.data.seq_len, cfg.objective.mask_prob
     disc = _encoder_flops(m.hidden_size, m.intermediate_size, m.num_layers, s, m.embedding_size)
@@ -111,16 +129,106 @@ def flops_per_token(cfg: Config) -> float:
     return 3.0 * (disc + disc_head + gen + gen_head)
 
 
-# Dense bf16 peak (TFLOP/s) of common accelerators, for the MFU estimate.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
+# The reference's per-element costs of the non-matmul ops (flops_computation.py).
+DROPOUT_FLOPS = 4  # random number, compare, mask, rescale
+LAYER_NORM_FLOPS = 5  # mean, variance, bias, scale
+ACTIVATION_FLOPS = 8  # tanh-approximated GELU
+SOFTMAX_FLOPS = 5  # max-subtract, exp, sum, divide
+
+
+def _paper_block(h: int, ffn: int, heads: int, s: int) -> float:
+    """One encoder layer's forward FLOPs per token, as the reference counts them."""
+    attention = (
+        2 * 3 * h * h + 3 * h  # Q, K, V projections and biases
+        + 2 * h * s + 2 * h * s  # scores, weighted sum of values
+        + (SOFTMAX_FLOPS + DROPOUT_FLOPS + 1) * s * heads  # softmax, attention dropout, 1/sqrt(d) scaling
+        + 2 * h * h + h + DROPOUT_FLOPS * h + h  # output projection, bias, dropout, residual
+        # The reference counts this LayerNorm as 5 FLOPs per token, not per element (an oversight worth <0.01%
+        # of the total); kept, so that the totals match its published numbers.
+        + LAYER_NORM_FLOPS
+    )  # fmt: skip
+    ffn_flops = (
+        2 * h * ffn + ACTIVATION_FLOPS * ffn + ffn  # up-projection, GELU, bias
+        + 2 * h * ffn + h + DROPOUT_FLOPS * h + h + LAYER_NORM_FLOPS * h  # down, bias, dropout, residual, LN
+    )  # fmt: skip
+    return attention + ffn_flops
+
+
+def _paper_input_embedding(h: int, e: int, v: int, s: int) -> float:
+    """Dense (one-hot matmul) token, position and type lookups, their sum, LayerNorm and dropout, and the
+    e -> h projection when they differ."""
+    flops = 2 * e * v + 2 * e * (s + 2) + 2 * e + LAYER_NORM_FLOPS * e + DROPOUT_FLOPS * e
+    if e != h:
+        flops += 2 * h * e + h
+    return flops
+
+
+def _paper_lm_head(h: int, e: int, v: int) -> float:
+    """The MLM head at one predicted position: dense h -> e, GELU, LayerNorm, e -> V, softmax, target pick."""
+    return 2 * h * e + e + ACTIVATION_FLOPS * e + LAYER_NORM_FLOPS * e + 2 * e * v + SOFTMAX_FLOPS * v + 2 * v
+
+
+def paper_flops_per_token(cfg: Config, output_frac: float | None = None) -> float:
+    """Training FLOPs per input token in the ELECTRA paper's convention (see above).
+
+    ``output_frac``: the share of positions the MLM head runs on; default ``objective.mask_prob``. The
+    reference's script uses 0.15625 (80 of 512) for every model, ELECTRA-Large's 25% masking included: with
+    it, ELECTRA-400K comes to 7.12e20; with the 25% the Large preset actually masks, 7.17e20.
+    """
+    m, s = cfg.model, cfg.data.seq_len
+    frac = cfg.objective.mask_prob if output_frac is None else output_frac
+    v, e = m.vocab_size, m.embedding_size
+
+    def encoder(h: int, ffn: int, heads: int) -> float:
+        return m.num_layers * _paper_block(h, ffn, heads, s) + _paper_input_embedding(h, e, v, s)
+
+    disc = encoder(m.hidden_size, m.intermediate_size, m.num_heads)
+    if cfg.objective.kind == "mlm":
+        return 2.0 * (disc + frac * _paper_lm_head(m.hidden_size, e, v))
+    h = m.hidden_size
+    disc_head = 2 * h * h + h + ACTIVATION_FLOPS * h + 2 * h  # dense, bias, GELU, 1-logit output
+    gen = encoder(m.generator_hidden_size, m.gen_intermediate, m.gen_heads)
+    gen_head = frac * _paper_lm_head(m.generator_hidden_size, e, v)
+    return 2.0 * (disc + disc_head + gen + gen_head)
+
+
+# Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, for MFU: (name token, variant token or "", value),
+# matched against torch.cuda.get_device_name() token by token, first match wins. fp16 peaks are the same;
+# V100 and T4 have no bf16, so theirs are fp16. A run in fp32 is still measured against this peak.
+GPU_PEAK_TFLOPS: list[tuple[str, str, float]] = [
+    ("B200", "", 2250.0),
+    ("GH200", "", 989.0),
+    ("H200", "", 989.0),
+    ("H100", "PCIe", 756.0),
+    ("H100", "NVL", 835.0),
+    ("H100", "", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H800", "PCIe", 756.0),
+    ("H800", "", 989.0),
+    ("A100", "", 312.0),
+    ("A800", "", 312.0),
+    ("L40S", "", 362.0),
+    ("L40", "", 181.0),
+    ("L4", "", 121.0),
+    ("A10", "", 125.0),
+    ("A6000", "", 155.0),
+    ("V100", "", 125.0),
+    ("T4", "", 65.0),
+]
+
+
+def gpu_peak_tflops(device_name: str) -> float | None:
+    """The table's peak for a CUDA device name such as "NVIDIA H100 80GB HBM3"; None when unknown."""
+    tokens = set(device_name.replace("-", " ").replace("_", " ").split())
+    for model, variant, value in GPU_PEAK_TFLOPS:
+        if model in tokens and (not variant or variant in tokens):
+            return value
+    return None
 
 
 def peak_tflops(configured: float | None) -> float | None:
+    """train.peak_tflops if set, else the table's value for this GPU, else None (CPU, unknown GPU)."""
     if configured:
         return configured
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, value in PEAK_TFLOPS.items():
-            if key in name:
-                return value
+        return gpu_peak_tflops(torch.cuda.get_device_name())
     return None

@@ -1,0 +1,53 @@
+"""``electra-scale bench`` end to end, tiny: its own SeaweedFS, synthetic shards, all three training paths."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from electra_scale import cli
+from electra_scale.config import load_config
+from electra_scale.model import flops_per_token
+from tests.test_train import run_cli
+
+TINY = ["--config", "configs/tiny.yaml", "train.micro_batch_size=4", "data.num_workers=1"]
+
+
+def test_bench_reports_every_path(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench", *TINY, "--steps", "2", "--warmup", "1", "--data-samples", "64", "--json-out", str(out)]
+    proc = run_cli(args)
+    report = json.loads(out.read_text())
+
+    cfg = load_config("configs/tiny.yaml", ["train.micro_batch_size=4"])
+    assert report["flops_per_token"] == pytest.approx(flops_per_token(cfg))
+    assert report["tokens_per_step"] == 4 * 128 and report["threads"] >= 1
+    assert report["peak_source"].startswith("measured fp32 matmul") and report["peak_tflops"] > 0
+    for name in ("bare", "engine", "pretrain"):
+        r = report["results"][name]
+        assert r["error"] is None, r["error"]
+        assert r["steps"] == 2 and r["step_time_s"] > 0
+        assert r["tokens_per_s"] == pytest.approx(report["tokens_per_step"] / r["step_time_s"])
+        assert 0 < r["mfu"] < 1
+        assert r["peak_memory_bytes"] > 0  # what the path adds to the process: model, optimizer, activations
+    # Each path against bare steps interleaved with it: pretrain ran bare steps between its logging windows.
+    pretrain, engine, bare = (report["results"][name] for name in ("pretrain", "engine", "bare"))
+    overhead = report["overhead"]
+    assert overhead["pretrain_vs_bare"] == pytest.approx(pretrain["step_time_s"] / pretrain["bare_step_time_s"])
+    assert overhead["engine_vs_bare"] == pytest.approx(engine["step_time_s"] / bare["step_time_s"])
+    assert overhead["pretrain_vs_bare_cpu_time"] == pytest.approx(pretrain["cpu_time_s"] / pretrain["bare_cpu_time_s"])
+    data = report["results"]["data"]
+    assert data["source"].startswith("s3://") and data["shards"] >= 2
+    assert data["tokens_per_s"] > 0 and 0 < data["real_tokens_per_s"] <= data["tokens_per_s"]
+
+    for text in ("bare PyTorch loop", "DeepSpeed engine", "electra-scale pretrain", "framework overhead", "data path"):
+        assert text in proc.stdout
+
+
+def test_bench_rejects_bad_input(tmp_path, capsys):
+    assert cli.main(["bench", *TINY, "--data", str(tmp_path / "nothing")]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", *TINY, "--steps", "0"])
+    assert exit_info.value.code == 2 and "--steps: must be >= 1" in capsys.readouterr().err

@@ -1,0 +1,99 @@
+"""``electra-scale compare`` end to end on the miniature preset, and its discriminator health check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from electra_scale.compare import disc_health, load_spec
+from electra_scale.config import ConfigError
+from tests.test_train import run_cli
+
+
+def test_compare_end_to_end_on_the_miniature_preset(shards, tmp_path):
+    prefix, _ = shards
+    work = tmp_path / "cmp"
+    proc = run_cli(
+        ["compare", "--preset", "configs/compare/mini.yaml", "--workdir", str(work), f"corpus.shards={prefix}"]
+    )
+    report = json.loads((work / "compare.json").read_text())
+
+    # Both objectives pretrained through the CLI to the same budget (within one evaluation interval's rounding).
+    runs = report["runs"]
+    budget = report["budget_flops"]
+    for kind in ("electra", "mlm"):
+        per_step = runs[kind]["flops_per_token"] * runs[kind]["tokens_per_step"]
+        assert abs(runs[kind]["total_flops"] - budget) <= per_step * 2 / 2, runs[kind]  # steps = 2 x round(...)
+        assert (work / "runs" / kind / "metrics.jsonl").exists()
+    assert runs["electra"]["flops_per_token"] > runs["mlm"]["flops_per_token"]  # the generator is charged
+    assert runs["electra"]["steps"] < runs["mlm"]["steps"]
+    assert report["cost_ratio"]["flops_per_token"] == pytest.approx(
+        runs["electra"]["flops_per_token"] / runs["mlm"]["flops_per_token"]
+    )
+
+    # random init + 2 points per objective, every one fine-tuned and probed on both seeds.
+    rows = report["rows"]
+    assert [(r["model"], r["step"] > 0) for r in rows] == [
+        ("random", False),
+        ("electra", True),
+        ("electra", True),
+        ("mlm", True),
+        ("mlm", True),
+    ]
+    for r in rows:
+        for mode in ("finetune", "probe"):
+            assert r[mode]["n"] == 2 and 0.0 <= r[mode]["mean"] <= 1.0 and len(r[f"{mode}_per_seed"]) == 2
+    assert rows[2]["flops"] == pytest.approx(2 * rows[1]["flops"])
+    for kind in ("electra", "mlm"):
+        for step in (r["step"] for r in rows if r["model"] == kind):
+            assert (work / "export" / kind / f"step_{step:07d}").is_dir()
+
+    # The health check read the ELECTRA run's recall and agrees with it.
+    electra_rows = [r for r in rows if r["model"] == "electra"]
+    assert all(r["disc_recall"] is not None for r in electra_rows)
+    assert all(r["disc_recall"] is None and not r["flagged"] for r in rows if r["model"] != "electra")
+    recall = [m["disc_recall"] for m in map(json.loads, (work / "runs/electra/metrics.jsonl").read_text().splitlines())]
+    assert electra_rows[-1]["flagged"] == (max(recall[-max(1, len(recall) // 4) :]) < 0.02)
+
+    # Table (markdown, one line per row), verdict, plots.
+    table = (work / "compare.md").read_text()
+    assert sum(line.startswith(("| random", "| electra", "| mlm")) for line in table.splitlines()) == 5 + 2
+    assert "ELECTRA / MLM cost per token" in table and report["verdict"] in table
+    assert "finetune: at" in report["verdict"] and "probe: at" in report["verdict"]
+    from PIL import Image
+
+    for png in [work / "compare.png", *(Path(p) for p in report["plots"])]:
+        with Image.open(png) as im:
+            im.verify()
+            assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+    assert any("curves" in p for p in report["plots"])
+    assert "| model | step | pretrain FLOPs" in proc.stdout
+
+    # A second run reuses everything: no pretraining step, no fine-tuning redone.
+    again = run_cli(
+        ["compare", "--preset", "configs/compare/mini.yaml", "--workdir", str(work), f"corpus.shards={prefix}"]
+    )
+    assert "compare: pretrain --config" not in again.stderr and "the mlm run is complete" in again.stderr
+    assert "finetune random init seed" not in again.stderr
+    assert json.loads((work / "compare.json").read_text())["rows"] == rows
+
+
+def test_health_check_flags_a_discriminator_stuck_at_original():
+    stuck = [{"step": s, "disc_recall": r} for s, r in [(10, 0.4), (20, 0.01), (30, 0.0), (40, 0.001), (50, 0.0)]]
+    assert disc_health(stuck, 50, 0.02)["stuck"]  # the early recall (random init's coin flips) does not count
+    learning = [*stuck[:4], {"step": 50, "disc_recall": 0.15}]
+    assert not disc_health(learning, 50, 0.02)["stuck"]
+    assert disc_health(learning, 40, 0.02)["stuck"]  # judged on the logs up to that checkpoint only
+
+
+def test_bad_presets_fail_with_the_key_named(tmp_path):
+    with pytest.raises(ConfigError, match="budget.flops"):
+        load_spec(["configs/compare/mini.yaml"], ["budget.flops=0"])
+    with pytest.raises(ConfigError, match="unknown config key 'finetune.seedz'"):
+        load_spec(["configs/compare/mini.yaml"], ["finetune.seedz=[1]"])
+    with pytest.raises(ConfigError, match="model.hidden_sise"):
+        load_spec(["configs/compare/mini.yaml"], ["pretrain.config.model.hidden_sise=64"])
+    proc = run_cli(["compare", "--preset", "configs/compare/mini.yaml", "budget.points=0"], check=False)
+    assert proc.returncode == 2 and "budget.points=0" in proc.stderr
