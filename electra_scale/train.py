@@ -66,9 +66,11 @@ def cache_dir_for(cfg: Config) -> Path:
     return Path.home() / ".cache" / "electra-scale" / bucket_path
 
 
-def _all_reduce(values: list[float]) -> list[float]:
+def _all_reduce(values: list[float], group=None) -> list[float]:
+    # Host numbers: on GPUs they go over a gloo group (NCCL has no CPU tensors, and a device tensor would
+    # make every step wait for the GPU before its forward pass).
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.tolist()
 
 
@@ -77,6 +79,7 @@ def pretrain(cfg: Config) -> dict:
     stop = StopRequest()  # from the start: a signal during set-up stops the run after its first step
     dist_env = launch.detect()
     device = launch.init_distributed(dist_env)
+    host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # collective: every rank
     world, main = dist_env.world_size, dist_env.is_main
     if main:
         storage.check_writable(cfg.run.output_dir)  # bad endpoint / credentials / bucket: fail now, clearly
@@ -164,7 +167,7 @@ def pretrain(cfg: Config) -> dict:
             count_targets(mb.input_ids, mb.attention_mask, special, cfg.objective.mask_prob) for mb in micro_batches
         ]
         n_masked, n_tokens, stops = _all_reduce(
-            [sum(c[0] for c in local), sum(c[1] for c in local), float(stop.requested)]
+            [sum(c[0] for c in local), sum(c[1] for c in local), float(stop.requested)], host_group
         )
         totals = {"n_masked": n_masked, "n_tokens": n_tokens}
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)
@@ -189,7 +192,7 @@ def pretrain(cfg: Config) -> dict:
         preempted = stops > 0  # every rank sees the same sum, so all stop after the same step
         if done % cfg.train.log_every == 0 or done == stop_step or preempted:
             keys = sorted(sums)
-            reduced = dict(zip(keys, _all_reduce([float(sums[k]) for k in keys])))
+            reduced = dict(zip(keys, _all_reduce([float(sums[k]) for k in keys], host_group)))
             elapsed = time.perf_counter() - window_start
             record = summarize(reduced, cfg.objective.disc_weight)
             tokens_per_s = window_steps * tokens_per_step / elapsed

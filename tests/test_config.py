@@ -111,7 +111,7 @@ def test_deepspeed_contradictions_are_rejected(tmp_path):
 
 
 def test_every_ds_config_works_with_bf16_and_fp16():
-    for name in ("zero1", "zero2", "zero3", "zero3_offload"):
+    for name in ("zero0", "zero1", "zero2", "zero3", "zero3_offload"):
         for precision in ("bf16", "fp16"):
             cfg = load_config(
                 "configs/tiny.yaml",

@@ -107,6 +107,23 @@ def test_zero3_two_ranks_resume_on_one(shards, reference, tmp_path):
     assert_every_sample_once(out, STEPS)
 
 
+def test_zero0_loads_directly_on_another_world_size(shards, reference, tmp_path):
+    """ZeRO-0 saves whole, unpartitioned states: no conversion, and the run continues on 1 rank."""
+    out = tmp_path / "run"
+    common = (
+        f"train.max_steps={STEPS}",
+        f"checkpoint.every_steps={EVERY}",
+        "run.record_samples=true",
+        "train.deepspeed_config=ds_configs/zero0.json",
+        *NO_DROPOUT,
+    )
+    run_cli([*pretrain_args(shards, str(out), *common), f"train.stop_at_step={EVERY}"], ranks=2)
+    proc = run_cli(pretrain_args(shards, str(out), *common))
+    assert f"at step {EVERY}" in proc.stderr and "universal" not in proc.stderr
+    assert_continues(reference, out, EVERY)
+    assert_every_sample_once(out, STEPS)
+
+
 @pytest.mark.parametrize("zero", ["zero3", "zero0"])
 def test_conversion_across_zero_groups_is_refused_clearly(shards, reference, tmp_path, zero):
     out = tmp_path / "run"
