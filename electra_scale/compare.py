@@ -106,16 +106,9 @@ def load_spec(paths: list[str], overrides: list[str]) -> CompareSpec:
     """Layered YAML presets plus dotted overrides (``budget.flops=2e15``, ``finetune.seeds=[0,1,2]``,
     ``pretrain.config.optim.lr=1e-3``), checked key by key like the run config."""
     # The run config's loader does the YAML reading, merging and typed checks; reuse its pieces.
-    from electra_scale.config import build_dataclass, merge_into, parse_value, read_yaml, set_dotted
+    from electra_scale.config import build_dataclass, read_layered
 
-    raw: dict[str, Any] = {}
-    for path in paths:
-        merge_into(raw, read_yaml(path))
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. budget.flops=2e15)")
-        set_dotted(raw, key.strip(), parse_value(value))
+    raw = read_layered(paths, overrides, example="budget.flops=2e15")
     pre = raw.get("pretrain", {})
     if not isinstance(pre, dict):
         raise ConfigError("pretrain must be a mapping (base:, ranks:, config:, electra:, mlm:)")

@@ -166,15 +166,22 @@ def load_config(paths: str | Path | list | tuple | None, overrides: list[str] = 
         paths = []
     elif isinstance(paths, str | Path):
         paths = [paths]
+    raw = read_layered(paths, overrides, example="train.max_steps=100")
+    return config_from_dict(raw, " + ".join(map(str, paths)) or "<defaults>")
+
+
+def read_layered(paths: list, overrides: list[str], example: str) -> dict[str, Any]:
+    """YAML files deep-merged in order, then ``section.key=value`` overrides: the raw dict a typed config
+    (this module's Config, or compare's spec) is built from."""
     raw: dict[str, Any] = {}
     for path in paths:
         merge_into(raw, read_yaml(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.max_steps=100)")
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. {example})")
         set_dotted(raw, key.strip(), parse_value(value))
-    return config_from_dict(raw, " + ".join(map(str, paths)) or "<defaults>")
+    return raw
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
