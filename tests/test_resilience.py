@@ -79,28 +79,32 @@ def test_two_ranks_resume_on_one(shards, reference, tmp_path, zero):
     assert not list((out / "checkpoints").glob("*.universal")), "the converted copy is removed after loading"
 
 
+def stop_then_resume(shards, out: Path, zero: str, ranks: int, then_ranks: int) -> str:
+    """Train to the first checkpoint on ``ranks``, then resume to the end on ``then_ranks``; the resumed
+    run's log."""
+    common = (
+        f"train.max_steps={STEPS}",
+        f"checkpoint.every_steps={EVERY}",
+        "run.record_samples=true",
+        f"train.deepspeed_config=ds_configs/{zero}.json",
+        *NO_DROPOUT,
+    )
+    run_cli([*pretrain_args(shards, str(out), *common), f"train.stop_at_step={EVERY}"], ranks=ranks)
+    return run_cli(pretrain_args(shards, str(out), *common), ranks=then_ranks).stderr
+
+
 def test_one_rank_resumes_on_two(shards, reference, tmp_path):
     out = tmp_path / "run"
-    common = (f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}", "run.record_samples=true", *NO_DROPOUT)
-    run_cli([*pretrain_args(shards, str(out), *common), f"train.stop_at_step={EVERY}"])
-    proc = run_cli(pretrain_args(shards, str(out), *common), ranks=2)
-    assert f"at step {EVERY} (converted from 1 rank(s), ZeRO-2)" in proc.stderr
+    log = stop_then_resume(shards, out, "zero2", ranks=1, then_ranks=2)
+    assert f"at step {EVERY} (converted from 1 rank(s), ZeRO-2)" in log
     assert_continues(reference, out, EVERY)
     assert_every_sample_once(out, STEPS)
 
 
 def test_zero3_two_ranks_resume_on_one(shards, reference, tmp_path):
     out = tmp_path / "run"
-    common = (
-        f"train.max_steps={STEPS}",
-        f"checkpoint.every_steps={EVERY}",
-        "run.record_samples=true",
-        "train.deepspeed_config=ds_configs/zero3.json",
-        *NO_DROPOUT,
-    )
-    run_cli([*pretrain_args(shards, str(out), *common), f"train.stop_at_step={EVERY}"], ranks=2)
-    proc = run_cli(pretrain_args(shards, str(out), *common))
-    assert f"at step {EVERY} (converted from 2 rank(s), ZeRO-3)" in proc.stderr
+    log = stop_then_resume(shards, out, "zero3", ranks=2, then_ranks=1)
+    assert f"at step {EVERY} (converted from 2 rank(s), ZeRO-3)" in log
     # The reference is ZeRO-2: ZeRO-3 reduces in another order (1e-4 apart after 3 steps, see test_train.py),
     # and the difference grows by a few 1e-4 over 8 steps.
     assert_continues(reference, out, EVERY, rel=2e-3)
@@ -110,16 +114,8 @@ def test_zero3_two_ranks_resume_on_one(shards, reference, tmp_path):
 def test_zero0_loads_directly_on_another_world_size(shards, reference, tmp_path):
     """ZeRO-0 saves whole, unpartitioned states: no conversion, and the run continues on 1 rank."""
     out = tmp_path / "run"
-    common = (
-        f"train.max_steps={STEPS}",
-        f"checkpoint.every_steps={EVERY}",
-        "run.record_samples=true",
-        "train.deepspeed_config=ds_configs/zero0.json",
-        *NO_DROPOUT,
-    )
-    run_cli([*pretrain_args(shards, str(out), *common), f"train.stop_at_step={EVERY}"], ranks=2)
-    proc = run_cli(pretrain_args(shards, str(out), *common))
-    assert f"at step {EVERY}" in proc.stderr and "universal" not in proc.stderr
+    log = stop_then_resume(shards, out, "zero0", ranks=2, then_ranks=1)
+    assert f"at step {EVERY}" in log and "universal" not in log
     assert_continues(reference, out, EVERY)
     assert_every_sample_once(out, STEPS)
 
@@ -128,11 +124,7 @@ def test_zero0_loads_directly_on_another_world_size(shards, reference, tmp_path)
 def test_conversion_across_zero_groups_is_refused_clearly(shards, reference, tmp_path, zero):
     out = tmp_path / "run"
     rewind(reference, out, EVERY)
-    if zero == "zero0":
-        Path(tmp_path, "zero0.json").write_text(json.dumps({"zero_optimization": {"stage": 0}}))
-        ds = f"train.deepspeed_config={tmp_path / 'zero0.json'}"
-    else:
-        ds = "train.deepspeed_config=ds_configs/zero3.json"
+    ds = f"train.deepspeed_config=ds_configs/{zero}.json"
     proc = run_cli([*pretrain_args(shards, str(out), f"train.max_steps={STEPS}"), ds], check=False)
     assert proc.returncode == 1
     stage = zero.removeprefix("zero")
