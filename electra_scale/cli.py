@@ -111,7 +111,7 @@ def _describe(args) -> int:
     print(f"train FLOPs / token   {info['flops_per_token']:.4g}  (matmuls, backward = 2x forward: MFU's)")
     print(f"  paper convention    {info['paper_flops_per_token']:.4g}  (every op, dense lookups, backward = forward)")
     print(f"train FLOPs / run     {info['flops_per_token'] * tokens:.4g}  ({tokens:.3g} tokens)")
-    print(f"  paper convention    {info['paper_flops_per_token'] * tokens:.4g}  (the ELECTRA paper's Table 8 axis)")
+    print(f"  paper convention    {info['paper_flops_per_token'] * tokens:.4g}  (the ELECTRA paper's FLOP axis)")
     print(f"DeepSpeed config (world size {args.world_size}):")
     print(json.dumps(info["deepspeed_config"], indent=2))
     return 0

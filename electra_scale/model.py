@@ -88,7 +88,7 @@ def param_counts(cfg: Config) -> dict[str, int]:
 #                        vocabulary projection only at the masked positions. Used for tokens/s -> TFLOP/s -> MFU,
 #                        and it equals torch's FlopCounterMode count of a real training step (tests/test_flops.py).
 #                        ELECTRA-Large (s = 512, 25% masking): 2.17 GFLOP per token.
-# paper_flops_per_token  the ELECTRA paper's accounting (its Table 8 and google-research/electra's
+# paper_flops_per_token  the ELECTRA paper's accounting (its Tables 1-2 and google-research/electra's
 #                        flops_computation.py), for comparing against the paper's compute axis: every op counted
 #                        (softmax, LayerNorm, GELU, dropout, biases), *dense* one-hot embedding lookups (2·e·V per
 #                        token: the largest term for small models), and backward = 1 x forward, so training =

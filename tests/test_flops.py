@@ -70,7 +70,7 @@ def _total(cfg, output_frac=None, steps=None, batch=None):
 
 
 def test_paper_convention_reproduces_the_papers_totals():
-    """ELECTRA paper, Table 8 (and google-research/electra's flops_computation.py)."""
+    """ELECTRA paper, Table 2: ELECTRA-400K = 7.1e20 (and google-research/electra's flops_computation.py)."""
     large = load_config("configs/large.yaml")  # 400k steps x 2048 x 512
     assert _total(large) == pytest.approx(7.1e20, rel=0.02)  # the 25% the preset masks
     assert _total(large, output_frac=0.15625) == pytest.approx(7.1e20, rel=0.01)  # the reference script's 80/512
