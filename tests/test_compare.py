@@ -97,3 +97,19 @@ def test_bad_presets_fail_with_the_key_named(tmp_path):
         load_spec(["configs/compare/mini.yaml"], ["pretrain.config.model.hidden_sise=64"])
     proc = run_cli(["compare", "--preset", "configs/compare/mini.yaml", "budget.points=0"], check=False)
     assert proc.returncode == 2 and "budget.points=0" in proc.stderr
+
+
+@pytest.mark.parametrize("preset", sorted(Path("configs/compare").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_preset_validates_and_meets_its_budget(preset):
+    """The presets the docs quote: each resolves into two valid run configs whose steps spend the budget."""
+    from electra_scale.compare import run_config
+    from electra_scale.model import flops_per_token
+
+    spec = load_spec([str(preset)], [])
+    for kind in ("electra", "mlm"):
+        cfg = run_config(spec, kind, "s3://unused/shards", "/tmp/unused", None)
+        spent = flops_per_token(cfg) * cfg.train.global_batch_size * cfg.data.seq_len * cfg.train.max_steps
+        per_point = flops_per_token(cfg) * cfg.train.global_batch_size * cfg.data.seq_len * spec.budget.points
+        assert abs(spent - spec.budget.flops) <= per_point / 2, (kind, spent)
+        assert cfg.train.max_steps == spec.budget.points * cfg.checkpoint.every_steps
+        assert cfg.objective.kind == kind

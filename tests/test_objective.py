@@ -11,11 +11,11 @@ from electra_scale.objective import (
     MLMObjective,
     build_objective,
     example_generators,
-    gumbel_sample,
     mask_tokens,
     max_predictions,
     num_to_predict,
     replace_tokens,
+    sample_tokens,
     training_loss,
 )
 
@@ -123,12 +123,36 @@ def test_correct_sample_gives_all_zero_labels():
     assert int(labels.sum()) == int(m.weights.sum())
 
 
-def test_gumbel_max_samples_from_the_softmax():
+def test_sampling_draws_from_the_tempered_softmax():
     logits = torch.log(torch.tensor([0.1, 0.2, 0.7])).expand(1, 20000, 3).contiguous()
     gens = example_generators(0, torch.arange(1), torch.device("cpu"))
-    draws = gumbel_sample(logits, 1.0, gens)[0]
+    draws = sample_tokens(logits, 1.0, gens)[0]
     freq = torch.bincount(draws, minlength=3).float() / draws.numel()
     assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.7]), atol=0.015)
+    # Temperature 2 flattens: p ~ sqrt(p) renormalised.
+    hot = torch.tensor([0.1, 0.2, 0.7]).sqrt()
+    draws = sample_tokens(logits, 2.0, example_generators(1, torch.arange(1), torch.device("cpu")))[0]
+    freq = torch.bincount(draws, minlength=3).float() / draws.numel()
+    assert torch.allclose(freq, hot / hot.sum(), atol=0.015)
+
+
+def test_sampling_never_draws_a_zero_probability_token():
+    logits = torch.full((2, 5000, 6), float("-inf"))
+    logits[..., 2] = 0.0
+    logits[..., 4] = 1.0  # only tokens 2 and 4 are possible, whatever the uniform
+    sampled = sample_tokens(logits, 1.0, example_generators(0, torch.arange(2), torch.device("cpu")))
+    assert set(sampled.unique().tolist()) == {2, 4}
+
+
+def test_sampling_is_keyed_to_the_examples_generators():
+    logits = torch.randn(3, 19, VOCAB)
+
+    def draw(positions):
+        return sample_tokens(logits, 1.0, example_generators(7, torch.tensor(positions), torch.device("cpu")))
+
+    assert torch.equal(draw([4, 5, 6]), draw([4, 5, 6]))
+    other = draw([4, 5, 9])  # a different third example: only its samples change
+    assert torch.equal(other[:2], draw([4, 5, 6])[:2]) and not torch.equal(other[2], draw([4, 5, 6])[2])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -137,7 +161,7 @@ def test_low_precision_sampling_has_no_nan(dtype):
     logits = (torch.randn(4, 19, VOCAB, generator=g) * 30).to(dtype)
     logits[0, 0, :] = torch.finfo(dtype).max  # extreme but finite logits
     gens = example_generators(0, torch.arange(4), torch.device("cpu"))
-    sampled = gumbel_sample(logits, 1.0, gens)
+    sampled = sample_tokens(logits, 1.0, gens)
     assert sampled.dtype == torch.long
     assert ((sampled >= 0) & (sampled < VOCAB)).all()
 

@@ -1,0 +1,110 @@
+"""Is the discriminator learning anything? A short, plain-PyTorch ELECTRA run that prints, every --log steps,
+the discriminator's loss next to the base rate (the entropy of always answering with the replaced share), its
+recall and precision on replaced tokens, and the generator's accuracy.
+
+    .venv/bin/python scripts/rtd_probe.py --corpus runs/compare-cpu/corpus/wiki_en.jsonl \\
+        [--layers 4 --hidden 128 --gen 32 --lr 1e-3 --steps 1500] [--uniform-generator]
+
+--uniform-generator zeroes the generator's logits, so replacements are uniform over the vocabulary: the control
+run. A discriminator that learns there but not with the real generator has a correct objective and a hard task;
+one that learns in neither has a bug. The objective (masking, sampling, labels, loss) is electra_scale's own;
+the loop is a bare AdamW loop over random packed windows of the corpus (no DeepSpeed, no shards), which is why
+it is a script and not part of `pretrain`. docs/compare.md records what it showed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--corpus", required=True, help="a .jsonl file with a 'text' field per line")
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--gen", type=int, default=32, help="generator hidden size")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--log", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--uniform-generator", action="store_true")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    import electra_scale.objective as objective
+    from electra_scale.config import ModelConfig, ObjectiveConfig
+    from electra_scale.data.tokenizer import load_tokenizer, special_ids
+    from electra_scale.model import build_electra
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    texts = [json.loads(line)["text"] for line in Path(args.corpus).read_text().splitlines() if line]
+    tok = load_tokenizer(f"train:{args.vocab}", lambda: iter(texts))
+    special = special_ids(tok)
+    ids = np.concatenate([np.array(e.ids, dtype=np.int64) for e in tok.encode_batch(texts, add_special_tokens=False)])
+    seq = 128
+    n = len(ids) // (seq - 2)
+    body = ids[: n * (seq - 2)].reshape(n, seq - 2)
+    windows = np.concatenate([np.full((n, 1), special["cls"]), body, np.full((n, 1), special["sep"])], axis=1)
+    print(f"{n} windows of {seq} tokens from {len(ids):,} tokens", flush=True)
+
+    model = ModelConfig(
+        vocab_size=args.vocab, embedding_size=args.hidden, hidden_size=args.hidden, num_layers=args.layers,
+        num_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden, max_position_embeddings=seq,
+        generator_hidden_size=args.gen,
+    )  # fmt: skip
+    obj_cfg = ObjectiveConfig(kind="electra")
+    generator, discriminator = build_electra(model)
+    rtd = objective.ElectraObjective(generator, discriminator, obj_cfg, special, seed=1)
+    if args.uniform_generator:
+        real = objective.masked_lm_logits
+        objective.masked_lm_logits = lambda *a: real(*a) * 0.0  # softmax of zeros: uniform samples
+
+    opt = torch.optim.AdamW(rtd.parameters(), lr=args.lr, eps=1e-6, weight_decay=0.01)
+    decay = max(1, args.steps - args.warmup)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / args.warmup, max(0.0, (args.steps - s) / decay))
+    )
+    rng = np.random.default_rng(0)
+    sums: dict[str, float] = {}
+    started = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        pick = rng.integers(0, n, args.batch)
+        x = torch.from_numpy(windows[pick])
+        out = rtd(x, torch.ones_like(x), torch.zeros_like(x), torch.from_numpy(pick) + step * n)
+        totals = {"n_masked": float(out["n_masked"]), "n_tokens": float(out["n_tokens"])}
+        opt.zero_grad()
+        objective.training_loss(out, totals, obj_cfg.disc_weight).backward()
+        torch.nn.utils.clip_grad_norm_(rtd.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        if step % args.log == 0:
+            m = objective.summarize(sums, obj_cfg.disc_weight)
+            r = m["replaced_frac"]
+            base = -(r * math.log(r) + (1 - r) * math.log(1 - r))
+            print(
+                f"step {step:5d} {time.perf_counter() - started:6.0f}s  gen_acc {m['gen_acc']:.3f}  replaced {r:.3f}  "
+                f"disc_loss {m['disc_loss']:.4f} (base rate {base:.4f})  recall {m['disc_recall']:.3f}  "
+                f"precision {m['disc_precision']:.3f}",
+                flush=True,
+            )
+            sums = {}
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
