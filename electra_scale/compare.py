@@ -41,6 +41,7 @@ from typing import Any
 
 from electra_scale.config import ConfigError
 from electra_scale.finetune import FinetuneConfig
+from electra_scale.metrics import read_metrics
 
 log = logging.getLogger("electra_scale")
 
@@ -232,11 +233,6 @@ def pretrain_run(spec: CompareSpec, cfg, run_dir: Path) -> dict:
     return info
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
-
-
 def disc_health(records: list[dict], step: int, min_recall: float) -> dict:
     """Recall on replaced tokens up to ``step``: its last value, its best over the last quarter of the logged
     steps, and whether that best stayed below ``min_recall`` (stuck predicting "original")."""
@@ -309,7 +305,7 @@ def compare(spec: CompareSpec, workdir: str, cache_dir: Path) -> dict:
         fpt = flops_per_token(cfg)
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         info = pretrain_run(spec, cfg, run_dir)
-        records = read_metrics(run_dir)
+        records = read_metrics(str(run_dir / "metrics.jsonl"))
         info.update(
             steps=cfg.train.max_steps,
             flops_per_token=fpt,

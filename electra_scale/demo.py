@@ -26,6 +26,7 @@ from pathlib import Path
 from electra_scale import storage
 from electra_scale.data.fetch import wheel_member
 from electra_scale.launch import free_port
+from electra_scale.metrics import read_metrics
 from electra_scale.s3server import SeaweedS3
 
 log = logging.getLogger("electra_scale")
@@ -121,7 +122,7 @@ def run_demo(workdir: str, steps: int = 300) -> None:
         _cli("pretrain", *common, ranks=2)
         export_dir = work / "export"
         _cli("export", run, str(export_dir))
-        metrics = [json.loads(line) for line in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+        metrics = read_metrics(storage.join(run, "metrics.jsonl"))
         latest = storage.read_text(storage.join(run, "checkpoints", "latest")).strip()
     finally:
         server.stop()

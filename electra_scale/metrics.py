@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from electra_scale import storage
+from electra_scale.config import ConfigError
 
 log = logging.getLogger("electra_scale")
 
@@ -132,3 +133,22 @@ class DiscriminatorHealth:
             recall,
             step,
         )
+
+
+def read_metrics(url: str) -> list[dict]:
+    """The records of a metrics.jsonl (local or s3://), sorted by step; [] when the file does not exist. A line
+    that is not a metrics record is a ConfigError naming the file and line."""
+    if not storage.exists(url):
+        return []
+    records = []
+    for n, line in enumerate(storage.read_text(url).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{url} line {n} is not JSON ({err.msg}); is this a metrics.jsonl?") from err
+        if not isinstance(rec, dict) or "step" not in rec:
+            raise ConfigError(f"{url} line {n} has no 'step'; is this an electra-scale metrics.jsonl?")
+        records.append(rec)
+    return sorted(records, key=lambda r: r["step"])

@@ -17,12 +17,12 @@ caller's matplotlib state alone.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from electra_scale import storage
 from electra_scale.config import ConfigError
+from electra_scale.metrics import read_metrics
 
 # figure file stem -> (title, [(metric key, panel title)])
 FIGURES: dict[str, tuple[str, list[tuple[str, str]]]] = {
@@ -52,20 +52,10 @@ def load_metrics(run_dir: str) -> list[dict]:
     url = metrics_url(run_dir)
     if not storage.exists(url):
         raise ConfigError(f"no metrics at {url}: pass a run's output dir (its run.output_dir) or a metrics.jsonl")
-    records = []
-    for n, line in enumerate(storage.read_text(url).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{url} line {n} is not JSON ({err.msg}); is this a metrics.jsonl?") from err
-        if not isinstance(rec, dict) or "step" not in rec:
-            raise ConfigError(f"{url} line {n} has no 'step'; is this an electra-scale metrics.jsonl?")
-        records.append(rec)
+    records = read_metrics(url)
     if not records:
         raise ConfigError(f"{url} has no records yet: the run logs every train.log_every steps")
-    return sorted(records, key=lambda r: r["step"])
+    return records
 
 
 def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
