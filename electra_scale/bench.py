@@ -14,16 +14,18 @@ Measures, for one rank on this machine (a GPU if there is one):
 - for each path: step time, tokens/s, model TFLOP/s, MFU, and peak memory, as what the path adds to the
   process (CUDA max allocated, or peak RSS on CPU, over the level before the path started); the framework
   overhead is a path's step time over the bare loop's;
-- the data path on one core: S3 GETs -> tar/npy decode -> collated micro-batches (``PretrainStream`` with no
-  worker processes), in tokens/s, to compare with what training consumes.
+- the data path on one core: rank 0 of ``--data-world-size`` W through its share of an epoch, S3 ranged GETs ->
+  block decode -> collated micro-batches (``PretrainStream`` with no worker processes), in samples/s and
+  tokens/s per CPU-second, with the bytes and GETs it fetched against its 1/W share (docs/data.md).
 
 MFU = flops_per_token (model.py: matmuls, backward = 2 x forward) x tokens/s / peak. The peak is the GPU's
 dense bf16 figure from model.GPU_PEAK_TFLOPS, or on CPU a measured matmul rate in the run's precision with the
 same threads (so CPU MFU says how close the step gets to this CPU's own matmul speed).
 
-Without ``--data`` the bench writes synthetic shards (random words over the config's whole vocabulary, the
-config's seq_len) into a private SeaweedFS it starts and stops itself; ``--scratch s3://bucket/prefix`` writes
-them to your S3 instead (and deletes them after), to measure a real store. ``--data SHARDS`` uses an existing
+Without ``--data`` the bench writes synthetic shards (random ids over the config's whole vocabulary, the
+config's seq_len, written straight as blocks) into a private SeaweedFS it starts and stops itself;
+``--scratch s3://bucket/prefix`` writes them to your S3 instead (and deletes them after), to measure a real
+store. ``--data SHARDS`` uses an existing
 shard set (its vocab and seq_len must match the config). The global batch is one micro-batch unless
 ``--accum`` says otherwise: step time and MFU are per micro-batch-sized step.
 """
@@ -181,72 +183,135 @@ def device_peak(device, precision: str, configured: float | None) -> tuple[float
 
 
 # ------------------------------------------------------------------------------------------------ data
-def synthetic_shards(output: str, workdir: Path, vocab_size: int, seq_len: int, samples: int, seed: int = 0) -> str:
-    """Shards of random words over the whole vocabulary: ``w<i>`` for every id after the specials and ".", one
-    WordPiece token each, Zipf-distributed like words in text, in sentences of 4-29 words (capitalised, so that
-    prepare's sentence splitter sees them), documents of 2-12 sentences."""
+def synthetic_shards(
+    output: str, vocab_size: int, seq_len: int, samples: int, samples_per_block: int | None = None, seed: int = 0
+) -> str:
+    """A shard set of random examples written straight as blocks (no text, no tokenizer), so that sets of
+    millions of examples take seconds: ids Zipf-distributed over the whole vocabulary like words in text,
+    ``[CLS] A [SEP] B [SEP]`` with a random split, 90% of examples full length and 10% shorter."""
+    import tempfile
+
     import numpy as np
 
-    from electra_scale.data import SPECIAL_TOKENS, prepare
+    from electra_scale import storage
+    from electra_scale.data.prepare import ShardWriter
+    from electra_scale.data.shards import default_samples_per_block
 
-    words = [f"w{i}" for i in range(vocab_size - len(SPECIAL_TOKENS) - 1)]
-    vocab = workdir / "vocab.txt"
-    vocab.write_text("\n".join([*SPECIAL_TOKENS.values(), ".", *words]) + "\n")
+    specials = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    dtype = np.dtype(np.uint16 if vocab_size < 65536 else np.int32)
+    per_block = samples_per_block or default_samples_per_block(seq_len, dtype.itemsize)
     rng = np.random.default_rng(seed)
-    ranks = np.arange(1, len(words) + 1)
-    probs = 1.0 / ranks
+    words = np.arange(len(specials), vocab_size)
+    probs = 1.0 / np.arange(1, len(words) + 1)
     probs /= probs.sum()
-    corpus = workdir / "corpus.jsonl"
-    with open(corpus, "w") as f:
-        remaining = samples * seq_len
-        while remaining > 0:
-            lengths = rng.integers(4, 30, size=rng.integers(2, 13))
-            ids = rng.choice(len(words), size=int(lengths.sum()), p=probs)
-            cuts = np.cumsum(lengths)[:-1]
-            text = " ".join(" ".join(words[i] for i in part).capitalize() + "." for part in np.split(ids, cuts))
-            f.write(json.dumps({"text": text}) + "\n")
-            remaining -= len(ids)
-    per_shard = max(64, samples // 8)  # several shards, so the timing covers several GETs
-    prepare([str(corpus)], output, str(vocab), seq_len=seq_len, samples_per_shard=per_shard, progress=False)
+    if not storage.is_s3(output):
+        Path(output).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="electra-synthetic-") as workdir:
+        writer = ShardWriter(output, 16 * per_block, per_block, dtype, workdir)
+        for first in range(0, samples, per_block):
+            k = min(per_block, samples - first)
+            lengths = np.where(rng.random(k) < 0.1, rng.integers(8, seq_len, k), seq_len)
+            tokens = rng.choice(words, size=int(lengths.sum()), p=probs).astype(dtype)
+            ends = np.cumsum(lengths)
+            starts = ends - lengths
+            tokens[starts], tokens[ends - 1] = specials["cls"], specials["sep"]
+            tokens[starts + 1 + (rng.random(k) * (lengths - 3)).astype(np.int64)] = specials["sep"]
+            for example in np.split(tokens, ends[:-1]):
+                writer.write(example)
+        writer.close()
+    writer.publish(
+        seq_len=seq_len,
+        vocab_size=vocab_size,
+        special_ids=specials,
+        tokenizer_sha256="synthetic",
+        lowercase=True,
+        seed=seed,
+    )
     return output
 
 
-def bench_data(shards: str, cfg) -> PathResult:
-    """One epoch of the shard set through PretrainStream on one core (no worker processes, 1 torch thread)."""
+def bench_data(shards: str, cfg, world_size: int = 1, partitions: int | None = None, repeats: int = 3) -> PathResult:
+    """Rank 0 of ``world_size`` through its share of one epoch, data only (no model), on one core: no worker
+    processes, 1 torch thread. Counts what that rank fetches (bytes, GETs) against the epoch's total, and the
+    CPU time per trained example, the median of ``repeats`` passes. ``partitions`` defaults to ``world_size``:
+    one partition per rank."""
     import torch
 
+    from electra_scale import storage
     from electra_scale.data import PretrainStream, load_manifest
 
     result = PathResult("data")
+    storage.reset_io_stats()
     manifest = load_manifest(shards)
-    gb, m = cfg.train.global_batch_size, cfg.train.micro_batch_size
-    steps = max(1, manifest.num_samples // gb)
+    manifest_bytes = storage.IO.bytes
+    partitions = partitions or world_size
+    m = cfg.train.micro_batch_size
+    gb = max(cfg.train.global_batch_size, m * world_size)  # at least one micro-batch per rank and step
+
+    def stream(seed: int):
+        return PretrainStream(
+            shards,
+            manifest,
+            seed=seed,
+            global_batch_size=gb,
+            micro_batch_size=m,
+            rank=0,
+            world_size=world_size,
+            partitions=partitions,
+            num_workers=0,
+        )
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        stream = PretrainStream(
-            shards, manifest, seed=0, global_batch_size=gb, micro_batch_size=m, rank=0, world_size=1, num_workers=0
-        )
-        real = 0
-        start = time.perf_counter()
-        for step, micro_batches in enumerate(stream, 1):
-            real += sum(int(mb.attention_mask.sum()) for mb in micro_batches)
-            if step == steps:
-                break
-        elapsed = time.perf_counter() - start
+        for _, _ in zip(range(4), stream(seed=1)):  # warm-up (imports, connections), another epoch's order
+            pass
+        passes = []  # (wall, cpu) of each timed pass over the same epoch share: this machine's speed wanders
+        for _ in range(repeats):
+            timed = stream(seed=0)
+            steps = max(1, timed.layout.epoch_size // gb)
+            real = 0
+            storage.reset_io_stats()
+            # This thread's CPU time: the data path runs in it alone (no workers, 1 torch thread), and the
+            # process's other threads (the distributed store's, the S3 server's client pool) are not its cost.
+            start, cpu_start = time.perf_counter(), time.thread_time()
+            for step, micro_batches in enumerate(timed, 1):
+                real += sum(int(mb.lengths.sum()) for mb in micro_batches)
+                if step == steps:
+                    break
+            passes.append((time.perf_counter() - start, time.thread_time() - cpu_start))
+            io = storage.reset_io_stats()
     finally:
         torch.set_num_threads(threads)
-    positions = steps * gb * manifest.seq_len
+    elapsed, cpu = sorted(passes, key=lambda p: p[1])[len(passes) // 2]  # the median pass by CPU time
+    trained = steps * gb // world_size  # this rank's examples
+    total = sum(b.length for s in manifest.shards for b in s.blocks)  # the blocks' bytes: one epoch's data
     result.steps = steps
     result.step_time_s = elapsed / steps
-    result.tokens_per_s = positions / elapsed
+    result.tokens_per_s = trained * manifest.seq_len / cpu
     result.extra = {
         "source": shards,
-        "samples": steps * gb,
+        "world_size": world_size,
+        "partitions": partitions,
+        "samples": trained,
         "shards": len(manifest.shards),
+        "samples_per_block": manifest.samples_per_block,
         "seconds": elapsed,
-        "real_tokens_per_s": real / elapsed,  # non-padding tokens
-        "samples_per_s": steps * gb / elapsed,
+        "cpu_seconds": cpu,
+        # Per core: examples over the CPU time of this process (here the S3 server shares the machine's cores,
+        # so wall time understates what a core delivers); the wall-clock rate next to it.
+        "samples_per_s": trained / cpu,
+        "wall_samples_per_s": trained / elapsed,
+        "real_tokens_per_s": real / cpu,  # non-padding tokens
+        "cpu_s_per_sample": cpu / trained,
+        "cpu_s_per_sample_range": [min(c for _, c in passes) / trained, max(c for _, c in passes) / trained],
+        "repeats": repeats,
+        "bytes_fetched": io.bytes,
+        "bytes_total": total,
+        "bytes_share": io.bytes / (total / world_size),  # 1.0 = exactly this rank's 1/W of the epoch
+        "manifest_bytes": manifest_bytes,
+        "gets": io.gets,
+        "objects_read": len(io.by_object),
     }
     return result
 
@@ -266,6 +331,7 @@ def _fixed_batch(shards: str, cfg):
         micro_batch_size=cfg.train.micro_batch_size,
         rank=0,
         world_size=1,
+        partitions=1,
         num_workers=0,
     )
     return next(iter(stream)), manifest.special_ids
@@ -372,22 +438,15 @@ class EngineLoop:
         self.sums: dict = defaultdict(float)
 
     def step(self) -> None:
-        from electra_scale.objective import count_targets, training_loss
+        from electra_scale.objective import count_batch_targets, training_loss
 
         cfg, device = self.cfg, self.device
-        local = [
-            count_targets(mb.input_ids, mb.attention_mask, self.special, cfg.objective.mask_prob) for mb in self.batches
-        ]
+        local = [count_batch_targets(mb, cfg.objective.mask_prob) for mb in self.batches]
         n_masked, n_tokens, _stop = _all_reduce([sum(c[0] for c in local), sum(c[1] for c in local), 0.0], device)
         totals = {"n_masked": n_masked, "n_tokens": n_tokens}
         self.engine.get_lr()
         for mb in self.batches:
-            out = self.engine(
-                input_ids=mb.input_ids.to(device),
-                attention_mask=mb.attention_mask.to(device),
-                token_type_ids=mb.token_type_ids.to(device),
-                positions=mb.positions,
-            )
+            out = self.engine(**mb.model_inputs(device))
             loss = training_loss(out, totals, cfg.objective.disc_weight) * len(self.batches)
             self.engine.backward(loss)
             self.engine.step()
@@ -580,7 +639,10 @@ def run_bench(
     accum: int = 1,
     data: str | None = None,
     scratch: str | None = None,
-    data_samples: int = 4096,
+    data_samples: int = 65536,
+    block_samples: int | None = None,
+    data_world_size: tuple[int, ...] = (1,),
+    data_partitions: int | None = None,
     skip: tuple[str, ...] = (),
     threads: int | None = None,
 ) -> dict:
@@ -636,13 +698,19 @@ def run_bench(
     results: dict[str, PathResult] = {}
     with (
         tempfile.TemporaryDirectory(prefix="electra-bench-") as tmp,
-        _data_source(data, scratch, Path(tmp), cfg, data_samples) as shards,
+        _data_source(data, scratch, Path(tmp), cfg, data_samples, block_samples) as shards,
     ):
         report["data_source"] = shards
         load_manifest(shards).check_compatible(cfg.model.vocab_size, cfg.data.seq_len)  # --data: fail first
         work = Path(tmp)
         if "data" not in skip:
-            results["data"] = bench_data(shards, cfg)
+            sweep = []
+            for w in data_world_size:
+                log.info("bench: the data path, rank 0 of %d, one core", w)
+                sweep.append(bench_data(shards, cfg, w, data_partitions))
+            results["data"] = sweep[0]
+            if len(sweep) > 1:
+                report["data_sweep"] = [_as_dict(r) for r in sweep]
         batches, special = (None, None)
         if {"bare", "engine"} - set(skip):
             batches, special = _fixed_batch(shards, cfg)
@@ -692,6 +760,8 @@ def run_bench(
         if device.type == "cpu" and ref_cpu and r.extra.get("cpu_time_s"):
             report["overhead"][f"{name}_vs_bare_cpu_time"] = r.extra["cpu_time_s"] / ref_cpu
     report["results"] = {name: _as_dict(r) for name, r in results.items()}
+    if "data" in report["results"]:
+        report["data"] = report["results"]["data"]
     if "data" in results and "pretrain" in results and results["pretrain"].tokens_per_s:
         report["data_headroom"] = results["data"].tokens_per_s / results["pretrain"].tokens_per_s
     return report
@@ -709,7 +779,7 @@ def _as_dict(r: PathResult) -> dict:
 
 
 @contextlib.contextmanager
-def _data_source(data: str | None, scratch: str | None, workdir: Path, cfg, samples: int):
+def _data_source(data: str | None, scratch: str | None, workdir: Path, cfg, samples: int, block: int | None):
     """Yields the shard prefix to read: ``data`` as given, or synthetic shards written to ``scratch`` (deleted
     after) or to a private SeaweedFS (stopped after)."""
     from electra_scale import storage
@@ -720,7 +790,7 @@ def _data_source(data: str | None, scratch: str | None, workdir: Path, cfg, samp
     if scratch is not None:
         prefix = storage.join(scratch, f"electra-bench-{uuid.uuid4().hex[:8]}")
         try:
-            yield synthetic_shards(prefix, workdir, cfg.model.vocab_size, cfg.data.seq_len, samples)
+            yield synthetic_shards(prefix, cfg.model.vocab_size, cfg.data.seq_len, samples, block)
         finally:
             storage.delete_prefix(prefix)
         return
@@ -732,7 +802,7 @@ def _data_source(data: str | None, scratch: str | None, workdir: Path, cfg, samp
         os.environ.update(server.env())
         storage.s3_client.cache_clear()
         server.create_bucket("electra-bench")
-        yield synthetic_shards("s3://electra-bench/shards", workdir, cfg.model.vocab_size, cfg.data.seq_len, samples)
+        yield synthetic_shards("s3://electra-bench/shards", cfg.model.vocab_size, cfg.data.seq_len, samples, block)
     finally:
         server.stop()
         for key, value in saved.items():
@@ -807,12 +877,28 @@ def report_lines(report: dict) -> tuple[list[str], list[str]]:
         if result.get("error"):
             tail.append(f"{name} path failed: {result['error']}")
     data = r["results"].get("data")
-    if data:
+    if data and not data.get("error"):
         headroom = r.get("data_headroom")
         tail.append(
-            f"data path, 1 core ({data['source']}): {data['tokens_per_s']:,.0f} tokens/s "
-            f"({data['samples_per_s']:,.0f} samples/s, {data['shards']} shards, {data['samples']} samples in "
-            f"{data['seconds']:.2f} s)" + (f"; {headroom:.1f}x what training consumes" if headroom else "")
+            f"data path, 1 core, rank 0 of {data['world_size']} ({data['partitions']} partitions; {data['source']}): "
+            f"{data['samples_per_s']:,.0f} samples/s = {data['tokens_per_s']:,.0f} tokens/s per CPU-second "
+            f"({data['wall_samples_per_s']:,.0f} samples/s wall; {data['samples']:,} samples, "
+            f"{data['cpu_s_per_sample'] * 1e6:.2f} us CPU each, median of {data['repeats']} passes: "
+            f"{data['cpu_s_per_sample_range'][0] * 1e6:.2f}-{data['cpu_s_per_sample_range'][1] * 1e6:.2f})"
+            + (f"; {headroom:.1f}x what training consumes" if headroom else "")
+        )
+        tail.append(
+            f"data fetched by that rank: {data['bytes_fetched']:,} bytes in {data['gets']:,} GETs from "
+            f"{data['objects_read']} of {data['shards']} shards = {data['bytes_share']:.3f}x its 1/W share of the "
+            f"epoch's {data['bytes_total']:,} bytes (+ {data['manifest_bytes']:,} bytes of manifest)"
+        )
+    for row in r.get("data_sweep", []):
+        tail.append(
+            f"  W={row['world_size']:>4}: {row['bytes_fetched']:>13,} bytes ({row['bytes_share']:.3f}x of 1/W), "
+            f"{row['gets']:>6,} GETs, {row['objects_read']:>4} shards read, "
+            f"{row['cpu_s_per_sample'] * 1e6:6.2f} us CPU per trained sample "
+            f"({row['cpu_s_per_sample_range'][0] * 1e6:.2f}-{row['cpu_s_per_sample_range'][1] * 1e6:.2f}), "
+            f"{row['samples']:,} samples"
         )
     return head, tail
 
@@ -852,6 +938,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _world_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return sizes
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, action="append", help="YAML; repeat to layer files (later wins)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -860,7 +956,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accum", type=_positive, default=1, help="micro-batches per step (default 1)")
     p.add_argument("--data", help="existing shards (local or s3://) instead of synthetic ones")
     p.add_argument("--scratch", help="write the synthetic shards here (s3://bucket/prefix) instead of a private S3")
-    p.add_argument("--data-samples", type=_positive, default=4096, help="synthetic shard set size (default 4096)")
+    p.add_argument("--data-samples", type=_positive, default=65536, help="synthetic shard set size (default 65536)")
+    p.add_argument("--block-samples", type=_positive, default=None, help="synthetic examples per block (~1 MiB)")
+    p.add_argument(
+        "--data-world-size",
+        type=_world_sizes,
+        default=(1,),
+        help="the data path plays rank 0 of this many ranks; a list (1,8,64,512) sweeps them (default 1)",
+    )
+    p.add_argument("--data-partitions", type=_positive, default=None, help="the stream's P (default: the world size)")
     p.add_argument("--skip", nargs="+", choices=PATHS, default=[], help="paths not to measure")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--json-out", help="write the full report here as JSON")
@@ -880,6 +984,9 @@ def run(args: argparse.Namespace) -> int:
         data=args.data,
         scratch=args.scratch,
         data_samples=args.data_samples,
+        block_samples=args.block_samples,
+        data_world_size=args.data_world_size,
+        data_partitions=args.data_partitions,
         skip=tuple(args.skip),
         threads=args.threads,
     )

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,11 +298,12 @@ class Checkpointer:
         return tags
 
     # ------------------------------------------------------------------------------------------- resume
-    def select(self, zero_stage: int) -> Resumable | None:
+    def select(self, zero_stage: int, check_state: Callable[[dict], None] | None = None) -> Resumable | None:
         """Find the newest checkpoint that verifies and make it loadable here (None for a new run).
 
         Runs before ``deepspeed.initialize`` because a checkpoint from another world size needs
         ``checkpoint.load_universal`` in the DeepSpeed config. Every rank takes part (it is collective).
+        ``check_state(trainer_state)`` may refuse the checkpoint (by raising) before any conversion starts.
         """
         holder = [self.candidates() if self.env.is_main else None]
         dist.broadcast_object_list(holder, src=0)
@@ -317,7 +319,7 @@ class Checkpointer:
                 log.warning("checkpoint %s fails verification (%s); trying an older one", tag, problem)
                 problems.append(f"{tag}: {problem}")
                 continue
-            return self._loadable(tag, zero_stage)
+            return self._loadable(tag, zero_stage, check_state)
         if problems:
             raise CheckpointError(
                 f"no checkpoint in {self.remote} verifies ({'; '.join(problems)}); refusing to start over and "
@@ -325,10 +327,12 @@ class Checkpointer:
             )
         return None
 
-    def _loadable(self, tag: str, zero_stage: int) -> Resumable:
+    def _loadable(self, tag: str, zero_stage: int, check_state: Callable[[dict], None] | None) -> Resumable:
         state = json.loads((self.local / tag / "trainer_state.json").read_text()) if self.env.is_main else None
         holder = [state]
         dist.broadcast_object_list(holder, src=0)
+        if check_state is not None:
+            check_state(holder[0])
         saved_world, saved_stage = holder[0]["world_size"], holder[0].get("zero_stage", zero_stage)
         found = Resumable(tag, saved_world, saved_stage)
         if saved_world == self.env.world_size and saved_stage == zero_stage:

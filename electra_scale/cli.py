@@ -50,7 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", required=True, help="output dir or s3://bucket/prefix")
     pr.add_argument("--tokenizer", required=True, help="vocab.txt, tokenizer.json, or train:VOCAB_SIZE")
     pr.add_argument("--seq-len", type=int, default=128)
-    pr.add_argument("--samples-per-shard", type=int, default=4096)
+    pr.add_argument("--samples-per-shard", type=int, default=None, help="default: 64 blocks per shard")
+    pr.add_argument(
+        "--samples-per-block", type=int, default=None, help="examples per block, the unit of a GET (default: ~1 MiB)"
+    )
     pr.add_argument("--seed", type=int, default=12345)
     pr.add_argument("--cased", action="store_true", help="keep case (default: lowercase, as uncased BERT)")
 
@@ -86,6 +89,7 @@ MODULE_COMMANDS: list[tuple[str, str, str]] = [
     ("bench", "electra_scale.bench", "step time, tokens/s, MFU, framework overhead, memory and data-path throughput"),
     ("finetune", "electra_scale.finetune", "fine-tune a discriminator (or random init) on a GLUE/CSV/JSONL task"),
     ("compare", "electra_scale.compare", "ELECTRA vs MLM at equal pretraining FLOPs, scored downstream"),
+    ("convert-shards", "electra_scale.data.convert", "an electra-scale-shards/1 set -> the current block format"),
 ]
 
 
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.tokenizer,
                 seq_len=args.seq_len,
                 samples_per_shard=args.samples_per_shard,
+                samples_per_block=args.samples_per_block,
                 seed=args.seed,
                 lowercase=not args.cased,
             )

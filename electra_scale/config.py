@@ -79,9 +79,19 @@ class ObjectiveConfig:
 class DataConfig:
     shards: str = ""  # local dir or s3://bucket/prefix written by `electra-scale prepare`
     seq_len: int = 128
+    # Dataloader worker processes per rank, and windows each one reads ahead of the step that needs them.
     num_workers: int = 2
-    # A truncated or corrupt shard: "error" stops the run naming the shard and the byte where it broke; "skip"
-    # leaves it out (every rank alike, every epoch), logs it once and counts it (docs/faults.md).
+    prefetch: int = 2
+    # The stream is cut into this many partitions when a run starts (saved in its checkpoints); a rank of W
+    # reads only its P/W of them, so W must divide P, also when resuming on another world size. null = the
+    # largest W * 2^k up to 64 (at least W). Plan elastic resizes by choosing P: 512 runs on 1, 2, 4 ... 512
+    # ranks (docs/data.md).
+    partitions: int | None = None
+    # Examples are shuffled within windows of this many consecutive blocks of a partition (~1 MiB each).
+    shuffle_blocks: int = 1
+    # A truncated or corrupt block: "error" stops the run naming the shard and the byte where it broke; "skip"
+    # leaves it out and fills its slots with other examples of the same partition, so every rank keeps its
+    # share of every step; each rank logs the blocks it left out (docs/faults.md).
     on_corrupt_shard: Literal["error", "skip"] = "error"
 
 
@@ -345,6 +355,9 @@ def validate(cfg: Config) -> None:
     )
     need(cfg.data.seq_len >= 8, "data.seq_len", cfg.data.seq_len, ">= 8")
     need(cfg.data.num_workers >= 0, "data.num_workers", cfg.data.num_workers, ">= 0")
+    need(cfg.data.prefetch >= 1, "data.prefetch", cfg.data.prefetch, ">= 1")
+    need(cfg.data.partitions is None or cfg.data.partitions >= 1, "data.partitions", cfg.data.partitions, ">= 1")
+    need(cfg.data.shuffle_blocks >= 1, "data.shuffle_blocks", cfg.data.shuffle_blocks, ">= 1")
 
     o = cfg.objective
     need(0.0 < o.mask_prob < 1.0, "objective.mask_prob", o.mask_prob, "in (0, 1)")

@@ -68,11 +68,13 @@ class MetricsLogger:
 
 
 class SampleLog:
-    """``samples/rank_<r>.jsonl``: one line per optimizer step with the stream positions this rank trained on.
+    """``samples/rank_<r>.jsonl``: one line per optimizer step with the stream positions this rank trained on,
+    and which examples of the shard set they were.
 
-    Stream positions identify examples exactly (epoch, shard, sample; see data/stream.py), so the union of all
-    ranks' files says which samples a run consumed. Like metrics.jsonl, lines past the resumed step are dropped
-    on resume: the file is the history of the run that counts, and a step redone after a crash appears once.
+    Stream positions identify each draw exactly (see data/stream.py) and example indices say what was drawn,
+    so the union of all ranks' files says which samples a run consumed, and how often in each epoch. Like
+    metrics.jsonl, lines past the resumed step are dropped on resume: the file is the history of the run that
+    counts, and a step redone after a crash appears once.
     """
 
     def __init__(self, directory: Path, rank: int, world_size: int, start_step: int):
@@ -87,21 +89,25 @@ class SampleLog:
                 path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= start_step))
         self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
 
-    def log(self, step: int, positions: list[int]) -> None:
-        self.file.write(json.dumps({"step": step, "positions": positions}) + "\n")
+    def log(self, step: int, positions: list[int], samples: list[int] | None = None) -> None:
+        rec = {"step": step, "positions": positions}
+        if samples is not None:
+            rec["samples"] = samples  # which examples of the shard set those positions are
+        self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
 
     def close(self) -> None:
         self.file.close()
 
 
-def read_samples(directory: str | Path) -> dict[int, list[int]]:
-    """step -> every rank's positions for that step (sorted), from a run's samples/ directory."""
+def read_samples(directory: str | Path, key: str = "positions") -> dict[int, list[int]]:
+    """step -> every rank's stream positions (or, with ``key="samples"``, example indices in the shard set) for
+    that step, sorted, from a run's samples/ directory."""
     steps: dict[int, list[int]] = {}
     for path in sorted(Path(directory, "samples").glob("rank_*.jsonl")):
         for line in path.read_text().splitlines():
             rec = json.loads(line)
-            steps.setdefault(rec["step"], []).extend(rec["positions"])
+            steps.setdefault(rec["step"], []).extend(rec[key])
     return {step: sorted(pos) for step, pos in sorted(steps.items())}
 
 

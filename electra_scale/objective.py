@@ -70,21 +70,33 @@ def candidate_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, specia
     return ok
 
 
+def predictions_for(n_tokens: torch.Tensor, candidates: torch.Tensor, mask_prob: float, seq_len: int) -> torch.Tensor:
+    """Masked positions per example from its token and maskable-token counts, [B]."""
+    cap = max_predictions(mask_prob, seq_len)
+    n = torch.round(n_tokens.to(torch.float64) * mask_prob).clamp(1, cap).long()  # round-half-even, as tf.round
+    return torch.minimum(n, candidates.to(n.device).long())
+
+
 def num_to_predict(
     input_ids: torch.Tensor, attention_mask: torch.Tensor, special: dict[str, int], mask_prob: float
 ) -> torch.Tensor:
     """Masked positions per example, [B]. Deterministic from the tokens, so the train loop can count the
     global batch's targets before the forward pass."""
-    n_tokens = attention_mask.sum(-1).to(torch.float64)
-    cap = max_predictions(mask_prob, input_ids.shape[1])
-    n = torch.round(n_tokens * mask_prob).clamp(1, cap).long()  # torch.round is round-half-even, as tf.round
-    return torch.minimum(n, candidate_mask(input_ids, attention_mask, special).sum(-1))
+    candidates = candidate_mask(input_ids, attention_mask, special).sum(-1)
+    return predictions_for(attention_mask.sum(-1), candidates, mask_prob, input_ids.shape[1])
 
 
 def count_targets(batch_ids: torch.Tensor, attention_mask: torch.Tensor, special: dict, mask_prob: float):
     """(masked positions, non-padding tokens) of a micro-batch: the loss denominators."""
     n_masked = int(num_to_predict(batch_ids, attention_mask, special, mask_prob).sum())
     return n_masked, int(attention_mask.sum())
+
+
+def count_batch_targets(mb, mask_prob: float) -> tuple[int, int]:
+    """``count_targets`` of a data/stream.py ``MicroBatch`` from its per-example counts: no pass over the
+    tokens, and nothing on the device."""
+    n = predictions_for(mb.lengths, mb.candidates, mask_prob, mb.tokens.shape[1])
+    return int(n.sum()), int(mb.lengths.sum())
 
 
 @dataclass

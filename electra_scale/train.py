@@ -22,11 +22,11 @@ import torch.distributed as dist
 from electra_scale import launch, storage
 from electra_scale.checkpoint import Checkpointer
 from electra_scale.config import Config, ConfigError, deepspeed_config
-from electra_scale.data.shards import load_manifest
-from electra_scale.data.stream import PretrainStream
+from electra_scale.data.shards import DataError, load_manifest
+from electra_scale.data.stream import PretrainStream, resolve_partitions
 from electra_scale.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
 from electra_scale.model import flops_per_token, peak_tflops
-from electra_scale.objective import build_objective, count_targets, summarize, training_loss
+from electra_scale.objective import build_objective, count_batch_targets, summarize, training_loss
 from electra_scale.optim import electra_schedule, param_groups
 
 log = logging.getLogger("electra_scale")
@@ -99,7 +99,11 @@ def pretrain(cfg: Config) -> dict:
     # ranks is converted to DeepSpeed's universal format, which the engine must be configured to load.
     cache = cache_dir_for(cfg)
     checkpointer = Checkpointer(cfg.run.output_dir, cache, dist_env, cfg.checkpoint)
-    resume_from = checkpointer.select(zero_stage)
+
+    def check_data(saved: dict) -> None:  # before converting anything: refuse a world size the stream can't run on
+        resolve_partitions(cfg.data.partitions, world, manifest.num_samples, saved_partitions(saved))
+
+    resume_from = checkpointer.select(zero_stage, check_state=check_data)
     if resume_from is not None and resume_from.universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
@@ -128,10 +132,12 @@ def pretrain(cfg: Config) -> dict:
         micro_batch_size=cfg.train.micro_batch_size,
         rank=dist_env.rank,
         world_size=world,
+        partitions=resolve_partitions(cfg.data.partitions, world, manifest.num_samples, saved_partitions(state)),
+        shuffle_blocks=cfg.data.shuffle_blocks,
         num_workers=cfg.data.num_workers,
+        prefetch_factor=cfg.data.prefetch,
         start_step=start_step,
         on_corrupt_shard=cfg.data.on_corrupt_shard,
-        resume_position=state.get("data_position"),  # exact resume past skipped shards
     )
     grad_accum = stream.grad_accum
     extra_files = _checkpoint_extras(cfg) if main else {}
@@ -141,7 +147,8 @@ def pretrain(cfg: Config) -> dict:
     flops_tok, peak = flops_per_token(cfg), peak_tflops(cfg.train.peak_tflops)
     if main:
         log.info(
-            "pretrain %s: steps %d -> %d of %d, %d rank(s) x micro-batch %d x accumulation %d = %d per step",
+            "pretrain %s: steps %d -> %d of %d, %d rank(s) x micro-batch %d x accumulation %d = %d per step; "
+            "data in %d partitions (%d per rank)",
             cfg.objective.kind,
             start_step,
             stop_step,
@@ -150,6 +157,8 @@ def pretrain(cfg: Config) -> dict:
             cfg.train.micro_batch_size,
             grad_accum,
             cfg.train.global_batch_size,
+            stream.layout.partitions,
+            stream.layout.partitions // world,
         )
     progress = _progress(cfg, main, start_step, stop_step)
     health = DiscriminatorHealth(cfg.optim.warmup_steps, total_steps)
@@ -158,26 +167,22 @@ def pretrain(cfg: Config) -> dict:
     done, preempted = start_step, False
     batches = iter(stream)
     history: list[dict] = []
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+    skipped_logged = 0
     sums: dict[str, torch.Tensor | float] = defaultdict(float)
     for step in range(start_step, stop_step):
+        waited = time.perf_counter()
         micro_batches = next(batches)
+        data_wait += time.perf_counter() - waited  # the step blocked on its input for this long
         # Loss denominators are the global batch's counts, known before the forward pass.
-        local = [
-            count_targets(mb.input_ids, mb.attention_mask, special, cfg.objective.mask_prob) for mb in micro_batches
-        ]
+        local = [count_batch_targets(mb, cfg.objective.mask_prob) for mb in micro_batches]
         n_masked, n_tokens, stops = _all_reduce(
             [sum(c[0] for c in local), sum(c[1] for c in local), float(stop.requested)], host_group
         )
         totals = {"n_masked": n_masked, "n_tokens": n_tokens}
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)
         for mb in micro_batches:
-            out = engine(
-                input_ids=mb.input_ids.to(device),
-                attention_mask=mb.attention_mask.to(device),
-                token_type_ids=mb.token_type_ids.to(device),
-                positions=mb.positions,
-            )
+            out = engine(**mb.model_inputs(device))
             # DeepSpeed averages gradients over ranks and accumulation steps; undo that to get the global mean.
             loss = training_loss(out, totals, cfg.objective.disc_weight) * (world * grad_accum)
             engine.backward(loss)
@@ -187,12 +192,19 @@ def pretrain(cfg: Config) -> dict:
         window_steps += 1
         done = step + 1
         if samples is not None:
-            samples.log(done, [int(p) for mb in micro_batches for p in mb.positions])
+            samples.log(
+                done,
+                [int(p) for mb in micro_batches for p in mb.positions],
+                [int(x) for mb in micro_batches for x in mb.samples],
+            )
 
         preempted = stops > 0  # every rank sees the same sum, so all stop after the same step
         if done % cfg.train.log_every == 0 or done == stop_step or preempted:
             keys = sorted(sums)
-            reduced = dict(zip(keys, _all_reduce([float(sums[k]) for k in keys], host_group)))
+            values = [float(sums[k]) for k in keys] + [float(len(stream.skipped) - skipped_logged), data_wait]
+            *reduced_values, skipped_new, wait_sum = _all_reduce(values, host_group)
+            reduced = dict(zip(keys, reduced_values))
+            skipped_logged = len(stream.skipped)
             elapsed = time.perf_counter() - window_start
             record = summarize(reduced, cfg.objective.disc_weight)
             tokens_per_s = window_steps * tokens_per_step / elapsed
@@ -203,7 +215,9 @@ def pretrain(cfg: Config) -> dict:
                 tflops=tokens_per_s * flops_tok / 1e12,
                 mfu=(tokens_per_s * flops_tok / 1e12 / peak / world) if peak else None,
                 samples_seen=done * cfg.train.global_batch_size,
-                skipped_shards=len(stream.skipped_shards),
+                # Share of the window's wall time the ranks spent blocked on their next batch (mean over ranks).
+                data_wait=wait_sum / world / elapsed,
+                skipped_blocks=skipped_new,  # bad blocks left out in this window, all ranks (data.on_corrupt_shard)
             )
             if main:
                 metrics.log(done, record)
@@ -211,7 +225,7 @@ def pretrain(cfg: Config) -> dict:
                 progress.report(done, record)
                 health.check(done, record)
             sums.clear()
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
 
         if done % cfg.checkpoint.every_steps == 0 or done == stop_step or preempted:
             trainer_state = {
@@ -247,6 +261,20 @@ def pretrain(cfg: Config) -> dict:
         "history": history,
         "world_size": world,
     }
+
+
+def saved_partitions(trainer_state: dict) -> int | None:
+    """The partition count a checkpoint's stream was cut into (None for a new run)."""
+    if not trainer_state:
+        return None
+    position = trainer_state.get("data_position", {})
+    if "partitions" not in position:
+        raise DataError(
+            "this checkpoint was written by electra-scale's earlier stream (every rank read every shard), whose "
+            "data order the partitioned stream cannot continue; resume it with the electra-scale release that "
+            "wrote it, or start a new run (a new run.output_dir)"
+        )
+    return int(position["partitions"])
 
 
 def _checkpoint_extras(cfg: Config) -> dict[str, bytes]:

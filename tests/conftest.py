@@ -62,5 +62,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shards(corpus, tmp_path_factory) -> tuple[str, int]:
     out = str(tmp_path_factory.mktemp("shards") / "tiny")
-    manifest = prepare([str(corpus)], out, "train:300", seq_len=128, samples_per_shard=64, progress=False)
+    manifest = prepare(
+        [str(corpus)], out, "train:300", seq_len=128, samples_per_shard=64, samples_per_block=16, progress=False
+    )
     return out, manifest.vocab_size

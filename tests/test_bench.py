@@ -16,7 +16,8 @@ TINY = ["--config", "configs/tiny.yaml", "train.micro_batch_size=4", "data.num_w
 
 def test_bench_reports_every_path(tmp_path):
     out = tmp_path / "bench.json"
-    args = ["bench", *TINY, "--steps", "2", "--warmup", "1", "--data-samples", "64", "--json-out", str(out)]
+    args = ["bench", *TINY, "--steps", "2", "--warmup", "1", "--data-samples", "256", "--block-samples", "8"]
+    args += ["--json-out", str(out)]
     proc = run_cli(args)
     report = json.loads(out.read_text())
 
@@ -38,8 +39,11 @@ def test_bench_reports_every_path(tmp_path):
     assert overhead["engine_vs_bare"] == pytest.approx(engine["step_time_s"] / bare["step_time_s"])
     assert overhead["pretrain_vs_bare_cpu_time"] == pytest.approx(pretrain["cpu_time_s"] / pretrain["bare_cpu_time_s"])
     data = report["results"]["data"]
-    assert data["source"].startswith("s3://") and data["shards"] >= 2
+    assert data == report["data"] and data["world_size"] == 1
+    assert data["source"].startswith("s3://") and data["shards"] == 2 and data["samples"] == 256
     assert data["tokens_per_s"] > 0 and 0 < data["real_tokens_per_s"] <= data["tokens_per_s"]
+    assert data["samples_per_s"] == pytest.approx(data["tokens_per_s"] / 128)
+    assert data["gets"] == 32 and data["bytes_share"] == pytest.approx(1.0, abs=0.01)  # each block once
 
     for text in ("bare PyTorch loop", "DeepSpeed engine", "electra-scale pretrain", "framework overhead", "data path"):
         assert text in proc.stdout
@@ -51,3 +55,20 @@ def test_bench_rejects_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bench", *TINY, "--steps", "0"])
     assert exit_info.value.code == 2 and "--steps: must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_data_path_plays_one_rank_of_many(tmp_path):
+    """Rank 0 of W against the real SeaweedFS: it fetches about 1/W of the epoch, in about 1/W of the GETs."""
+    out = tmp_path / "bench.json"
+    args = ["bench", *TINY, "--skip", "bare", "engine", "pretrain", "--data-samples", "1024", "--block-samples", "8"]
+    args += ["--data-world-size", "1,4,16", "--data-partitions", "16", "--json-out", str(out)]
+    proc = run_cli(args)
+    report = json.loads(out.read_text())
+    sweep = report["data_sweep"]
+    assert [r["world_size"] for r in sweep] == [1, 4, 16] and report["data"] == sweep[0]
+    for r in sweep:
+        w = r["world_size"]
+        assert r["partitions"] == 16 and r["samples"] == 1024 // w
+        assert 1 / w <= r["bytes_fetched"] / r["bytes_total"] <= 1.25 / w  # edge blocks shared by 2 partitions
+        assert r["gets"] <= 1.25 * 128 / w and r["cpu_s_per_sample"] > 0
+    assert "W=  16" in proc.stdout and "GETs" in proc.stdout

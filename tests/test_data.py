@@ -7,10 +7,14 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from electra_scale import storage
 from electra_scale.data import (
@@ -19,7 +23,9 @@ from electra_scale.data import (
     load_manifest,
     load_tokenizer,
     prepare,
+    read_block,
     read_shard,
+    resolve_partitions,
     save_tokenizer,
     special_ids,
     tokenizer_sha256,
@@ -70,7 +76,9 @@ def corpus(tmp_path_factory) -> tuple[list[str], list[list[str]]]:
 def prepared(corpus, tmp_path_factory):
     files, _ = corpus
     out = str(tmp_path_factory.mktemp("shards") / "out")
-    manifest = prepare(files, out, "train:600", seq_len=SEQ_LEN, samples_per_shard=37, seed=SEED, progress=False)
+    manifest = prepare(
+        files, out, "train:600", seq_len=SEQ_LEN, samples_per_shard=37, samples_per_block=8, seed=SEED, progress=False
+    )
     return out, manifest
 
 
@@ -133,47 +141,67 @@ class ReferenceExampleBuilder:
 
 
 def all_shard_samples(prefix: str, manifest) -> list[np.ndarray]:
+    return [x for i in range(len(manifest.shards)) for x in read_shard(prefix, manifest, i)]
+
+
+def expected_examples(manifest, corpus: list[np.ndarray], seed: int, partitions: int, shuffle_blocks: int, n: int):
+    """The corpus index of the examples at stream positions 0..n-1, straight from the definition in
+    data/stream.py's docstring, with plain lists (independent of stream.py's arrays and pools)."""
+    blocks, first = [], 0  # each block's corpus indices, in prepare's order
+    for shard in manifest.shards:
+        for b in shard.blocks:
+            blocks.append(list(range(first, first + b.samples)))
+            first += b.samples
+    total = len(corpus)
+    span = -(-total // partitions)
+    epoch_size = span * partitions
     out = []
-    for info in manifest.shards:
-        out.extend(read_shard(storage.join(prefix, info.name), expected_samples=info.samples))
+    for g in range(n):
+        e, i = divmod(g, epoch_size)
+        p, j = i % partitions, i // partitions
+        order = list(np.random.default_rng([seed, e]).permutation(len(blocks)))
+        seq_blocks = order + order  # the sequence runs on into its own first blocks (padding)
+        bounds, pos = [], 0  # (block index in the sequence, its [start, end) in the sequence)
+        for k, b in enumerate(seq_blocks):
+            bounds.append((k, pos, pos + len(blocks[b])))
+            pos += len(blocks[b])
+        lo, hi = p * span, (p + 1) * span
+        meeting = [(k, a, z) for k, a, z in bounds if a < hi and z > lo]
+        windows = [meeting[x : x + shuffle_blocks] for x in range(0, len(meeting), shuffle_blocks)]
+        for w, group in enumerate(windows):
+            members = [blocks[seq_blocks[k]][x - a] for k, a, z in group for x in range(max(a, lo), min(z, hi))]
+            j0 = max(group[0][1], lo) - lo
+            if j0 <= j < j0 + len(members):
+                perm = np.random.default_rng([seed, e, p, w]).permutation(len(members))
+                out.append(members[perm[j - j0]])
+                break
     return out
 
 
-def expected_at(position: int, manifest, samples_by_shard: list[list[np.ndarray]], seed: int) -> np.ndarray:
-    """The sample at a stream position, straight from the definition (independent of stream.py)."""
-    n = manifest.num_samples
-    epoch, offset = divmod(position, n)
-    for j in np.random.default_rng([seed, epoch]).permutation(len(manifest.shards)):
-        size = manifest.shards[j].samples
-        if offset < size:
-            return samples_by_shard[j][np.random.default_rng([seed, epoch, j]).permutation(size)[offset]]
-        offset -= size
-    raise AssertionError("unreachable")
-
-
 def take(stream: PretrainStream, steps: int) -> list[list]:
-    """``steps`` steps: per step, [(positions, input_ids, attention_mask, token_type_ids) per micro-batch]."""
+    """``steps`` steps: per step, [(positions, input_ids, attention_mask, token_type_ids, samples) per
+    micro-batch]."""
     out = []
     for step in stream:
-        out.append([(mb.positions, mb.input_ids, mb.attention_mask, mb.token_type_ids) for mb in step])
+        out.append([(mb.positions, mb.input_ids, mb.attention_mask, mb.token_type_ids, mb.samples) for mb in step])
         if len(out) == steps:
             return out
     raise AssertionError("stream ended")
 
 
-def global_batches(streams_steps: list[list[list]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Merge several ranks' steps into per-step (positions, input_ids) sorted by position."""
+def global_batches(streams_steps: list[list[list]]) -> list[tuple[np.ndarray, ...]]:
+    """Merge several ranks' steps into per-step (positions, input_ids, attention_mask, token types, samples)
+    sorted by position."""
     merged = []
     for per_rank in zip(*streams_steps):
-        pos = np.concatenate([mb[0].numpy() for rank_step in per_rank for mb in rank_step])
-        ids = np.concatenate([mb[1].numpy() for rank_step in per_rank for mb in rank_step])
-        order = np.argsort(pos)
-        merged.append((pos[order], ids[order]))
+        fields = [np.concatenate([mb[f].numpy() for rank_step in per_rank for mb in rank_step]) for f in range(5)]
+        order = np.argsort(fields[0])
+        merged.append(tuple(x[order] for x in fields))
     return merged
 
 
 def make_stream(prefix, manifest, **kw) -> PretrainStream:
-    args = dict(seed=SEED, global_batch_size=8, micro_batch_size=4, rank=0, world_size=1, num_workers=0)
+    args = dict(seed=SEED, global_batch_size=8, micro_batch_size=4, rank=0, world_size=1, partitions=4, num_workers=0)
     args.update(kw)
     return PretrainStream(prefix, manifest, **args)
 
@@ -224,8 +252,18 @@ def test_prepare_manifest_and_files(prepared):
     names = [s.name for s in manifest.shards]
     assert names == [f"train-{i:06d}.tar" for i in range(len(names))] and len(names) > 3
     assert all(s.samples == 37 for s in manifest.shards[:-1]) and 0 < manifest.shards[-1].samples <= 37
+    # Blocks of 8 (a shard's last one shorter), each with its byte range and CRC-32: a rank reads one block
+    # with one ranged GET.
+    assert manifest.samples_per_block == 8
+    assert [b.samples for b in manifest.shards[0].blocks] == [8, 8, 8, 8, 5]
     for s in manifest.shards:
-        assert os.path.getsize(os.path.join(out, s.name)) == s.bytes
+        data = Path(out, s.name).read_bytes()
+        assert len(data) == s.bytes
+        assert s.blocks[0].offset == 0 and sum(b.samples for b in s.blocks) == s.samples
+        for a, b in zip(s.blocks, s.blocks[1:]):
+            assert b.offset == a.offset + a.length  # blocks tile the tar
+        for b in s.blocks:
+            assert zlib.crc32(data[b.offset : b.offset + b.length]) == b.crc32
     assert sorted(os.listdir(out)) == sorted([*names, "manifest.json", "tokenizer.json", "vocab.txt"])
     tok_json = Path(out, "tokenizer.json").read_text()
     import hashlib
@@ -234,14 +272,33 @@ def test_prepare_manifest_and_files(prepared):
     vocab = Path(out, "vocab.txt").read_text().splitlines()
     assert len(vocab) == manifest.vocab_size and vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     d = json.loads(Path(out, "manifest.json").read_text())
-    assert d["format"] == "electra-scale-shards/1" and d["shards"][0] == {
-        "name": names[0],
-        "samples": 37,
-        "bytes": manifest.shards[0].bytes,
-    }
+    first = manifest.shards[0].blocks[0]
+    assert d["format"] == "electra-scale-shards/2" and d["shards"][0]["blocks"][0] == [
+        first.offset,
+        first.length,
+        first.samples,
+        first.crc32,
+    ]
     # A second prepare into the same output is refused rather than mixing two shard sets.
     with pytest.raises(DataError, match="already holds a prepared shard set"):
         prepare([], out, "train:100", seq_len=SEQ_LEN, progress=False)
+
+
+def test_shards_open_with_plain_webdataset(prepared):
+    """Each block is one webdataset sample with two arrays; nothing of ours is needed to read them."""
+    import webdataset as wds
+
+    out, manifest = prepared
+    urls = [os.path.join(out, s.name) for s in manifest.shards]
+    blocks = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert len(blocks) == sum(len(s.blocks) for s in manifest.shards)
+    examples = []
+    for block in blocks:
+        lengths, tokens = block["lengths.npy"], block["tokens.npy"]
+        assert tokens.dtype == np.uint16 and int(lengths.sum()) == len(tokens)
+        examples += [tuple(x.tolist()) for x in np.split(tokens, np.cumsum(lengths)[:-1])]
+    assert examples == [tuple(x.tolist()) for x in all_shard_samples(out, manifest)]
+    assert len(examples) == manifest.num_samples
 
 
 def test_prepare_is_deterministic(prepared, corpus, tmp_path):
@@ -254,6 +311,7 @@ def test_prepare_is_deterministic(prepared, corpus, tmp_path):
         os.path.join(out, "tokenizer.json"),
         seq_len=SEQ_LEN,
         samples_per_shard=37,
+        samples_per_block=8,
         seed=SEED,
         progress=False,
     )
@@ -263,32 +321,42 @@ def test_prepare_is_deterministic(prepared, corpus, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- stream
-def test_stream_one_epoch_round_trip(prepared):
+@pytest.mark.parametrize("partitions,shuffle_blocks", [(4, 1), (7, 2), (1, 1)])
+def test_stream_follows_its_definition_for_two_epochs(prepared, partitions, shuffle_blocks):
+    """Every position holds the example the documented order puts there; each epoch trains every example
+    once, plus fewer than P repeats that pad it to P equal spans."""
     out, manifest = prepared
+    corpus = all_shard_samples(out, manifest)
     n = manifest.num_samples
     gb = 16
-    stream = make_stream(out, manifest, global_batch_size=gb, micro_batch_size=8, num_workers=2)
-    steps = take(stream, n // gb + 2)  # a little past the epoch's end
-    pos = np.concatenate([mb[0].numpy() for step in steps for mb in step])
-    ids = np.concatenate([mb[1].numpy() for step in steps for mb in step])
-    mask = np.concatenate([mb[2].numpy() for step in steps for mb in step])
+    stream = make_stream(
+        out,
+        manifest,
+        global_batch_size=gb,
+        micro_batch_size=8,
+        partitions=partitions,
+        shuffle_blocks=shuffle_blocks,
+        num_workers=2,
+    )
+    epoch = stream.layout.epoch_size
+    assert epoch == partitions * -(-n // partitions) and 0 <= epoch - n < partitions
+    batches = global_batches([take(stream, 2 * epoch // gb + 1)])
+    pos, ids, mask, _, samples = (np.concatenate([b[f] for b in batches]) for f in range(5))
     assert np.array_equal(pos, np.arange(len(pos)))
-
-    samples_by_shard = [read_shard(os.path.join(out, s.name)) for s in manifest.shards]
-    got = [unpad(ids[p], int(mask[p].sum())) for p in range(len(pos))]
-    for p in range(len(pos)):
-        assert got[p] == tuple(expected_at(p, manifest, samples_by_shard, SEED).tolist())
-    # Epoch 0 is a permutation of the data set: every sample exactly once.
-    flat = sorted(tuple(s.tolist()) for shard in samples_by_shard for s in shard)
-    assert sorted(got[:n]) == flat
-    # Epoch 1 starts with a different order.
-    assert got[n : n + 8] != got[:8]
-    assert stream.position(n // gb + 1) == {
-        "samples_seen": (n // gb + 1) * gb,
-        "stream_position": (n // gb + 1) * gb,  # nothing skipped: the raw stream position
-        "epoch": (n // gb + 1) * gb // n,
-        "offset_in_epoch": (n // gb + 1) * gb % n,
-        "skipped_shards": [],
+    assert samples.tolist() == expected_examples(manifest, corpus, SEED, partitions, shuffle_blocks, len(pos))
+    for p in range(len(pos)):  # the ids are those of the example named
+        assert unpad(ids[p], int(mask[p].sum())) == tuple(corpus[samples[p]].tolist())
+    for e in range(2):
+        counts = np.bincount(samples[e * epoch : (e + 1) * epoch], minlength=n)
+        assert counts.min() == 1 and counts.sum() - n == epoch - n  # all once, the padding again
+    assert samples[:epoch].tolist() != samples[epoch : 2 * epoch].tolist()  # each epoch has its own order
+    assert stream.position(epoch // gb + 1) == {
+        "samples_seen": (epoch // gb + 1) * gb,
+        "stream_position": (epoch // gb + 1) * gb,
+        "epoch": (epoch // gb + 1) * gb // epoch,
+        "offset_in_epoch": (epoch // gb + 1) * gb % epoch,
+        "partitions": partitions,
+        "epoch_size": epoch,
     }
 
 
@@ -298,7 +366,7 @@ def test_token_types_attention_mask_and_padding(prepared):
     steps = take(make_stream(out, manifest, global_batch_size=32, micro_batch_size=16), 6)
     short = 0
     for step in steps:
-        for _, input_ids, mask, types in step:
+        for _, input_ids, mask, types, _ in step:
             assert input_ids.shape == mask.shape == types.shape == (16, SEQ_LEN)
             for row, m, t in zip(input_ids.tolist(), mask.tolist(), types.tolist()):
                 length = next((i for i, v in enumerate(m) if v == 0), SEQ_LEN)
@@ -308,6 +376,16 @@ def test_token_types_attention_mask_and_padding(prepared):
                 assert t == [0] * (first_sep + 1) + [1] * (length - first_sep - 1) + [0] * (SEQ_LEN - length)
                 short += length < SEQ_LEN
     assert short > 0  # padding was exercised
+    # What the device gets is built from the same few numbers per example, and the loss denominators too.
+    from electra_scale.objective import count_batch_targets, count_targets
+
+    mb = next(iter(make_stream(out, manifest, global_batch_size=32, micro_batch_size=16)))[0]
+    inputs = mb.model_inputs("cpu")
+    assert inputs["input_ids"].dtype == torch.int64 and mb.tokens.dtype == torch.uint16
+    assert torch.equal(inputs["attention_mask"], mb.attention_mask)
+    assert torch.equal(inputs["token_type_ids"], mb.token_type_ids)
+    for p in (0.15, 0.5):
+        assert count_batch_targets(mb, p) == count_targets(mb.input_ids, mb.attention_mask, sp, p)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # 3 workers on a 2-core machine
@@ -319,18 +397,19 @@ def test_world_size_and_workers_do_not_change_global_batches(prepared):
         "1 rank x micro 4 x accum 2": [dict(micro_batch_size=4)],
         "2 ranks x micro 4": [dict(micro_batch_size=4, rank=r, world_size=2, num_workers=2) for r in range(2)],
         "2 ranks x micro 2 x accum 2": [dict(micro_batch_size=2, rank=r, world_size=2) for r in range(2)],
-        "1 rank x micro 8, 3 workers": [dict(micro_batch_size=8, num_workers=3)],
+        "4 ranks x micro 2": [dict(micro_batch_size=2, rank=r, world_size=4, num_workers=1) for r in range(4)],
+        "1 rank x micro 8, 3 workers, prefetch 1": [dict(micro_batch_size=8, num_workers=3, prefetch_factor=1)],
     }
     for name, ranks in configs.items():
         streams = [make_stream(out, manifest, **kw) for kw in ranks]
         assert streams[0].grad_accum == 8 // (ranks[0]["micro_batch_size"] * ranks[0].get("world_size", 1))
         got = global_batches([take(s, n_steps) for s in streams])
-        for step, ((p_ref, i_ref), (p, i)) in enumerate(zip(reference, got)):
-            assert np.array_equal(p, p_ref) and np.array_equal(i, i_ref), f"{name}: step {step} differs"
+        for step, (ref, new) in enumerate(zip(reference, got)):
+            assert all(np.array_equal(a, b) for a, b in zip(ref, new)), f"{name}: step {step} differs"
         assert np.array_equal(reference[1][0], np.arange(8, 16))
-    # Within a step, micro-step k of rank r holds positions s*GB + k*W*m + r*m + [0, m).
+    # Rank r of W takes the positions g with g % W == r, micro-batch after micro-batch.
     rank1 = take(make_stream(out, manifest, micro_batch_size=2, rank=1, world_size=2), 2)
-    assert [mb[0].tolist() for mb in rank1[1]] == [[10, 11], [14, 15]]
+    assert [mb[0].tolist() for mb in rank1[1]] == [[9, 11], [13, 15]]
 
 
 def test_resume_from_step_matches_uninterrupted_stream(prepared):
@@ -347,12 +426,55 @@ def test_resume_from_step_matches_uninterrupted_stream(prepared):
         assert int(resumed[-1][-1][0].max()) >= manifest.num_samples  # really crossed into epoch 1
 
 
-def test_stream_rejects_uneven_batch_sizes(prepared):
+def test_stream_rejects_uneven_batch_sizes_and_world_sizes(prepared):
     out, manifest = prepared
     with pytest.raises(ValueError, match="not a multiple of micro_batch_size"):
         make_stream(out, manifest, global_batch_size=10, micro_batch_size=4)
     with pytest.raises(ValueError, match="rank"):
         make_stream(out, manifest, rank=2, world_size=2, micro_batch_size=2)
+    # The partition count: the checkpoint's wins; a world size that does not divide it is refused, naming the
+    # sizes that do.
+    n = manifest.num_samples
+    assert resolve_partitions(None, 1, n, None) == 64 and resolve_partitions(None, 3, n, None) == 48
+    assert resolve_partitions(None, 128, 10**6, None) == 128 and resolve_partitions(8, 2, n, None) == 8
+    assert resolve_partitions(None, 2, n, saved=12) == 12
+    with pytest.raises(
+        DataError,
+        match=r"^world size 8 does not divide the stream's 12 partitions, fixed when this "
+        r"run started \(saved in its checkpoint\); run on one of 1, 2, 3, 4, 6, 12 ranks$",
+    ):
+        resolve_partitions(None, 8, n, saved=12)
+    with pytest.raises(DataError, match=r"set data.partitions to a multiple of 4$"):
+        resolve_partitions(6, 4, n, None)
+    with pytest.raises(DataError, match=r"data.partitions=16 but this run's stream was cut into 12 partitions"):
+        resolve_partitions(16, 4, n, saved=12)
+    with pytest.raises(DataError, match=rf"more than the shard set's {n} examples"):
+        resolve_partitions(n + 1, 1, n, None)
+
+
+def test_a_rank_reads_only_its_own_blocks(prepared):
+    """Counted at the storage layer: over an epoch, the W ranks read disjoint blocks (apart from those that
+    straddle two partitions), together each block about once, and each rank about 1/W of the bytes."""
+    out, manifest = prepared
+    table = manifest.block_table()
+    blocks_read = []
+    for rank in range(4):
+        stream = make_stream(out, manifest, partitions=8, rank=rank, world_size=4, micro_batch_size=2)
+        storage.reset_io_stats()
+        for _, _ in zip(range(stream.layout.epoch_size // 8), stream):
+            pass
+        io = storage.reset_io_stats()
+        mine = set()
+        layout = stream.layout
+        for p in range(rank, 8, 4):
+            for w in layout.windows(0, p):
+                mine |= {b for b, _, _ in w.blocks}
+        assert io.gets == len(mine)  # one ranged GET per block of its own partitions, nothing else
+        assert io.bytes == int(table.length[sorted(mine)].sum())
+        blocks_read.append(mine)
+    shared = set.union(*[a & b for i, a in enumerate(blocks_read) for b in blocks_read[i + 1 :]])
+    assert len(shared) <= 8  # at most one block straddles each partition boundary
+    assert set.union(*blocks_read) == set(range(len(table)))
 
 
 # --------------------------------------------------------------------------------------------- S3
@@ -365,7 +487,16 @@ def test_s3_round_trip(prepared, corpus, s3_bucket):
         storage.upload_file(f, url)
         inputs.append(url)
     out = f"{s3_bucket}/shards/v1"
-    manifest = prepare(inputs[:3], out, inputs[3], seq_len=SEQ_LEN, samples_per_shard=37, seed=SEED, progress=False)
+    manifest = prepare(
+        inputs[:3],
+        out,
+        inputs[3],
+        seq_len=SEQ_LEN,
+        samples_per_shard=37,
+        samples_per_block=8,
+        seed=SEED,
+        progress=False,
+    )
     assert load_manifest(out) == manifest and manifest.prefix == out
     assert manifest.shards == local_manifest.shards
     assert manifest.tokenizer_sha256 == local_manifest.tokenizer_sha256
@@ -374,16 +505,22 @@ def test_s3_round_trip(prepared, corpus, s3_bucket):
     last = manifest.shards[-1].name
     assert storage.read_bytes(f"{out}/{last}") == Path(local_out, last).read_bytes()
 
-    n_steps = manifest.num_samples // 16 + 1
-    s3_steps = take(make_stream(out, manifest, global_batch_size=16, micro_batch_size=8, num_workers=2), n_steps)
+    # Streamed from S3 by 2 ranks with 2 workers each: the same global batches as one rank on local disk.
+    epoch = make_stream(out, manifest).layout.epoch_size
+    n_steps = epoch // 16 + 1
+    s3_ranks = [
+        take(
+            make_stream(out, manifest, global_batch_size=16, micro_batch_size=4, rank=r, world_size=2, num_workers=2),
+            n_steps,
+        )
+        for r in range(2)
+    ]
     local_steps = take(make_stream(local_out, local_manifest, global_batch_size=16, micro_batch_size=8), n_steps)
-    s3_batches, local_batches = global_batches([s3_steps]), global_batches([local_steps])
-    for (p, i), (p_ref, i_ref) in zip(s3_batches, local_batches):
-        assert np.array_equal(p, p_ref) and np.array_equal(i, i_ref)
-    masks = np.concatenate([mb[2].numpy() for step in s3_steps for mb in step])
-    ids = np.concatenate([b[1] for b in s3_batches])
-    got = sorted(unpad(ids[p], int(masks[p].sum())) for p in range(manifest.num_samples))
-    assert got == sorted(tuple(s.tolist()) for s in all_shard_samples(out, manifest))
+    s3_batches, local_batches = global_batches(s3_ranks), global_batches([local_steps])
+    for got, ref in zip(s3_batches, local_batches):
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref))
+    samples = np.concatenate([b[4] for b in s3_batches])[:epoch]
+    assert sorted(set(samples.tolist())) == list(range(manifest.num_samples))
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -437,7 +574,11 @@ def test_manifest_errors(prepared, tmp_path):
     with pytest.raises(DataError, match="not valid JSON"):
         load_manifest(str(tmp_path / "bad"))
     (tmp_path / "bad" / "manifest.json").write_text(json.dumps({"format": "something-else/9"}))
-    with pytest.raises(DataError, match="expected 'electra-scale-shards/1'"):
+    with pytest.raises(DataError, match="expected 'electra-scale-shards/2'"):
+        load_manifest(str(tmp_path / "bad"))
+    # A set of the first format is refused with the command that converts it.
+    (tmp_path / "bad" / "manifest.json").write_text(json.dumps({"format": "electra-scale-shards/1"}))
+    with pytest.raises(DataError, match=rf"convert-shards {tmp_path / 'bad'} {tmp_path / 'bad'}-v2`, then point"):
         load_manifest(str(tmp_path / "bad"))
 
     manifest.check_compatible(vocab_size=manifest.vocab_size, seq_len=SEQ_LEN)
@@ -449,7 +590,7 @@ def test_manifest_errors(prepared, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_truncated_and_missing_shards(prepared, tmp_path):
+def test_truncated_corrupt_and_missing_shards(prepared, tmp_path):
     out, _ = prepared
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
@@ -457,30 +598,92 @@ def test_truncated_and_missing_shards(prepared, tmp_path):
     info = manifest.shards[2]
     victim = broken / info.name
     data = victim.read_bytes()
-    # Each sample is one 512-byte tar header + one 512-byte block of npy data.
-    victim.write_bytes(data[: 5 * 1024 + 512 + 64])  # cut inside the 6th sample's data
-    with pytest.raises(DataError, match=rf"^shard {victim} is truncated or corrupt at byte \d+: unexpected end"):
-        read_shard(str(victim))
-    victim.write_bytes(data[: 5 * 1024 + 100])  # cut inside a header: tar stops quietly, the manifest does not
-    assert len(read_shard(str(victim))) == 5
-    with pytest.raises(DataError, match=rf"^shard {victim} is truncated or corrupt at byte 5220: the manifest"):
-        read_shard(str(victim), expected_samples=info.samples, expected_bytes=info.bytes)
-    victim.write_bytes(data[:2048] + bytes(len(data) - 2048))  # zeroed tail: right size, too few samples
-    with pytest.raises(DataError, match=f"^shard {victim} holds 2 samples but the manifest says {info.samples}"):
-        read_shard(str(victim), expected_samples=info.samples, expected_bytes=info.bytes)
+    third = info.blocks[2]
+    # Cut inside the third block: the first two still read; the third names the byte where the file ends.
+    victim.write_bytes(data[: third.offset + 700])
+    assert len(read_block(str(broken), manifest, 2, info.blocks[1])[1]) == 8
+    with pytest.raises(DataError, match=rf"^shard {victim} is truncated at byte {third.offset + 700}: its block at "):
+        read_block(str(broken), manifest, 2, third)
+    last = info.blocks[-1].offset
+    with pytest.raises(DataError, match=rf"^shard {victim} is truncated: it ends before byte {last}, where one of"):
+        read_block(str(broken), manifest, 2, info.blocks[-1])  # past the end: no bytes at all
+    # One flipped byte anywhere in a block: its CRC-32 names it.
+    flipped = bytearray(data)
+    flipped[third.offset + third.length - 600] ^= 0x40
+    victim.write_bytes(bytes(flipped))
+    with pytest.raises(DataError, match=rf"^shard {victim} is corrupt in its block at bytes {third.offset}-"):
+        read_block(str(broken), manifest, 2, third)
 
     # The stream surfaces the worker's error as the same DataError, with its one-line message.
     victim.write_bytes(data[: len(data) // 3])
     gb = 8
     for workers in (0, 2):
         stream = make_stream(str(broken), manifest, global_batch_size=gb, num_workers=workers)
-        with pytest.raises(DataError, match=rf"^shard {victim} is truncated or corrupt at byte \d+: [^\n]+$"):
+        with pytest.raises(DataError, match=rf"^shard {victim} is truncated[^\n]+$"):
             take(stream, manifest.num_samples // gb + 1)
 
     victim.unlink()
     stream = make_stream(str(broken), manifest, global_batch_size=gb, num_workers=2)
     with pytest.raises(storage.StorageError, match=rf"^{victim} does not exist"):
         take(stream, manifest.num_samples // gb + 1)
+
+
+def test_convert_shards_of_the_first_format(prepared, tmp_path):
+    """A version-1 set (one example per tar member, as earlier releases wrote) converts with every example
+    in its order; the converted set streams."""
+    import webdataset as wds
+
+    out, manifest = prepared
+    old = tmp_path / "v1"
+    old.mkdir()
+    examples = all_shard_samples(out, manifest)
+    shards = []
+    for k in range(0, len(examples), 50):
+        name = f"train-{k // 50:06d}.tar"
+        with wds.TarWriter(str(old / name)) as tar:
+            for i, ex in enumerate(examples[k : k + 50], start=k):
+                tar.write({"__key__": f"{i:09d}", "ids.npy": ex})
+        shards.append({"name": name, "samples": len(examples[k : k + 50]), "bytes": (old / name).stat().st_size})
+    for name in ("tokenizer.json", "vocab.txt"):
+        shutil.copy(Path(out, name), old / name)
+    d = json.loads(Path(out, "manifest.json").read_text())
+    d.pop("samples_per_block")
+    (old / "manifest.json").write_text(json.dumps({**d, "format": "electra-scale-shards/1", "shards": shards}))
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "electra_scale",
+            "convert-shards",
+            str(old),
+            str(tmp_path / "v2"),
+            "--samples-per-block",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    new = load_manifest(str(tmp_path / "v2"))
+    assert [x.tolist() for x in all_shard_samples(str(tmp_path / "v2"), new)] == [x.tolist() for x in examples]
+    assert new.samples_per_block == 16 and new.tokenizer_sha256 == manifest.tokenizer_sha256
+    assert (tmp_path / "v2" / "vocab.txt").read_bytes() == Path(out, "vocab.txt").read_bytes()
+    next(iter(make_stream(str(tmp_path / "v2"), new)))
+
+    # Converting again into the same place, or converting a current set, is refused in one line.
+    proc = subprocess.run(
+        [sys.executable, "-m", "electra_scale", "convert-shards", str(old), str(tmp_path / "v2")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "already holds a prepared shard set" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "electra_scale", "convert-shards", str(tmp_path / "v2"), str(tmp_path / "v3")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "convert-shards reads 'electra-scale-shards/1' sets only" in proc.stderr
 
 
 def test_input_errors(tmp_path):

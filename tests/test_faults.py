@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from electra_scale import storage
-from electra_scale.data import DataError, PretrainStream, load_manifest, read_shard
+from electra_scale.data import DataError, PretrainStream, load_manifest, read_block
 from electra_scale.data.stream import StreamLayout
 from electra_scale.metrics import read_samples
 from tests.faultproxy import FaultProxy
@@ -83,17 +83,21 @@ def test_reset_mid_body_resumes_with_a_range_get(proxy, s3_bucket, shards):
     resumed_at = _ranges(proxy, url)
     assert len(resumed_at) == 3 and resumed_at == sorted(resumed_at) and resumed_at[0] > 0, resumed_at
 
-    # A shard through the streaming reader: same samples as the local file, resumed mid-tar.
+    # A block, as the stream reads it (one ranged GET): the same bytes through broken bodies.
     local, _ = shards
     prefix = _upload_shards(local, f"{s3_bucket}/shards")
-    info = load_manifest(local).shards[0]
-    shard_url = storage.join(prefix, info.name)
+    manifest = load_manifest(prefix)
+    block = manifest.shards[0].blocks[1]
+    shard_url = storage.join(prefix, manifest.shards[0].name)
     proxy.clear()
-    proxy.reset_after(20_000, times=2, match=f"GET {_path(shard_url)}")
-    got = read_shard(shard_url, expected_samples=info.samples, expected_bytes=info.bytes)
-    want = read_shard(os.path.join(local, info.name))
-    assert [a.tolist() for a in got] == [b.tolist() for b in want]
-    assert proxy.count("reset_after") == 2 and len(_ranges(proxy, shard_url)) == 2
+    proxy.reset_after(2_000, times=2, match=f"GET {_path(shard_url)}")
+    got = read_block(prefix, manifest, 0, block)
+    want = read_block(local, load_manifest(local), 0, block)
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    # The whole-range GET breaks; the resumable reader asks for the block again, breaks, resumes mid-block.
+    ranges = _ranges(proxy, shard_url)
+    assert proxy.count("reset_after") == 2 and ranges[:2] == [block.offset] * 2
+    assert block.offset < ranges[2] < block.offset + block.length
 
 
 def test_object_overwritten_while_resuming_is_refused(proxy, s3_bucket):
@@ -225,152 +229,149 @@ def test_transfers_retry_parts_and_ranges(proxy, s3_bucket, tmp_path, monkeypatc
 
 
 # --------------------------------------------------------------------------------------------- corrupt shards
-def _stream_order(local: str) -> list[str]:
-    """Shard names in the order epoch 0 of the tiny preset's stream visits them."""
-    manifest = load_manifest(local)
-    order, _ = StreamLayout(manifest, SEED).epoch(0)
-    return [manifest.shards[j].name for j in order]
+def _partition_blocks(prefix: str, partitions: int, p: int) -> list[int]:
+    """The blocks (ids in the manifest's order) partition ``p`` reads in epoch 0 of the tiny preset's stream,
+    in the order it reads them."""
+    layout = StreamLayout(load_manifest(prefix), SEED, partitions)
+    return [b for w in layout.windows(0, p) for b, _, _ in w.blocks]
 
 
-def _truncate(path: Path) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: 5 * 1024 + 600])  # inside the 6th member's data (512-byte header + data blocks)
-
-
-def _damage_header(path: Path) -> int:
-    """Flip one byte in the name field of the 3rd member's header; returns the header's offset."""
-    import tarfile
-
-    with tarfile.open(path) as tf:
-        offset = tf.getmembers()[2].offset
+def _damage(prefix: str, block: int) -> tuple[Path, int]:
+    """Flip one byte in the middle of block ``block``; returns its shard's path and the block's offset."""
+    manifest = load_manifest(prefix)
+    table = manifest.block_table()
+    path = Path(prefix, manifest.shards[table.shard[block]].name)
     data = bytearray(path.read_bytes())
-    data[offset + 3] ^= 0x5A
+    data[int(table.offset[block] + table.length[block] // 2)] ^= 0x5A
     path.write_bytes(bytes(data))
-    return offset
+    return path, int(table.offset[block])
 
 
 @pytest.fixture
-def broken_shards(shards, tmp_path) -> tuple[str, list[str], int]:
-    """A copy of the shards with the 2nd visited shard truncated and the 3rd's 3rd tar header damaged."""
+def broken_shards(shards, tmp_path) -> tuple[str, list[int]]:
+    """A copy of the shards with two blocks damaged, both inside partition 1 of 2 (rank 1's, on 2 ranks),
+    neither straddling into partition 0, both read within its first 80 examples (20 steps of 8)."""
     local, vocab = shards
     copy = tmp_path / "broken"
     shutil.copytree(local, copy)
-    names = _stream_order(local)
-    _truncate(copy / names[1])
-    offset = _damage_header(copy / names[2])
-    return str(copy), names, offset
-
-
-def test_corrupt_shards_are_reported_with_the_byte(broken_shards):
-    prefix, names, offset = broken_shards
-    manifest = load_manifest(prefix)
-    info = {s.name: s for s in manifest.shards}
-    truncated, damaged = os.path.join(prefix, names[1]), os.path.join(prefix, names[2])
-    with pytest.raises(DataError, match=rf"^shard {truncated} is truncated or corrupt at byte 5720: unexpected end"):
-        read_shard(truncated, info[names[1]].samples, info[names[1]].bytes)
-    # tar takes a damaged header for the end of the archive; the manifest's count catches it, at that byte.
-    with pytest.raises(DataError, match=rf"^shard {damaged} holds 2 samples but the manifest says \d+: it is "):
-        read_shard(damaged, info[names[2]].samples, info[names[2]].bytes)
-    with pytest.raises(DataError, match=rf"truncated or corrupt at byte {offset}, where its tar stops"):
-        read_shard(damaged, info[names[2]].samples, info[names[2]].bytes)
-
-
-def _good_positions(prefix: str, bad: set[str], count: int) -> list[int]:
-    """The first ``count`` stream positions that are not in a shard of ``bad``."""
-    manifest = load_manifest(prefix)
-    layout = StreamLayout(manifest, SEED)
-    good: list[int] = []
-    for epoch in range(count):  # more than enough: every epoch has a good shard
-        order, starts = layout.epoch(epoch)
-        for i, j in enumerate(order):
-            if manifest.shards[j].name not in bad:
-                first = epoch * layout.epoch_size + int(starts[i])
-                good.extend(range(first, first + manifest.shards[j].samples))
-        if len(good) >= count:
-            return good[:count]
-    raise AssertionError("unreachable")
+    p1 = _partition_blocks(str(copy), 2, 1)
+    bad = [p1[1], p1[3]]
+    assert not set(bad) & set(_partition_blocks(str(copy), 2, 0))
+    for b in bad:
+        _damage(str(copy), b)
+    return str(copy), bad
 
 
 def _stream(prefix: str, **kw) -> PretrainStream:
-    args = dict(seed=SEED, global_batch_size=8, micro_batch_size=4, rank=0, world_size=1, num_workers=0)
+    args = dict(seed=SEED, global_batch_size=8, micro_batch_size=4, rank=0, world_size=1, partitions=2, num_workers=0)
     return PretrainStream(prefix, load_manifest(prefix), **{**args, **kw})
 
 
 def _take(stream, steps: int) -> list[list[int]]:
+    """Per step, the examples (indices in the shard set) the stream hands out, sorted by stream position."""
     it = iter(stream)
-    return [sorted(int(p) for mb in next(it) for p in mb.positions) for _ in range(steps)]
+    out = []
+    for _ in range(steps):
+        mbs = next(it)
+        pos = np.concatenate([mb.positions.numpy() for mb in mbs])
+        out.append(np.concatenate([mb.samples.numpy() for mb in mbs])[np.argsort(pos)].tolist())
+    return out
 
 
-def test_skip_policy_in_the_stream(broken_shards):
-    """Under skip every rank leaves out the same shards, batches fill from the samples that follow, and a
-    resume from the saved position continues exactly; under error the first bad shard stops the stream."""
-    prefix, names, _ = broken_shards
-    steps = 20
-    expected = _good_positions(prefix, {names[1], names[2]}, steps * 8)
+def test_corrupt_blocks_are_reported_with_the_byte(broken_shards):
+    prefix, bad = broken_shards
+    manifest = load_manifest(prefix)
+    table = manifest.block_table()
+    shard = int(table.shard[bad[0]])
+    block = manifest.shards[shard].blocks[bad[0] - int(np.flatnonzero(table.shard == shard)[0])]
+    path = os.path.join(prefix, manifest.shards[shard].name)
+    with pytest.raises(DataError, match=rf"^shard {path} is corrupt in its block at bytes {block.offset}-"):
+        read_block(prefix, manifest, shard, block)
+
+
+def test_skip_policy_in_the_stream(broken_shards, shards):
+    """Under skip a bad block's examples are left out and their slots filled from the same partition: every
+    step keeps its size, 1 and 2 ranks hand out the same examples, and the other partition is untouched.
+    Under error the first bad block stops the stream."""
+    prefix, bad = broken_shards
+    clean_prefix, _ = shards
+    table = load_manifest(prefix).block_table()
+    bad_examples = {int(table.first[b]) + i for b in bad for i in range(int(table.samples[b]))}
+    epoch = _stream(prefix).layout.epoch_size
+    steps = epoch // 8
     one = _take(_stream(prefix, on_corrupt_shard="skip", micro_batch_size=8), steps)
-    assert one == [sorted(expected[s * 8 : (s + 1) * 8]) for s in range(steps)]
-    ranks = [_stream(prefix, on_corrupt_shard="skip", rank=r, world_size=2, num_workers=w) for r, w in ((0, 1), (1, 0))]
+    clean = _take(_stream(clean_prefix, micro_batch_size=8), steps)
+    assert all(len(s) == 8 for s in one) and not bad_examples & {x for s in one for x in s}
+    # Partition 0 (even positions) is exactly the clean run's; partition 1 differs only where it had to.
+    assert [s[0::2] for s in one] == [s[0::2] for s in clean]
+    changed = [(a, b) for s1, s2 in zip(one, clean) for a, b in zip(s1[1::2], s2[1::2]) if a != b]
+    assert {b for _, b in changed} <= bad_examples
+    assert len(changed) == sum(x in bad_examples for s in clean for x in s) > 0
+
+    ranks = [
+        _stream(prefix, on_corrupt_shard="skip", rank=r, world_size=2, micro_batch_size=2, num_workers=w)
+        for r, w in ((0, 1), (1, 0))
+    ]
     per_rank = [_take(s, steps) for s in ranks]
-    assert [sorted(a + b) for a, b in zip(*per_rank)] == one
-    assert ranks[0].skipped_shards[:2] == ranks[1].skipped_shards[:2] == [names[1], names[2]]
+    assert [sorted(a + b) for a, b in zip(*per_rank)] == [sorted(s) for s in one]
+    assert ranks[0].skipped == [] and len(ranks[1].skipped) == 2  # only the rank that owns them saw them
 
-    full = _stream(prefix, on_corrupt_shard="skip")
-    taken = _take(full, 12)
-    saved = full.position(12)
-    n_skipped = sum(s.samples for s in load_manifest(prefix).shards if s.name in names[1:3])
-    assert saved["stream_position"] == 12 * 8 + n_skipped and saved["skipped_shards"] == [names[1], names[2]]
-    resumed = _stream(prefix, on_corrupt_shard="skip", start_step=12, resume_position=saved)
-    assert taken + _take(resumed, steps - 12) == one
+    resumed = _stream(prefix, on_corrupt_shard="skip", micro_batch_size=8, start_step=12)
+    assert _take(resumed, steps - 12) == one[12:]
 
-    with pytest.raises(DataError, match=rf"^shard {os.path.join(prefix, names[1])} is truncated or corrupt at"):
-        _take(_stream(prefix), steps)
+    with pytest.raises(DataError, match=r"is corrupt in its block at bytes"):
+        _take(_stream(prefix, micro_batch_size=8), steps)
 
-    for name in names:  # nothing left to train on: an error, not an endless search
-        _truncate(Path(prefix, name))
-    with pytest.raises(DataError, match="every shard of .* is corrupt"):
-        _take(_stream(prefix, on_corrupt_shard="skip"), 1)
+    for b in set(_partition_blocks(prefix, 2, 1)) - set(bad):  # nothing left to train on: an error, not a loop
+        _damage(prefix, b)
+    with pytest.raises(DataError, match="every block of partition 1 in epoch 0 .* is corrupt"):
+        _take(_stream(prefix, on_corrupt_shard="skip", micro_batch_size=8), steps)
 
 
 def test_corrupt_shard_error_policy_exits_2(shards, tmp_path):
     local, vocab = shards
     copy = tmp_path / "broken"
     shutil.copytree(local, copy)
-    first = _stream_order(local)[0]
-    offset = _damage_header(copy / first)
+    path, offset = _damage(str(copy), _partition_blocks(str(copy), 64, 0)[0])
     proc = run_cli(pretrain_args((str(copy), vocab), str(tmp_path / "run"), "train.max_steps=4"), check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, proc.stderr[-3000:]
-    assert f"shard {copy / first} holds 2 samples" in errors[0] and f"corrupt at byte {offset}" in errors[0]
+    assert f"shard {path} is corrupt in its block at bytes {offset}-" in errors[0]
+    assert not Path(tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
 
 
-def test_corrupt_shards_skipped_by_two_ranks(broken_shards, tmp_path):
-    prefix, names, _ = broken_shards
+def test_corrupt_blocks_skipped_by_two_ranks(broken_shards, tmp_path):
+    """Two bad blocks inside rank 1's partition: both ranks run every step, rank 1 alone reports them, and
+    the run trains on the same examples as one rank does."""
+    prefix, bad = broken_shards
     vocab = load_manifest(prefix).vocab_size
-    out = tmp_path / "run"
     steps = 20
-    args = pretrain_args(
-        (prefix, vocab),
-        str(out),
+    common = (
         f"train.max_steps={steps}",
         "checkpoint.every_steps=10",
         "data.on_corrupt_shard=skip",
+        "data.partitions=2",
         "run.record_samples=true",
     )
-    proc = run_cli(args, ranks=2)
-    warnings = [line for line in proc.stderr.splitlines() if "data.on_corrupt_shard=skip: leaving out" in line]
-    assert len(warnings) == 2 and names[1] in warnings[0] and names[2] in warnings[1], proc.stderr[-3000:]
-    assert "truncated or corrupt at byte 5720" in warnings[0]
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = run_cli(pretrain_args((prefix, vocab), str(two), *common), ranks=2)
+    warnings = [line for line in proc.stderr.splitlines() if "data.on_corrupt_shard=skip: rank" in line]
+    assert len(warnings) == 2 and all("[rank 1]" in w for w in warnings), proc.stderr[-3000:]
+    assert all("is corrupt in its block at bytes" in w for w in warnings)
+    run_cli(pretrain_args((prefix, vocab), str(one), *common))
 
-    expected = _good_positions(prefix, {names[1], names[2]}, steps * 8)
-    assert read_samples(out) == {s + 1: sorted(expected[s * 8 : (s + 1) * 8]) for s in range(steps)}
+    assert read_samples(two, "samples") == read_samples(one, "samples")
+    assert read_samples(two) == {s + 1: list(range(s * 8, (s + 1) * 8)) for s in range(steps)}
+    table = load_manifest(prefix).block_table()
+    bad_examples = {int(table.first[b]) + i for b in bad for i in range(int(table.samples[b]))}
+    assert not bad_examples & {x for xs in read_samples(two, "samples").values() for x in xs}
     for rank in (0, 1):  # both ranks ran every step
-        lines = Path(out, "samples", f"rank_{rank}.jsonl").read_text().splitlines()
+        lines = Path(two, "samples", f"rank_{rank}.jsonl").read_text().splitlines()
         assert [json.loads(line)["step"] for line in lines] == list(range(1, steps + 1))
-    state = json.loads(Path(out, "checkpoints", f"step_{steps:07d}", "trainer_state.json").read_text())
-    position = state["data_position"]
-    assert position["skipped_shards"] == [names[1], names[2]] and position["samples_seen"] == steps * 8
-    assert position["stream_position"] == expected[steps * 8 - 1] + 1
+    assert sum(m["skipped_blocks"] for m in metrics(str(two))) == 2
+    state = json.loads(Path(two, "checkpoints", f"step_{steps:07d}", "trainer_state.json").read_text())
+    assert state["data_position"]["partitions"] == 2 and state["data_position"]["samples_seen"] == steps * 8
 
 
 # --------------------------------------------------------------------------------------------- end to end
@@ -384,16 +385,18 @@ def test_training_through_faults_matches_a_clean_run(shards, s3_bucket, s3_serve
     run_cli(pretrain_args((prefix, vocab), str(clean), *common), ranks=2)
 
     with FaultProxy(s3_server.endpoint) as fp:
-        fp.reset_after(20_000, times=4, match="GET /" + prefix[len("s3://") :] + "/train-")
+        fp.reset_after(2_000, times=4, match="GET /" + prefix[len("s3://") :] + "/train-")
         fp.slowdown(times=3, match="/train-")
         fp.reset_on_connect(times=2)
         fp.slowdown(times=2)  # any request: the manifest, the tokenizer
         env = {**FAST_RETRIES, "AWS_ENDPOINT_URL": fp.endpoint}
         proc = run_cli(pretrain_args((prefix, vocab), str(faulty), *common), ranks=2, env=env)
         assert fp.pending() == 0, fp.faults  # every fault was injected
-        shard_gets = [r for r in fp.requests if r.method == "GET" and "/train-" in r.path]
-        assert any("range" in r.headers for r in shard_gets), "no GET was resumed"
-    assert "resuming at byte" in proc.stderr
+        shard_gets = [
+            (r.path, r.headers.get("range")) for r in fp.requests if r.method == "GET" and "/train-" in r.path
+        ]
+        assert len(set(shard_gets)) < len(shard_gets), "no block was asked for again"
+    assert "with the resumable reader" in proc.stderr and "resuming at byte" in proc.stderr
 
     assert read_samples(faulty) == read_samples(clean)
     assert len(read_samples(clean)) == 16

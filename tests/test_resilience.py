@@ -13,11 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from electra_scale import storage
+from electra_scale.data import load_manifest
+from electra_scale.data.stream import StreamLayout
 from electra_scale.launch import free_port
 from electra_scale.metrics import read_samples
 from tests.test_train import NO_DROPOUT, ROOT, metrics, pretrain_args, run_cli
@@ -131,6 +134,50 @@ def test_conversion_across_zero_groups_is_refused_clearly(shards, reference, tmp
     assert f"step_0000004 was saved by 2 rank(s) at ZeRO-2; this run has 1 rank(s) at ZeRO-{stage}" in proc.stderr
     assert "converts only within ZeRO-1/2 or within ZeRO-3" in proc.stderr
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000004", "nothing was overwritten"
+
+
+def test_a_world_size_that_does_not_divide_the_partitions_is_refused_first(shards, tmp_path):
+    """A run cut into 3 partitions cannot continue on 2 ranks: one line naming the sizes that can, before
+    any checkpoint is converted or overwritten."""
+    out = tmp_path / "run"
+    common = ("train.max_steps=8", "checkpoint.every_steps=4")
+    run_cli([*pretrain_args(shards, str(out), *common), "data.partitions=3", "train.stop_at_step=4"])
+    proc = run_cli(pretrain_args(shards, str(out), *common), ranks=2, check=False)
+    assert proc.returncode != 0
+    errors = {line.split("] ", 1)[-1] for line in proc.stderr.splitlines() if "error:" in line}
+    assert errors == {
+        "electra-scale pretrain: error: world size 2 does not divide the stream's 3 partitions, fixed when this run "
+        "started (saved in its checkpoint); run on one of 1, 3 ranks"
+    }, proc.stderr[-3000:]
+    assert not list((out / "checkpoints").glob("*.universal"))
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_0000004", "nothing was overwritten"
+
+
+def test_every_example_once_an_epoch_on_1_2_and_4_ranks_and_from_4_to_2(shards, tmp_path):
+    """The sample accounting over one whole epoch: every example of the set exactly once, plus the fewer than
+    P repeats that pad the epoch, and the same examples at every step on 1, 2 and 4 ranks, and on 4 ranks
+    stopped half-way and resumed on 2."""
+    manifest = load_manifest(shards[0])
+    epoch = StreamLayout(manifest, 12345, 64).epoch_size  # data.partitions defaults to 64 on 1, 2 and 4 ranks
+    steps = epoch // BATCH
+    common = (f"train.max_steps={steps}", f"checkpoint.every_steps={steps // 2}", "run.record_samples=true")
+    common += ("train.log_every=8", "train.micro_batch_size=2")  # 4 ranks x 2 = the global batch of 8
+    runs = {ranks: tmp_path / f"w{ranks}" for ranks in (1, 2)}
+    for ranks, out in runs.items():
+        run_cli(pretrain_args(shards, str(out), *common), ranks=ranks)
+    four_then_two = tmp_path / "w4-then-2"
+    run_cli([*pretrain_args(shards, str(four_then_two), *common), f"train.stop_at_step={steps // 2}"], ranks=4)
+    log = run_cli(pretrain_args(shards, str(four_then_two), *common), ranks=2).stderr
+    assert f"at step {steps // 2} (converted from 4 rank(s), ZeRO-2)" in log
+
+    reference = read_samples(runs[1], "samples")
+    counts = Counter(x for examples in reference.values() for x in examples)
+    assert sorted(counts) == list(range(manifest.num_samples)), "an example was skipped"
+    assert sum(counts.values()) == epoch and sum(c - 1 for c in counts.values()) == epoch - manifest.num_samples
+    assert max(counts.values()) <= 2 and epoch - manifest.num_samples < 64
+    for out in (runs[2], four_then_two):
+        assert read_samples(out, "samples") == reference
+        assert_every_sample_once(out, steps)  # stream positions: each of the epoch's exactly once
 
 
 # ------------------------------------------------------------------------------------------------ kill -9

@@ -84,6 +84,8 @@ def test_two_ranks_match_one_rank(shards, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
             assert c[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (c["step"], key)
     assert two[-1]["loss"] < two[0]["loss"]  # and it learns
+    for m in two:  # the share of the step each rank spent waiting for its next batch, and no bad block
+        assert 0 <= m["data_wait"] < 1 and m["skipped_blocks"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from electra_scale import storage
-from electra_scale.data.shards import FORMAT, MANIFEST, DataError, Manifest, ShardInfo
+from electra_scale.data.shards import (
+    FORMAT,
+    MANIFEST,
+    BlockWriter,
+    DataError,
+    Manifest,
+    ShardInfo,
+    default_samples_per_block,
+)
 from electra_scale.data.tokenizer import load_tokenizer, save_tokenizer, special_ids, tokenizer_sha256
 
 Document = list[str]  # a document's sentences, in order
@@ -170,18 +177,25 @@ class ExampleBuilder:
 
 
 # --------------------------------------------------------------------------------------------- shards
-class _ShardWriter:
-    """Writes ``train-%06d.tar`` shards of ``samples_per_shard`` samples and publishes each one as soon as it
-    is complete: renamed into place locally, or uploaded from a temp dir (then deleted) for S3."""
+class ShardWriter:
+    """Writes ``train-%06d.tar`` shards of ``samples_per_shard`` examples, in blocks of ``samples_per_block``
+    (a shard's last block may be shorter), and publishes each shard as soon as it is complete: renamed into
+    place locally, or uploaded from a temp dir (then deleted) for S3. ``prepare``, ``convert-shards`` and the
+    bench's synthetic sets all write through here."""
 
-    def __init__(self, output: str, samples_per_shard: int, dtype: np.dtype, workdir: str):
-        self.output, self.samples_per_shard, self.dtype = output, samples_per_shard, dtype
+    def __init__(self, output: str, samples_per_shard: int, samples_per_block: int, dtype: np.dtype, workdir: str):
+        if samples_per_shard < 1 or samples_per_block < 1:
+            raise ValueError("samples_per_shard and samples_per_block must be positive")
+        self.output, self.dtype = output, np.dtype(dtype)
+        self.samples_per_shard = samples_per_shard
+        self.samples_per_block = min(samples_per_block, samples_per_shard)
         self.local_dir = workdir if storage.is_s3(output) else output
         self.shards: list[ShardInfo] = []
         self.num_samples = self.num_tokens = 0
-        self._writer: wds.TarWriter | None = None
+        self._writer: BlockWriter | None = None
         self._file = None
-        self._count = 0
+        self._pending: list[list[int] | np.ndarray] = []  # the block being filled
+        self._in_shard = 0
 
     def _name(self) -> str:
         return f"train-{len(self.shards):06d}.tar"
@@ -189,36 +203,61 @@ class _ShardWriter:
     def _tmp_path(self) -> str:
         return os.path.join(self.local_dir, f".{self._name()}.tmp")
 
-    def write(self, ids: list[int]) -> None:
-        if self._writer is None:
-            self._file = open(self._tmp_path(), "wb")  # noqa: SIM115 - closed in _finish
-            # mtime fixed so re-running prepare gives byte-identical shards.
-            self._writer = wds.TarWriter(self._file, mtime=0)
-        arr = np.asarray(ids, dtype=self.dtype)
-        self._writer.write({"__key__": f"{self.num_samples:09d}", "ids.npy": arr})
+    def write(self, ids: list[int] | np.ndarray) -> None:
+        self._pending.append(ids)
         self.num_samples += 1
         self.num_tokens += len(ids)
-        self._count += 1
-        if self._count == self.samples_per_shard:
+        self._in_shard += 1
+        if len(self._pending) == self.samples_per_block or self._in_shard == self.samples_per_shard:
+            self._flush_block()
+        if self._in_shard == self.samples_per_shard:
             self._finish()
 
+    def _flush_block(self) -> None:
+        if not self._pending:
+            return
+        if self._writer is None:
+            self._file = open(self._tmp_path(), "wb")  # noqa: SIM115 - closed in _finish
+            self._writer = BlockWriter(self._file, self.dtype)
+        self._writer.write(f"{self.num_samples - len(self._pending):09d}", self._pending)
+        self._pending = []
+
     def _finish(self) -> None:
+        self._flush_block()
         assert self._writer is not None and self._file is not None
         self._writer.close()
         self._file.close()
         tmp, name = self._tmp_path(), self._name()
+        self._writer.checksum(tmp)
         size = os.path.getsize(tmp)
         if storage.is_s3(self.output):
             storage.upload_file(tmp, storage.join(self.output, name))
             os.unlink(tmp)
         else:
             os.replace(tmp, os.path.join(self.output, name))
-        self.shards.append(ShardInfo(name=name, samples=self._count, bytes=size))
-        self._writer, self._file, self._count = None, None, 0
+        self.shards.append(ShardInfo(name=name, samples=self._writer.samples, bytes=size, blocks=self._writer.blocks))
+        self._writer, self._file, self._in_shard = None, None, 0
 
     def close(self) -> None:
-        if self._writer is not None:
+        if self._pending or self._writer is not None:
             self._finish()
+
+    def publish(self, **fields) -> Manifest:
+        """Write ``manifest.json`` for the shards written, last: its presence marks the set complete.
+        ``fields``: the manifest's own (seq_len, vocab_size, special_ids, tokenizer_sha256, lowercase, seed)."""
+        manifest = Manifest(
+            **fields,
+            dtype=self.dtype.name,
+            num_samples=self.num_samples,
+            num_tokens=self.num_tokens,
+            samples_per_block=self.samples_per_block,
+            shards=self.shards,
+            created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            format=FORMAT,
+            prefix=self.output,
+        )
+        storage.write_text(storage.join(self.output, MANIFEST), manifest.to_json())
+        return manifest
 
     def abort(self) -> None:
         """On failure, leave no half-written temp shard in the output dir."""
@@ -233,18 +272,24 @@ def prepare(
     output: str,
     tokenizer: str,
     seq_len: int,
-    samples_per_shard: int = 4096,
+    samples_per_shard: int | None = None,
     seed: int = 12345,
     lowercase: bool = True,
     progress: bool = True,
+    samples_per_block: int | None = None,
 ) -> Manifest:
     """Tokenize ``inputs`` into ELECTRA examples of at most ``seq_len`` tokens, write shards, the tokenizer
-    and ``manifest.json`` (last) under ``output``; return the manifest."""
+    and ``manifest.json`` (last) under ``output``; return the manifest. Blocks default to ~1 MiB of ids
+    (``shards.BLOCK_BYTES``), shards to 64 blocks."""
     output = str(output)
     if seq_len < 8:
         raise ValueError(f"seq_len must be at least 8, got {seq_len}")
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be positive, got {samples_per_shard}")
+    if (samples_per_shard is not None and samples_per_shard < 1) or (
+        samples_per_block is not None and samples_per_block < 1
+    ):
+        raise ValueError(
+            f"samples_per_shard/samples_per_block must be positive, got {samples_per_shard}/{samples_per_block}"
+        )
     files = resolve_inputs(inputs)
     if storage.exists(storage.join(output, MANIFEST)):
         # Overwriting shards under a live manifest would hand readers a mix of two runs.
@@ -272,7 +317,8 @@ def prepare(
     if not storage.is_s3(output):
         os.makedirs(output, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="electra-prepare-") as workdir:
-        writer = _ShardWriter(output, samples_per_shard, dtype, workdir)
+        per_block = samples_per_block or default_samples_per_block(seq_len, dtype.itemsize)
+        writer = ShardWriter(output, samples_per_shard or 64 * per_block, per_block, dtype, workdir)
         bar = tqdm(desc="prepare", unit="doc", disable=not progress)
         try:
             for docs in _batches(iter_corpus(files), _DOCS_PER_BATCH):
@@ -298,23 +344,14 @@ def prepare(
         raise DataError(f"inputs {files} produced no examples (are they empty?)")
 
     save_tokenizer(tok, output)
-    manifest = Manifest(
-        format=FORMAT,
+    return writer.publish(
         seq_len=seq_len,
         vocab_size=vocab_size,
-        dtype=dtype.name,
         special_ids=ids,
         tokenizer_sha256=tokenizer_sha256(tok),
         lowercase=lowercase,
         seed=seed,
-        num_samples=writer.num_samples,
-        num_tokens=writer.num_tokens,
-        shards=writer.shards,
-        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        prefix=output,
     )
-    storage.write_text(storage.join(output, MANIFEST), manifest.to_json())  # last: marks the set complete
-    return manifest
 
 
 def _batches(it: Iterator[Document], n: int) -> Iterator[list[Document]]:

@@ -1,103 +1,242 @@
-"""The pretraining stream: exact, resumable, and independent of world size and dataloader workers.
+"""The pretraining stream: each rank reads only its own share, and a run is the same run on any world size
+that divides its partition count. The design, its figures and what it costs are in docs/data.md.
 
-The stream is the endless concatenation of epochs 0, 1, 2, ... Epoch ``e`` visits the shards in the order
-``default_rng([seed, e]).permutation(n_shards)`` and, inside shard ``j``, its samples in the order
-``default_rng([seed, e, j]).permutation(samples_j)``. So every example has a stable identity, its global
-*stream position* ``p`` (epoch ``p // N``, offset ``p % N``), which the objective uses to key its masking
-randomness.
+**Partitions.** A run fixes ``P`` partitions when it starts (``data.partitions``; saved in every checkpoint).
+Epoch ``e`` puts every block of the set in the order ``default_rng([seed, e]).permutation(blocks)`` and reads
+their examples end to end: a sequence of the ``N`` examples of the set. It is extended with its own first
+``E - N`` examples up to ``E = P * Q``, ``Q = ceil(N / P)`` (fewer than ``P`` repeats per epoch), and cut into
+``P`` spans of ``Q``: span ``p`` is partition ``p``'s share of the epoch, a run of randomly ordered blocks.
 
-Optimizer step ``s`` consumes positions ``[s*GB, (s+1)*GB)``; micro-step ``k`` of rank ``r`` takes
-``s*GB + k*W*m + r*m + [0, m)``. Hence a global batch's content does not depend on the world size ``W`` or the
-micro-batch ``m`` (2 ranks x m == 1 rank x 2m == 1 rank x m x 2 accumulation steps), and resuming needs only
-the step number.
+**The global order.** Stream position ``g`` (epoch ``g // E``) is the ``(i // P)``-th example of partition
+``i % P``, where ``i = g % E``. Inside a span, examples are shuffled in *windows*: ``data.shuffle_blocks``
+consecutive blocks of the span (clipped to it), permuted by ``default_rng([seed, e, p, k])``. So every global
+batch takes its ``GB / P`` examples from each of the ``P`` partitions, i.e. from at least ``P`` different
+random blocks of the corpus.
 
-Each rank reads every shard of the stream and keeps only its own positions. ELECTRA samples are ~1 KB, so
-reading (S3 GETs ran at ~260M tokens/s on loopback) is negligible next to the model's compute; that is the
-price of world-size independence, and it buys exact resume on any number of ranks.
+**Ranks.** Optimizer step ``s`` consumes positions ``[s*GB, (s+1)*GB)``; rank ``r`` of ``W`` takes the
+positions ``g`` with ``g % W == r``, in order, cut into micro-batches of ``m``. Because ``W`` divides ``P``,
+those are exactly the positions of the partitions ``p % W == r``: a rank fetches (one ranged GET per block)
+and decodes only the blocks of its own ``P / W`` partitions, and the global batch does not depend on ``W``,
+``m`` or the number of dataloader workers. Resuming needs only the step (and ``P``).
 
-Dataloader workers split the work by shard *slot* (one (epoch, shard) visit): worker ``w`` of ``nw`` handles
-slots ``g0 + w, g0 + w + nw, ...`` and yields exactly one item per slot (possibly empty). torch's DataLoader
-returns workers' items round-robin, so the main process receives slots in stream order whatever ``nw`` is.
+**Workers.** A rank's work items are the windows of its partitions, in the order in which training first
+needs them. Dataloader worker ``w`` of ``nw`` reads items ``w, w + nw, ...`` and torch's DataLoader returns
+them round-robin, so the main process receives them in that order whatever ``nw`` is, ``prefetch_factor``
+items per worker ahead of the step that needs them.
 
-Corrupt shards (``data.on_corrupt_shard=skip``): a shard that fails to read as a whole (truncated, a damaged
-header; a DataError, never a network error, which storage retries) yields no samples, and the steps are filled
-from the samples that follow. So the batches are cut from the stream *with skipped shards left out*: step ``s``
-takes the good samples ``[s*GB, (s+1)*GB)`` in stream order, and the formula above applies to that index. The
-verdict is a function of the shard's bytes, and every rank reads every shard in the same order, so all ranks
-skip the same shards and agree on every step without talking to each other. Resuming needs one more number
-than the step: where in the raw stream step ``s`` begins (``position(s)["stream_position"]``, saved in the
-checkpoint); without skips it is ``s*GB``.
+**Corrupt blocks** (``data.on_corrupt_shard=skip``): a block that fails its size, CRC-32 or structure check
+is left out, and its examples' slots in the window are filled with other examples of the same window (drawn
+by ``default_rng([seed, e, p, k, 1])``; from the partition's next good block if the whole window is bad).
+Every rank still takes exactly its share of every step, so all ranks agree on every step without telling
+each other anything, and no rank reads another's shards. The price: the filled slots repeat examples.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from electra_scale import storage
-from electra_scale.data.shards import DataError, Manifest, read_shard
+from electra_scale.data.shards import BlockInfo, BlockTable, DataError, Manifest, decode_block
 
 log = logging.getLogger("electra_scale")
+
+AUTO_PARTITIONS = 64  # data.partitions' default: the largest W * 2^k up to this (at least W)
+BLOCK_CACHE_BYTES = 64 << 20  # per worker: blocks shared by neighbouring windows are fetched once
 
 
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor  # [m, seq_len] int64, padded with the pad id
-    attention_mask: torch.Tensor  # [m, seq_len] int64, 1 for real tokens
-    token_type_ids: torch.Tensor  # [m, seq_len] int64, 0 through the first [SEP], 1 after it, 0 on padding
+    """One micro-batch as the data path hands it over: the padded ids, in the shards' compact dtype, and a few
+    numbers per example. The int64 ids, attention mask and token types all follow from these; ``model_inputs``
+    builds them on the device the model runs on, so a GPU receives 2 bytes per token and three small vectors."""
+
+    tokens: torch.Tensor  # [m, seq_len] uint16 (or int32 for vocabularies of 65536 and more), padded
+    lengths: torch.Tensor  # [m] int64, real tokens of each example
+    first_sep: torch.Tensor  # [m] int64, index of its first [SEP]: token type 0 up to it, 1 after it
+    candidates: torch.Tensor  # [m] int64, tokens that may be masked (not [CLS], [SEP], [MASK] or [PAD])
     positions: torch.Tensor  # [m] int64, the global stream position of each example
+    samples: torch.Tensor  # [m] int64, each example's index in the shard set (prepare's order)
+
+    @staticmethod
+    def _masks(tokens, lengths, first_sep) -> tuple[torch.Tensor, torch.Tensor]:
+        cols = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+        real = cols < lengths[:, None]
+        return real.long(), ((cols > first_sep[:, None]) & real).long()
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.tokens.long()
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return self._masks(self.tokens, self.lengths, self.first_sep)[0]
+
+    @property
+    def token_type_ids(self) -> torch.Tensor:
+        return self._masks(self.tokens, self.lengths, self.first_sep)[1]
+
+    def model_inputs(self, device: torch.device | str = "cpu", non_blocking: bool = False) -> dict[str, torch.Tensor]:
+        """The objective's keyword arguments, built on ``device``."""
+        tokens = self.tokens.to(device, non_blocking=non_blocking)
+        lengths = self.lengths.to(device, non_blocking=non_blocking)
+        first_sep = self.first_sep.to(device, non_blocking=non_blocking)
+        attention_mask, token_type_ids = self._masks(tokens, lengths, first_sep)
+        return {
+            "input_ids": tokens.long(),
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+            "positions": self.positions,
+        }
+
+
+def auto_partitions(world_size: int) -> int:
+    p = world_size
+    while p * 2 <= AUTO_PARTITIONS:
+        p *= 2
+    return p
+
+
+def resolve_partitions(requested: int | None, world_size: int, num_samples: int, saved: int | None) -> int:
+    """The run's partition count: the checkpoint's when resuming, else ``data.partitions`` or the default.
+    A world size that does not divide it is refused naming the sizes that do."""
+    if saved is not None:
+        if requested and requested != saved:
+            raise DataError(
+                f"data.partitions={requested} but this run's stream was cut into {saved} partitions when it started "
+                f"(saved in its checkpoint); drop the override or set data.partitions={saved}"
+            )
+        p = saved
+    else:
+        p = requested or auto_partitions(world_size)
+    if p % world_size:
+        valid = [w for w in range(1, p + 1) if p % w == 0]
+        when = "when this run started (saved in its checkpoint)" if saved is not None else "by data.partitions"
+        raise DataError(
+            f"world size {world_size} does not divide the stream's {p} partitions, fixed {when}; "
+            f"run on one of {', '.join(map(str, valid))} ranks"
+            + ("" if saved is not None else f", or set data.partitions to a multiple of {world_size}")
+        )
+    if p > num_samples:
+        raise DataError(f"data.partitions={p} is more than the shard set's {num_samples} examples; use fewer")
+    return p
+
+
+@dataclass(frozen=True)
+class Window:
+    """One work item: window ``k`` of partition ``p`` in epoch ``e``, with the blocks (and the example range
+    ``[lo, hi)`` of each) it covers, and the span offsets ``[j0, j1)`` its examples take."""
+
+    epoch: int
+    partition: int
+    index: int
+    j0: int
+    j1: int
+    blocks: tuple[tuple[int, int, int], ...]  # (block id, lo, hi)
 
 
 class StreamLayout:
-    """Where every stream position lives, computed from the manifest alone (no shard is read)."""
+    """Where every stream position lives, computed from the manifest, the seed and ``P`` alone."""
 
-    def __init__(self, manifest: Manifest, seed: int):
-        self.sizes = np.array([s.samples for s in manifest.shards], dtype=np.int64)
-        self.num_shards = len(self.sizes)
-        self.epoch_size = int(self.sizes.sum())
-        self.seed = seed
-        self._cached: tuple[int, np.ndarray, np.ndarray] | None = None
+    def __init__(self, manifest: Manifest, seed: int, partitions: int, shuffle_blocks: int = 1):
+        if partitions < 1 or partitions > manifest.num_samples:
+            raise DataError(f"partitions={partitions} must be in [1, {manifest.num_samples}] (the set's examples)")
+        if shuffle_blocks < 1:
+            raise ValueError("shuffle_blocks must be >= 1")
+        self.table: BlockTable = manifest.block_table()
+        self.num_samples = manifest.num_samples
+        self.partitions, self.seed, self.shuffle_blocks = partitions, seed, shuffle_blocks
+        self.span = -(-self.num_samples // partitions)  # Q
+        self.epoch_size = self.span * partitions  # E
+        self._orders: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._windows: dict[tuple[int, int], list[Window]] = {}
+        self._starts: dict[tuple[int, int], np.ndarray] = {}
 
-    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """(shard order, start offset of each slot within the epoch) for epoch ``e``."""
-        if self._cached is None or self._cached[0] != e:
-            order = np.random.default_rng([self.seed, e]).permutation(self.num_shards)
-            starts = np.concatenate([[0], np.cumsum(self.sizes[order])[:-1]])
-            self._cached = (e, order, starts)
-        return self._cached[1], self._cached[2]
+    def epoch_order(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+        """(block ids, start of each in the epoch's sequence, with one more entry for the end) for epoch
+        ``e``; the sequence runs on into its own first blocks to cover the ``E - N`` padding examples."""
+        if e not in self._orders:
+            order = np.random.default_rng([self.seed, e]).permutation(len(self.table))
+            extra = self.epoch_size - self.num_samples
+            if extra:
+                head = np.cumsum(self.table.samples[order])
+                order = np.concatenate([order, order[: int(np.searchsorted(head, extra)) + 1]])
+            starts = np.concatenate([[0], np.cumsum(self.table.samples[order])]).astype(np.int64)
+            self._orders[e] = (order, starts)
+            while len(self._orders) > 2:
+                self._orders.popitem(last=False)
+                self._windows = {k: v for k, v in self._windows.items() if k[0] in self._orders}
+                self._starts = {k: v for k, v in self._starts.items() if k[0] in self._orders}
+        return self._orders[e]
 
-    def slot(self, g: int) -> tuple[int, int, int]:
-        """Global slot ``g`` (epoch * num_shards + i) -> (epoch, shard index, position of its start)."""
-        e, i = divmod(g, self.num_shards)
-        order, starts = self.epoch(e)
-        return e, int(order[i]), e * self.epoch_size + int(starts[i])
+    def windows(self, e: int, p: int) -> list[Window]:
+        """Partition ``p``'s windows in epoch ``e``, in span order."""
+        key = (e, p)
+        if key not in self._windows:
+            order, starts = self.epoch_order(e)
+            lo, hi = p * self.span, (p + 1) * self.span
+            first = int(np.searchsorted(starts, lo, side="right")) - 1
+            last = int(np.searchsorted(starts, hi, side="left"))  # blocks [first, last) meet the span
+            out = []
+            for k, b0 in enumerate(range(first, last, self.shuffle_blocks)):
+                b1 = min(b0 + self.shuffle_blocks, last)
+                blocks = tuple(
+                    (
+                        int(order[b]),
+                        max(lo, int(starts[b])) - int(starts[b]),
+                        min(hi, int(starts[b + 1])) - int(starts[b]),
+                    )
+                    for b in range(b0, b1)
+                )
+                out.append(Window(e, p, k, max(lo, int(starts[b0])) - lo, min(hi, int(starts[b1])) - lo, blocks))
+            self._windows[key] = out
+        return self._windows[key]
 
-    def slot_of(self, p: int) -> int:
-        """The global slot holding stream position ``p``."""
-        e, offset = divmod(p, self.epoch_size)
-        _, starts = self.epoch(e)
-        return e * self.num_shards + int(np.searchsorted(starts, offset, side="right")) - 1
+    def window_starts(self, e: int, p: int) -> np.ndarray:
+        key = (e, p)
+        if key not in self._starts:
+            self._starts[key] = np.array([w.j0 for w in self.windows(e, p)], dtype=np.int64)
+        return self._starts[key]
 
-    def sample_order(self, e: int, j: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, e, j]).permutation(int(self.sizes[j]))
+    def first_position(self, w: Window) -> int:
+        return w.epoch * self.epoch_size + w.j0 * self.partitions + w.partition
+
+    def last_position(self, w: Window) -> int:
+        return w.epoch * self.epoch_size + (w.j1 - 1) * self.partitions + w.partition
+
+    def rank_windows(self, rank: int, world_size: int, first_position: int) -> Iterator[Window]:
+        """A rank's work items from ``first_position`` on, endlessly, in the order training first needs them."""
+        for e in itertools.count(first_position // self.epoch_size):
+            mine = [w for p in range(rank, self.partitions, world_size) for w in self.windows(e, p)]
+            mine.sort(key=self.first_position)
+            yield from (w for w in mine if self.last_position(w) >= first_position)
+
+    def window_order(self, w: Window) -> np.ndarray:
+        return np.random.default_rng([self.seed, w.epoch, w.partition, w.index]).permutation(w.j1 - w.j0)
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(epoch, partition, span offset) of each stream position."""
+        e, i = np.divmod(positions, self.epoch_size)
+        return e, i % self.partitions, i // self.partitions
 
 
 @dataclass
-class _Slot:
-    """One worker item: the samples of one shard visit from the stream's start on, in stream order."""
+class _Decoded:
+    """A window's examples, padded, with a few numbers per example and the order to take them in."""
 
-    slot: int
-    positions: np.ndarray  # [k] int64, raw stream positions
-    ids: np.ndarray  # [k, seq_len], manifest dtype, padded
-    lengths: np.ndarray  # [k] int64
-    skipped: str = ""  # why the shard was skipped (on_corrupt_shard=skip); then there are no samples
-    shard: str = ""  # its name in the manifest
+    window: Window
+    ids: np.ndarray  # [n, seq_len] manifest dtype, in span order
+    meta: np.ndarray  # [n, 4] int64: length, first [SEP], maskable tokens, index in the shard set
+    order: np.ndarray  # [n] the window's shuffle: its r-th example is row order[r]
+    skipped: list[str] = field(default_factory=list)  # "shard@byte: why" for each bad block left out
 
 
 @dataclass
@@ -108,65 +247,199 @@ class _Failure:
     error: Exception
 
 
-class _SlotDataset(IterableDataset):
+class _WindowReader(IterableDataset):
+    """Reads and decodes a rank's windows; in a worker process, every ``nw``-th of them."""
+
     def __init__(
-        self, urls: list[str], layout: StreamLayout, manifest: Manifest, first_position: int, on_corrupt_shard: str
+        self,
+        prefix: str,
+        manifest: Manifest,
+        layout: StreamLayout,
+        rank: int,
+        world_size: int,
+        first_position: int,
+        on_corrupt_shard: str,
     ):
         super().__init__()
-        self.urls, self.layout, self.shard_infos = urls, layout, manifest.shards
-        self.first_position, self.first_slot = first_position, layout.slot_of(first_position)
-        self.seq_len, self.pad_id = manifest.seq_len, manifest.special_ids["pad"]
-        self.dtype = np.dtype(manifest.dtype)
+        self.prefix, self.layout = prefix, layout
+        self.rank, self.world_size, self.first_position = rank, world_size, first_position
+        self.urls = [storage.join(prefix, s.name) for s in manifest.shards]
+        self.seq_len, self.pad_id, self.dtype = manifest.seq_len, manifest.special_ids["pad"], manifest.dtype
+        self.sep_id = manifest.special_ids["sep"]
+        self.specials = [manifest.special_ids[k] for k in ("cls", "sep", "mask", "pad")]
         self.on_corrupt_shard = on_corrupt_shard
+        self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray] | DataError] = OrderedDict()
+        self._cached_bytes = 0
 
-    def __iter__(self) -> Iterator[_Slot | _Failure]:
+    def __iter__(self) -> Iterator[_Decoded | _Failure]:
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         if info is not None:
             # A forked worker must not share the parent's pooled S3 connections: build its own client.
             storage.s3_client.cache_clear()
-        for g in itertools.count(self.first_slot + worker, num_workers):
+        items = self.layout.rank_windows(self.rank, self.world_size, self.first_position)
+        for w in itertools.islice(items, worker, None, num_workers):
             try:
-                yield self.read_slot(g)
+                yield self.read_window(w)
             except (DataError, storage.StorageError) as err:
                 yield _Failure(err)
                 return
 
-    def read_slot(self, g: int) -> _Slot:
-        """Every sample of slot ``g`` from the first position on: each rank reads whole shards, since which
-        samples are its own depends on whether earlier shards were skipped."""
-        e, j, start = self.layout.slot(g)
-        pos = start + np.arange(int(self.layout.sizes[j]), dtype=np.int64)
-        pos = pos[pos >= self.first_position]
-        ids = np.full((len(pos), self.seq_len), self.pad_id, dtype=self.dtype)
-        lengths = np.zeros(len(pos), dtype=np.int64)
-        url, info = self.urls[j], self.shard_infos[j]
-        if len(pos) == 0:
-            return _Slot(g, pos, ids, lengths, shard=info.name)
+    # ------------------------------------------------------------------------------------------ blocks
+    def block(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | DataError:
+        """(tokens, offsets, meta [k, 3]: length, first [SEP], maskable tokens) of block ``b``, or the DataError
+        that says why it is unusable (under "skip"; under "error" it is raised)."""
+        if b in self._cache:
+            self._cache.move_to_end(b)
+            return self._cache[b]
+        t = self.layout.table
+        url, start, length = self.urls[t.shard[b]], int(t.offset[b]), int(t.length[b])
+        data = storage.read_range(url, start, start + length)
         try:
-            samples = read_shard(url, expected_samples=info.samples, expected_bytes=info.bytes)
+            tokens, lengths = decode_block(
+                data, BlockInfo(start, length, int(t.samples[b]), int(t.crc32[b])), url, self.dtype, self.seq_len
+            )
+            value: tuple | DataError = self._describe(tokens, lengths)
         except DataError as err:
             if self.on_corrupt_shard != "skip":
                 raise
-            empty = np.zeros(0, dtype=np.int64)
-            return _Slot(g, empty, ids[:0], empty, skipped=str(err), shard=info.name)
-        for row, q in enumerate(self.layout.sample_order(e, j)[pos - start]):
-            sample = samples[q]
-            if len(sample) > self.seq_len:
-                raise DataError(f"shard {url} sample {q} has {len(sample)} tokens > seq_len {self.seq_len}")
-            ids[row, : len(sample)] = sample
-            lengths[row] = len(sample)
-        return _Slot(g, pos, ids, lengths, shard=info.name)
+            value = err
+        self._cache[b] = value
+        self._cached_bytes += length
+        while self._cached_bytes > BLOCK_CACHE_BYTES and len(self._cache) > 1:
+            old, _ = self._cache.popitem(last=False)
+            self._cached_bytes -= int(t.length[old])
+        return value
+
+    def _describe(self, tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per example, from the flat ids: where its first [SEP] is and how many tokens may be masked. Special
+        tokens are a few per example, so this works on their positions, not on every token."""
+        offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        k = len(lengths)
+        is_special = tokens == self.specials[0]
+        for sid in self.specials[1:]:
+            is_special |= tokens == sid
+        special = np.flatnonzero(is_special)
+        owner = np.searchsorted(offsets, special, side="right") - 1
+        seps = tokens[special] == self.sep_id
+        first_sep = np.full(k, self.seq_len, dtype=np.int64)  # none: every token has type 0
+        owners, first = np.unique(owner[seps], return_index=True)
+        first_sep[owners] = special[seps][first] - offsets[owners]
+        maskable = lengths.astype(np.int64) - np.bincount(owner, minlength=k)
+        return tokens, offsets, np.stack([lengths.astype(np.int64), first_sep, maskable], 1)
+
+    def read_window(self, w: Window) -> _Decoded:
+        n = w.j1 - w.j0
+        ids = np.full((n, self.seq_len), self.pad_id, dtype=self.dtype)
+        meta = np.zeros((n, 4), dtype=np.int64)
+        good = np.zeros(n, dtype=bool)
+        skipped: list[str] = []
+        row = 0
+        for b, lo, hi in w.blocks:
+            got = self.block(b)
+            if isinstance(got, DataError):
+                skipped.append(str(got))
+            else:
+                self._fill(ids, meta, row, got, lo, hi)
+                meta[row : row + hi - lo, 3] = self.layout.table.first[b] + np.arange(lo, hi)
+                good[row : row + hi - lo] = True
+            row += hi - lo
+        if skipped:
+            self._fill_bad_slots(w, ids, meta, good)
+        return _Decoded(w, ids, meta, self.layout.window_order(w), skipped)
+
+    def _fill(self, ids: np.ndarray, meta: np.ndarray, row: int, block: tuple, lo: int, hi: int) -> None:
+        tokens, offsets, block_meta = block
+        lens = block_meta[lo:hi, 0]
+        target = ids[row : row + hi - lo]
+        target[np.arange(self.seq_len)[None, :] < lens[:, None]] = tokens[offsets[lo] : offsets[hi]]
+        meta[row : row + hi - lo, :3] = block_meta[lo:hi]
+
+    def _fill_bad_slots(self, w: Window, ids: np.ndarray, meta: np.ndarray, good: np.ndarray) -> None:
+        """Slots of bad blocks take examples of the window's good blocks, or else of the partition's next good
+        block (wrapping around the span): all drawn from this partition, so no other rank is involved."""
+        rng = np.random.default_rng([self.layout.seed, w.epoch, w.partition, w.index, 1])
+        bad = np.flatnonzero(~good)
+        if good.any():
+            src = rng.choice(np.flatnonzero(good), size=len(bad))
+            ids[bad], meta[bad] = ids[src], meta[src]
+            return
+        windows = self.layout.windows(w.epoch, w.partition)
+        last = ""
+        for other in windows[w.index + 1 :] + windows[: w.index]:
+            for b, lo, hi in other.blocks:
+                got = self.block(b)
+                if isinstance(got, DataError):
+                    last = str(got)
+                    continue
+                tmp_ids = np.full((hi - lo, self.seq_len), self.pad_id, dtype=self.dtype)
+                tmp_meta = np.zeros((hi - lo, 4), dtype=np.int64)
+                self._fill(tmp_ids, tmp_meta, 0, got, lo, hi)
+                tmp_meta[:, 3] = self.layout.table.first[b] + np.arange(lo, hi)
+                src = rng.integers(0, hi - lo, size=len(bad))
+                ids[bad], meta[bad] = tmp_ids[src], tmp_meta[src]
+                return
+        raise DataError(
+            f"every block of partition {w.partition} in epoch {w.epoch} of {self.prefix} is corrupt, so under "
+            f"data.on_corrupt_shard=skip there is nothing to train on in its place; last: {last or 'see above'}"
+        )
+
+
+class _RankTable:
+    """Epoch ``e``'s windows of one rank, numbered partition by partition, for array lookups: which window
+    holds span offset ``j`` of partition ``p``, and which pool slot holds that window (-1: not arrived)."""
+
+    def __init__(self, layout: StreamLayout, e: int, rank: int, world_size: int):
+        self.world_size = world_size
+        per_partition = [layout.windows(e, p) for p in range(rank, layout.partitions, world_size)]
+        self.offset = np.concatenate([[0], np.cumsum([len(ws) for ws in per_partition])]).astype(np.int64)
+        self.stride = layout.span + 1
+        self.key = np.array(
+            [local * self.stride + w.j0 for local, ws in enumerate(per_partition) for w in ws], dtype=np.int64
+        )
+        self.j0 = np.array([w.j0 for ws in per_partition for w in ws], dtype=np.int64)
+        self.slot = np.full(len(self.key), -1, dtype=np.int64)
+
+    def wid(self, w: Window) -> int:
+        return int(self.offset[w.partition // self.world_size]) + w.index
+
+    def lookup(self, p: np.ndarray, j: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.key, (p // self.world_size) * self.stride + j, side="right") - 1
+
+
+class _Pool:
+    """The windows a rank has open, one slot each, in two arrays that grow by doubling."""
+
+    def __init__(self, rows: int, seq_len: int, dtype: np.dtype, slots: int):
+        self.ids = np.empty((slots, rows, seq_len), dtype=dtype)
+        self.meta = np.empty((slots, rows, 4), dtype=np.int64)
+        self.order = np.empty((slots, rows), dtype=np.int64)
+        self.free = list(range(slots - 1, -1, -1))
+
+    def put(self, d: _Decoded) -> int:
+        if not self.free:
+            old = len(self.ids)
+            grow = max(4, old)
+            self.ids = np.concatenate([self.ids, np.empty((grow, *self.ids.shape[1:]), self.ids.dtype)])
+            self.meta = np.concatenate([self.meta, np.empty((grow, *self.meta.shape[1:]), self.meta.dtype)])
+            self.order = np.concatenate([self.order, np.empty((grow, *self.order.shape[1:]), self.order.dtype)])
+            self.free = list(range(old + grow - 1, old - 1, -1))
+        slot = self.free.pop()
+        self.ids[slot, : len(d.ids)] = d.ids
+        self.meta[slot, : len(d.meta)] = d.meta
+        self.order[slot, : len(d.order)] = d.order
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
 
 
 class PretrainStream:
     """Yields, per optimizer step from ``start_step`` on (endlessly), this rank's ``grad_accum``
     micro-batches.
 
-    ``on_corrupt_shard``: "error" (a corrupt shard raises its DataError) or "skip" (see the module docstring).
-    ``resume_position``: ``position(start_step)`` as the interrupted run saved it; needed for an exact resume
-    once a shard was skipped (without it the stream assumes none was). ``skipped_shards``: the name of every
-    shard visit skipped so far (a corrupt shard is skipped again each epoch), including those before a resume.
+    ``partitions``: ``P`` (see the module docstring); ``world_size`` must divide it. ``on_corrupt_shard``:
+    "error" (a corrupt block raises its DataError) or "skip" (see the module docstring).
     """
 
     def __init__(
@@ -179,10 +452,12 @@ class PretrainStream:
         micro_batch_size: int,
         rank: int,
         world_size: int,
+        partitions: int,
+        shuffle_blocks: int = 1,
         num_workers: int = 2,
+        prefetch_factor: int = 2,
         start_step: int = 0,
         on_corrupt_shard: str = "error",
-        resume_position: dict | None = None,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -194,180 +469,138 @@ class PretrainStream:
                 f"{micro_batch_size} x world_size {world_size}; pick sizes so that the gradient "
                 "accumulation steps are a whole number"
             )
-        if num_workers < 0 or start_step < 0:
-            raise ValueError("num_workers and start_step must be >= 0")
+        if num_workers < 0 or start_step < 0 or prefetch_factor < 1:
+            raise ValueError("num_workers and start_step must be >= 0, prefetch_factor >= 1")
         if on_corrupt_shard not in ("error", "skip"):
             raise ValueError(f"on_corrupt_shard={on_corrupt_shard!r}: choose error or skip")
+        if partitions % world_size:
+            raise DataError(f"world size {world_size} does not divide partitions={partitions}")
         self.shards, self.manifest, self.seed = shards, manifest, seed
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.rank, self.world_size = rank, world_size
-        self.num_workers, self.start_step = num_workers, start_step
+        self.num_workers, self.prefetch_factor, self.start_step = num_workers, prefetch_factor, start_step
         self.on_corrupt_shard = on_corrupt_shard
         self.grad_accum = global_batch_size // (micro_batch_size * world_size)
-        self.layout = StreamLayout(manifest, seed)
-        self.urls = [storage.join(shards, s.name) for s in manifest.shards]
+        self.layout = StreamLayout(manifest, seed, partitions, shuffle_blocks)
         self.sep_id = manifest.special_ids["sep"]
-        seen = start_step * global_batch_size
-        resume = resume_position or {}
-        if resume and int(resume["samples_seen"]) != seen:
-            raise ValueError(
-                f"resume_position is for sample {resume['samples_seen']} but step {start_step} x global batch "
-                f"{global_batch_size} starts at {seen}"
-            )
-        self.start_position = int(resume.get("stream_position", seen))
-        self.skipped_before = [str(name) for name in resume.get("skipped_shards", [])]
-        self._cursor: _Cursor | None = None
-
-    @property
-    def skipped_shards(self) -> list[str]:
-        return self._cursor.skipped_names() if self._cursor is not None else list(self.skipped_before)
+        self.skipped: list[str] = []  # bad blocks this rank left out so far ("skip"), once per window
+        self._warned: set[str] = set()
 
     def position(self, step: int) -> dict:
-        """Where the stream stands after ``step`` optimizer steps, for the trainer's saved state: samples
-        trained on, the raw stream position step ``step`` starts at (its epoch and offset in the epoch), and
-        the shard visits skipped before it. Under "skip" it may read ahead to find out (a skipped shard can lie
-        between this rank's last sample and the step's start); under "error" nothing can be skipped from here
-        on, so it is arithmetic, and a run's last checkpoint never depends on a shard it will not train on."""
-        if self.on_corrupt_shard == "error":
-            return self.describe(step, self.start_position + (step - self.start_step) * self.global_batch_size)
-        if self._cursor is None:
-            iter(self)
-        return self._cursor.position(step)
-
-    def describe(self, step: int, raw: int, skipped: list[str] | None = None) -> dict:
-        epoch_size = self.layout.epoch_size
+        """Where the stream stands after ``step`` optimizer steps, for the trainer's saved state."""
+        g = step * self.global_batch_size
         return {
-            "samples_seen": step * self.global_batch_size,
-            "stream_position": raw,
-            "epoch": raw // epoch_size,
-            "offset_in_epoch": raw % epoch_size,
-            "skipped_shards": list(self.skipped_before if skipped is None else skipped),
+            "samples_seen": g,
+            "stream_position": g,
+            "epoch": g // self.layout.epoch_size,
+            "offset_in_epoch": g % self.layout.epoch_size,
+            "partitions": self.layout.partitions,
+            "epoch_size": self.layout.epoch_size,
         }
 
     def rank_positions(self, step: int) -> np.ndarray:
-        """The indices into the stream of good samples (= stream positions when nothing was skipped) that
-        this rank consumes at ``step``, micro-batch after micro-batch."""
-        m, w = self.micro_batch_size, self.world_size
-        base = step * self.global_batch_size + self.rank * m
-        return (base + np.arange(self.grad_accum)[:, None] * (w * m) + np.arange(m)[None, :]).reshape(-1)
+        """The stream positions this rank consumes at ``step``, micro-batch after micro-batch."""
+        base = step * self.global_batch_size + self.rank
+        return base + self.world_size * np.arange(self.global_batch_size // self.world_size, dtype=np.int64)
 
-    def __iter__(self) -> _Cursor:
-        dataset = _SlotDataset(self.urls, self.layout, self.manifest, self.start_position, self.on_corrupt_shard)
-        # The loader gets its own generator: by default it draws its workers' base seed from torch's global
-        # RNG, which also drives dropout, and a resumed run would then see a shifted dropout stream.
-        loader_rng = torch.Generator().manual_seed(self.seed)
-        items = (
-            iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers, generator=loader_rng))
-            if self.num_workers > 0
-            else iter(dataset)
+    def __iter__(self) -> Iterator[list[MicroBatch]]:
+        first = self.start_step * self.global_batch_size
+        reader = _WindowReader(
+            self.shards, self.manifest, self.layout, self.rank, self.world_size, first, self.on_corrupt_shard
         )
-        self._cursor = _Cursor(self, items, dataset.first_slot)
-        return self._cursor
+        if self.num_workers > 0:
+            # The loader gets its own generator: by default it draws its workers' base seed from torch's global
+            # RNG, which also drives dropout, and a resumed run would then see a shifted dropout stream.
+            items = iter(
+                DataLoader(
+                    reader,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    prefetch_factor=self.prefetch_factor,
+                    generator=torch.Generator().manual_seed(self.seed),
+                    persistent_workers=False,
+                )
+            )
+        else:
+            items = iter(reader)
+        return self._steps(items)
 
-    def _micro_batch(self, pos: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> MicroBatch:
-        input_ids = torch.from_numpy(ids.astype(np.int64))
-        mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
-        is_sep = input_ids == self.sep_id
-        seps_before = torch.cumsum(is_sep, dim=1) - is_sep.long()  # [SEP]s strictly left of each token
-        return MicroBatch(
-            input_ids=input_ids,
-            attention_mask=mask.long(),
-            token_type_ids=((seps_before > 0) & mask).long(),
-            positions=torch.from_numpy(pos.copy()),
-        )
+    def _steps(self, items: Iterator[_Decoded | _Failure]) -> Iterator[list[MicroBatch]]:
+        """Cut this rank's steps from the windows as they arrive. All of it is array arithmetic: the windows sit
+        in one pool (a slot each), and a step is one gather from it, however many partitions the rank has."""
+        layout, n = self.layout, self.global_batch_size // self.world_size
+        tables: dict[int, _RankTable] = {}
+        rows_per_window = layout.shuffle_blocks * int(layout.table.samples.max())
+        # About one open window per partition of this rank, two while one ends and the next begins.
+        slots = 2 * (layout.partitions // self.world_size) + 2
+        pool = _Pool(rows_per_window, self.manifest.seq_len, np.dtype(self.manifest.dtype), slots)
+        expiry: list[tuple[int, int, int, int]] = []  # heap of (last position, epoch, window id, slot)
 
+        def table(e: int) -> _RankTable:
+            if e not in tables:
+                tables[e] = _RankTable(layout, e, self.rank, self.world_size)
+            return tables[e]
 
-class _Cursor:
-    """The main process's side of one pass: numbers the good samples as slots arrive, keeps this rank's, and
-    remembers where each step begins in the raw stream."""
+        for step in itertools.count(self.start_step):
+            pos = self.rank_positions(step)
+            e, p, j = layout.locate(pos)
+            slots = np.empty(n, dtype=np.int64)
+            rows = np.empty(n, dtype=np.int64)
+            for epoch in [int(e[0])] if e[0] == e[-1] else np.unique(e).tolist():
+                sel = slice(None) if e[0] == e[-1] else e == epoch
+                tab = table(epoch)
+                wid = tab.lookup(p[sel], j[sel])
+                while (tab.slot[wid] < 0).any():  # a window this step needs has not arrived yet
+                    item = next(items)
+                    if isinstance(item, _Failure):
+                        raise item.error
+                    w = item.window
+                    slot = pool.put(item)
+                    owner = table(w.epoch)
+                    owner.slot[owner.wid(w)] = slot
+                    heapq.heappush(expiry, (layout.last_position(w), w.epoch, owner.wid(w), slot))
+                    self._note_skips(item)
+                slots[sel] = tab.slot[wid]
+                rows[sel] = pool.order[tab.slot[wid], j[sel] - tab.j0[wid]]
+            ids = pool.ids[slots, rows]
+            meta = pool.meta[slots, rows]
+            end = (step + 1) * self.global_batch_size
+            while expiry and expiry[0][0] < end:  # windows this rank has taken every example of
+                _, epoch, wid, slot = heapq.heappop(expiry)
+                tables[epoch].slot[wid] = -1
+                pool.release(slot)
+            if len(tables) > 1:  # an epoch behind: drop its table once none of its windows is open
+                for epoch in [k for k in tables if k < int(e[-1]) and not (tables[k].slot >= 0).any()]:
+                    del tables[epoch]
+            yield self._micro_batches(pos, ids, meta)
 
-    def __init__(self, stream: PretrainStream, items: Iterator[_Slot | _Failure], first_slot: int):
-        self.s, self.items = stream, items
-        self.next_slot = first_slot
-        self.step = stream.start_step
-        self.index = stream.start_step * stream.global_batch_size  # index of the next good sample
-        self.starts: dict[int, int] = {}  # step -> raw position of its first sample
-        self.skipped: list[tuple[int, str]] = [(-1, name) for name in stream.skipped_before]  # (slot, shard)
-        self.warned: set[str] = set()  # shards this process has logged (once each)
-        self.skips_in_a_row = 0
-        seq_len, dtype = stream.manifest.seq_len, np.dtype(stream.manifest.dtype)
-        self.pos = np.zeros(0, dtype=np.int64)  # this rank's samples not yet handed out
-        self.idx = np.zeros(0, dtype=np.int64)
-        self.ids = np.zeros((0, seq_len), dtype=dtype)
-        self.lengths = np.zeros(0, dtype=np.int64)
-
-    def __iter__(self) -> _Cursor:
-        return self
-
-    def __next__(self) -> list[MicroBatch]:
-        s = self.s
-        per_step = s.grad_accum * s.micro_batch_size
-        while len(self.pos) < per_step:
-            self._pull()
-        if not np.array_equal(self.idx[:per_step], s.rank_positions(self.step)):
-            raise RuntimeError(f"data stream out of order at step {self.step}")
-        m = s.micro_batch_size
-        out = [
-            s._micro_batch(self.pos[k : k + m], self.ids[k : k + m], self.lengths[k : k + m])
-            for k in range(0, per_step, m)
-        ]
-        self.pos, self.idx = self.pos[per_step:], self.idx[per_step:]
-        self.ids, self.lengths = self.ids[per_step:], self.lengths[per_step:]
-        self.step += 1
-        self.starts = {k: v for k, v in self.starts.items() if k >= self.step}
+    def _micro_batches(self, pos: np.ndarray, ids: np.ndarray, meta: np.ndarray) -> list[MicroBatch]:
+        # Slices of contiguous arrays, each wrapped once: no copies, and no per-tensor split calls.
+        m, columns = self.micro_batch_size, np.ascontiguousarray(meta.T)  # [4, n]: one row per field
+        out = []
+        for k in range(0, len(pos), m):
+            lengths, first_sep, candidates, samples = (torch.from_numpy(c) for c in columns[:, k : k + m])
+            out.append(
+                MicroBatch(
+                    tokens=torch.from_numpy(ids[k : k + m]),
+                    lengths=lengths,
+                    first_sep=first_sep,
+                    candidates=candidates,
+                    positions=torch.from_numpy(pos[k : k + m]),
+                    samples=samples,
+                )
+            )
         return out
 
-    def _pull(self) -> None:
-        item = next(self.items)
-        if isinstance(item, _Failure):
-            raise item.error
-        if item.slot != self.next_slot:  # would mean the round-robin order assumption broke
-            raise RuntimeError(f"data stream out of order: got slot {item.slot}, expected {self.next_slot}")
-        self.next_slot += 1
-        if item.skipped:
-            self._skip(item)
-            return
-        self.skips_in_a_row = 0
-        n, gb = len(item.positions), self.s.global_batch_size
-        if n == 0:
-            return
-        idx = self.index + np.arange(n, dtype=np.int64)
-        for step in range(-(-self.index // gb), (self.index + n - 1) // gb + 1):  # steps that begin in here
-            self.starts[step] = int(item.positions[step * gb - self.index])
-        mine = (idx // self.s.micro_batch_size) % self.s.world_size == self.s.rank
-        self.pos = np.concatenate([self.pos, item.positions[mine]])
-        self.idx = np.concatenate([self.idx, idx[mine]])
-        self.ids = np.concatenate([self.ids, item.ids[mine]])
-        self.lengths = np.concatenate([self.lengths, item.lengths[mine]])
-        self.index += n
-
-    def _skip(self, item: _Slot) -> None:
-        self.skipped.append((item.slot, item.shard))
-        self.skips_in_a_row += 1
-        if self.skips_in_a_row >= self.s.layout.num_shards:  # nothing left to train on: fail, don't spin
-            raise DataError(
-                f"every shard of {self.s.shards} is corrupt ({self.skips_in_a_row} skipped in a row under "
-                f"data.on_corrupt_shard=skip), last: {item.skipped}"
-            )
-        if item.shard not in self.warned:
-            self.warned.add(item.shard)
-            if self.s.rank == 0:  # every rank skips it alike; one line is enough
+    def _note_skips(self, item: _Decoded) -> None:
+        for why in item.skipped:
+            self.skipped.append(why)
+            if why not in self._warned:
+                self._warned.add(why)
                 log.warning(
-                    "data.on_corrupt_shard=skip: leaving out %s in this and every later epoch (%d shard(s) "
-                    "skipped so far): %s",
-                    item.shard,
-                    len({name for _, name in self.skipped}),
-                    item.skipped,
+                    "data.on_corrupt_shard=skip: rank %d leaves out a bad block (%d so far) and fills its slots "
+                    "from the same partition: %s",
+                    self.rank,
+                    len(self._warned),
+                    why,
                 )
-
-    def skipped_names(self) -> list[str]:
-        return [name for _, name in self.skipped]
-
-    def position(self, step: int) -> dict:
-        if step < self.step and step not in self.starts:
-            raise ValueError(f"the stream is past step {step}; ask for position(step) before taking more steps")
-        while step not in self.starts:
-            self._pull()
-        raw = self.starts[step]
-        slot = self.s.layout.slot_of(raw)
-        return self.s.describe(step, raw, [name for g, name in self.skipped if g < slot])
