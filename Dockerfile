@@ -22,8 +22,8 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # PIP_BREAK_SYSTEM_PACKAGES: the image is the environment, so pip installs into the system Python (PEP 668
 # guards a distribution's own Python, which a bare Debian base uses).
-# TORCH_EXTENSIONS_DIR: DeepSpeed compiles its CUDA ops (fused Adam) on first use into this directory; mount a
-# volume there to keep them between runs, or prebuild them at image build time with DS_BUILD_FUSED_ADAM=1.
+# TORCH_EXTENSIONS_DIR: DeepSpeed compiles the ops it was not built with on first use into this directory;
+# FusedAdam is prebuilt below on CUDA bases.
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -65,6 +65,15 @@ print(''.join(line for line in open('requirements/constraints.txt') if norm(line
     && if getent passwd 1000 >/dev/null; then userdel --remove "$(getent passwd 1000 | cut -d: -f1)"; fi \
     && if getent group 1000 >/dev/null; then groupdel "$(getent group 1000 | cut -d: -f1)"; fi \
     && useradd --create-home --uid 1000 --user-group electra
+
+# A CUDA build of torch: DeepSpeed's FusedAdam (the paper presets' Adam, without bias correction) prebuilt into
+# the installed DeepSpeed, so that nodes without a CUDA toolkit can run the image (DS_BUILD_FUSED_ADAM=1 needs
+# the base's nvcc; the architectures are A100, H100/H200 and B200).
+RUN if python3 -c "import sys, torch; sys.exit(torch.version.cuda is None)" && command -v nvcc >/dev/null; then \
+        TORCH_CUDA_ARCH_LIST="8.0;9.0;10.0" DS_BUILD_FUSED_ADAM=1 python3 -m pip install --no-deps \
+            --no-build-isolation --force-reinstall "$(grep -i '^deepspeed==' requirements/constraints.txt)" \
+        && python3 -c "from deepspeed.git_version_info import installed_ops as o; assert o['fused_adam']"; \
+    fi
 
 # A CPU build of torch (as in the tests' image): DeepSpeed's CPU backend JIT-compiles its shared-memory
 # collective (deepspeed_shm_comm) when a process starts. It needs a C++ compiler and Python's headers, and

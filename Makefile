@@ -5,7 +5,7 @@ export DS_ACCELERATOR ?= cpu
 # DeepSpeed compiles some ops on first use; keep them between runs.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup services demo test lint format
+.PHONY: setup services demo test lint format gpu-check
 
 setup:
 	@scripts/bootstrap.sh
@@ -29,3 +29,7 @@ lint:
 format:
 	$(VENV)/bin/ruff format electra_scale tests
 	$(VENV)/bin/ruff check --fix electra_scale tests
+
+## The GPU check (scripts/gpu_check.sh; README: The GPU check): make gpu-check OUT=dir [WHEELS=dir] [DRY_RUN=1]
+gpu-check:
+	scripts/gpu_check.sh --out $(or $(OUT),gpu-check) $(if $(WHEELS),--wheels $(WHEELS)) $(if $(DRY_RUN),--dry-run)

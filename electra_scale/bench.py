@@ -347,8 +347,9 @@ def _autocast(device, precision: str):
 
 class BareLoop:
     """The least a training step can do: forward, backward, clip, AdamW, schedule, on a batch already on the
-    device. Mixed precision is torch's autocast over fp32 weights, PyTorch's idiomatic equivalent of
-    DeepSpeed's bf16 mode; on CUDA the AdamW is torch's fused one, as DeepSpeed's FusedAdam."""
+    device. In bf16 the weights are bf16, as the engine's are (DeepSpeed's bf16 mode runs the model in bf16 and
+    keeps fp32 master weights in the optimizer, which the bare loop does without); fp16 is torch's autocast
+    with a loss scaler. On CUDA the AdamW is torch's fused one, as DeepSpeed's FusedAdam."""
 
     name = "bare"
 
@@ -361,6 +362,8 @@ class BareLoop:
         self.cfg, self.device, p = cfg, device, cfg.optim
         torch.manual_seed(cfg.train.seed)
         self.model = build_objective(cfg, special).to(device)
+        if cfg.train.precision == "bf16":
+            self.model = self.model.to(torch.bfloat16)
         self.opt = torch.optim.AdamW(
             param_groups(self.model, p.weight_decay),
             lr=p.lr,
@@ -372,19 +375,17 @@ class BareLoop:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         counts = [count_targets(mb.input_ids, mb.attention_mask, special, cfg.objective.mask_prob) for mb in batches]
         self.totals = {"n_masked": float(sum(c[0] for c in counts)), "n_tokens": float(sum(c[1] for c in counts))}
-        self.batches = [
-            (mb.input_ids.to(device), mb.attention_mask.to(device), mb.token_type_ids.to(device), mb.positions)
-            for mb in batches
-        ]
+        self.batches = [mb.model_inputs(device) for mb in batches]
 
     def step(self) -> None:
         import torch
 
         from electra_scale.objective import training_loss
 
-        for ids, mask, types, positions in self.batches:
-            with _autocast(self.device, self.cfg.train.precision):
-                out = self.model(ids, mask, types, positions)
+        precision = self.cfg.train.precision
+        for inputs in self.batches:
+            with _autocast(self.device, "fp32" if precision == "bf16" else precision):
+                out = self.model(**inputs)
             self.scaler.scale(training_loss(out, self.totals, self.cfg.objective.disc_weight)).backward()
         self.scaler.unscale_(self.opt)
         if self.cfg.optim.grad_clip > 0:
@@ -396,16 +397,6 @@ class BareLoop:
 
     def close(self) -> None:
         del self.model, self.opt, self.sched, self.batches
-
-
-def _all_reduce(values: list[float], device) -> list[float]:
-    import torch
-    import torch.distributed as dist
-
-    # On the device: an NCCL process group has no CPU backend (train.py's CPU tensor works on gloo only).
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 class EngineLoop:
@@ -439,14 +430,13 @@ class EngineLoop:
 
     def step(self) -> None:
         from electra_scale.objective import count_batch_targets, training_loss
+        from electra_scale.train import global_counts
 
         cfg, device = self.cfg, self.device
-        local = [count_batch_targets(mb, cfg.objective.mask_prob) for mb in self.batches]
-        n_masked, n_tokens, _stop = _all_reduce([sum(c[0] for c in local), sum(c[1] for c in local), 0.0], device)
-        totals = {"n_masked": n_masked, "n_tokens": n_tokens}
+        totals = global_counts([count_batch_targets(mb, cfg.objective.mask_prob) for mb in self.batches], device)
         self.engine.get_lr()
         for mb in self.batches:
-            out = self.engine(**mb.model_inputs(device))
+            out = self.engine(**mb.model_inputs(device, non_blocking=True))
             loss = training_loss(out, totals, cfg.objective.disc_weight) * len(self.batches)
             self.engine.backward(loss)
             self.engine.step()
@@ -575,6 +565,9 @@ def bench_pretrain(cfg, shards: str, workdir: Path, device, steps: int, warmup: 
         peak_memory_bytes=_peak_memory(device) - baseline,
         extra={"step_time_mean_s": sum(t for _, t in timed) / sum(n for n, _ in timed)},
     )
+    waits = [r["data_wait"] for r in history[1 if warmup else 0 :] if r.get("data_wait") is not None]
+    if waits:  # the share of the step the rank spent blocked on its next batch
+        result.extra["data_wait"] = statistics.median(waits)
     if device.type == "cpu" and len(hook.window_cpu) == len(history) - 1 and len(history) > 1:
         result.extra["cpu_time_s"] = statistics.median(c / n for c, n in zip(hook.window_cpu, steps_in[1:]))
     if hook.bare_wall:
@@ -645,6 +638,7 @@ def run_bench(
     data_partitions: int | None = None,
     skip: tuple[str, ...] = (),
     threads: int | None = None,
+    find_micro_batch: int = 0,
 ) -> dict:
     import torch
 
@@ -711,6 +705,20 @@ def run_bench(
             results["data"] = sweep[0]
             if len(sweep) > 1:
                 report["data_sweep"] = [_as_dict(r) for r in sweep]
+        if find_micro_batch:
+            micro = largest_micro_batch(cfg, shards, device, find_micro_batch)
+            cfg = load_config(
+                config,
+                [
+                    *overrides,
+                    f"train.micro_batch_size={micro}",
+                    f"train.global_batch_size={micro * accum}",
+                    f"train.max_steps={max(warmup + steps, 1)}",
+                    "train.stop_at_step=null",
+                ],
+            )
+            tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+            report.update(micro_batch_size=micro, tokens_per_step=tokens_per_step, found_micro_batch=True)
         batches, special = (None, None)
         if {"bare", "engine"} - set(skip):
             batches, special = _fixed_batch(shards, cfg)
@@ -765,6 +773,36 @@ def run_bench(
     if "data" in results and "pretrain" in results and results["pretrain"].tokens_per_s:
         report["data_headroom"] = results["data"].tokens_per_s / results["pretrain"].tokens_per_s
     return report
+
+
+def largest_micro_batch(cfg, shards: str, device, limit: int) -> int:
+    """The largest micro-batch (doubling from the config's, at most ``limit``) with which a DeepSpeed engine
+    step of this config runs without running out of device memory."""
+    import torch
+
+    found, micro = 0, min(cfg.train.micro_batch_size, limit)
+    while micro <= limit:
+        trial = copy.deepcopy(cfg)
+        trial.train.micro_batch_size = trial.train.global_batch_size = micro
+        loop = None
+        try:
+            batches, special = _fixed_batch(shards, trial)
+            loop = EngineLoop(trial, batches, special, device)
+            for _ in range(2):
+                loop.step()
+            _sync(device)
+        except torch.OutOfMemoryError:
+            log.info("bench: micro-batch %d does not fit", micro)
+            break
+        finally:
+            if loop is not None:
+                loop.close()
+            _free(device)
+        found, micro = micro, micro * 2
+        log.info("bench: micro-batch %d fits", found)
+    if not found:
+        raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} does not fit on {device}; lower it")
+    return found
 
 
 def _zero_stage(cfg) -> int:
@@ -856,7 +894,9 @@ def report_lines(report: dict) -> tuple[list[str], list[str]]:
     head = [
         f"config        {' + '.join(r['config'])} {' '.join(r['overrides'])}".rstrip(),
         f"device        {r['device']}, {r['threads']} threads, {r['precision']}, ZeRO-{r['zero_stage']}, 1 rank",
-        f"batch         micro-batch {r['micro_batch_size']} x seq {r['seq_len']} x accumulation {r['grad_accum']}"
+        f"batch         micro-batch {r['micro_batch_size']}"
+        + (" (the largest that fits)" if r.get("found_micro_batch") else "")
+        + f" x seq {r['seq_len']} x accumulation {r['grad_accum']}"
         f" = {r['tokens_per_step']:,} tokens per step; {r['warmup']} warm-up + {r['steps']} timed steps",
         f"FLOPs/token   {r['flops_per_token']:.4g} for MFU (the paper's convention: {r['paper_flops_per_token']:.4g})",
         f"peak          {r['peak_tflops']:.4g} TFLOP/s ({r['peak_source']})",
@@ -873,6 +913,9 @@ def report_lines(report: dict) -> tuple[list[str], list[str]]:
                 f"{label}: {o[f'{name}_vs_bare']:.3f}x in wall time"
                 + (f", {cpu:.3f}x in CPU time (steadier on a busy CPU)" if cpu else "")
             )
+    pre = r["results"].get("pretrain") or {}
+    if pre.get("data_wait") is not None:
+        tail.append(f"pretrain waited for data {pre['data_wait']:.1%} of its step time (data_wait, median window)")
     for name, result in r["results"].items():
         if result.get("error"):
             tail.append(f"{name} path failed: {result['error']}")
@@ -967,6 +1010,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-partitions", type=_positive, default=None, help="the stream's P (default: the world size)")
     p.add_argument("--skip", nargs="+", choices=PATHS, default=[], help="paths not to measure")
     p.add_argument("--threads", type=_positive, default=None, help="CPU threads (default: all cores)")
+    p.add_argument(
+        "--find-micro-batch",
+        type=_positive,
+        nargs="?",
+        const=1024,
+        default=0,
+        metavar="MAX",
+        help="double the micro-batch until an engine step runs out of memory (up to MAX, default 1024); "
+        "measure the largest that fits",
+    )
     p.add_argument("--json-out", help="write the full report here as JSON")
 
 
@@ -989,6 +1042,7 @@ def run(args: argparse.Namespace) -> int:
         data_partitions=args.data_partitions,
         skip=tuple(args.skip),
         threads=args.threads,
+        find_micro_batch=args.find_micro_batch,
     )
     print_report(report)
     if args.json_out:

@@ -37,6 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,13 @@ def fetch_and_verify(remote_root: str, local_root: Path, tag: str) -> str | None
         if sha256_file(path) != meta["sha256"]:
             return f"{rel} does not match its sha256"
     return None
+
+
+def resume_budget(checkpoint_bytes: int) -> timedelta:
+    """How long ranks wait for a node's download, hashing and conversion of a checkpoint of this size: 10
+    minutes, plus three passes over its bytes at 25 MB/s (a slow object store or disk; each pass is far faster
+    on a good one). An 8 GB Large checkpoint: about 26 minutes."""
+    return timedelta(seconds=600 + 3 * checkpoint_bytes / 25e6)
 
 
 def same_zero_group(saved: int, current: int) -> bool:
@@ -305,21 +313,29 @@ class Checkpointer:
         ``checkpoint.load_universal`` in the DeepSpeed config. Every rank takes part (it is collective).
         ``check_state(trainer_state)`` may refuse the checkpoint (by raising) before any conversion starts.
         """
+        # Resuming waits on work one process does for the others (download, hash, conversion): minutes for a
+        # Large checkpoint, longer than a collective's default timeout. The waits run on a gloo group of their
+        # own, each with a budget from the checkpoint's size (``resume_budget``).
+        control = dist.new_group(backend="gloo")
         holder = [self.candidates() if self.env.is_main else None]
-        dist.broadcast_object_list(holder, src=0)
+        dist.broadcast_object_list(holder, src=0, group=control)
         tags: list[str] = holder[0]
         problems = []
         for tag in tags:
+            size = [self._size(tag) if self.env.is_main else 0]
+            dist.broadcast_object_list(size, src=0, group=control)
+            budget = resume_budget(size[0])
             # One process per node downloads and verifies; all ranks then agree before loading.
             problem = fetch_and_verify(self.remote, self.local, tag) if self.env.local_rank == 0 else None
+            dist.monitored_barrier(group=control, timeout=budget)
             verdicts: list = [None] * self.env.world_size
-            dist.all_gather_object(verdicts, problem)
+            dist.all_gather_object(verdicts, problem, group=control)
             problem = next((p for p in verdicts if p), None)
             if problem:
                 log.warning("checkpoint %s fails verification (%s); trying an older one", tag, problem)
                 problems.append(f"{tag}: {problem}")
                 continue
-            return self._loadable(tag, zero_stage, check_state)
+            return self._loadable(tag, zero_stage, check_state, control, budget)
         if problems:
             raise CheckpointError(
                 f"no checkpoint in {self.remote} verifies ({'; '.join(problems)}); refusing to start over and "
@@ -327,10 +343,18 @@ class Checkpointer:
             )
         return None
 
-    def _loadable(self, tag: str, zero_stage: int, check_state: Callable[[dict], None] | None) -> Resumable:
+    def _size(self, tag: str) -> int:
+        """A complete checkpoint's bytes, from its marker (0 when unreadable: verification will say why)."""
+        try:
+            marker = json.loads(storage.read_text(storage.join(self.remote, tag, MARKER)))
+            return sum(int(meta["size"]) for meta in marker["files"].values())
+        except (storage.StorageError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            return 0
+
+    def _loadable(self, tag: str, zero_stage: int, check_state, control, budget: timedelta) -> Resumable:
         state = json.loads((self.local / tag / "trainer_state.json").read_text()) if self.env.is_main else None
         holder = [state]
-        dist.broadcast_object_list(holder, src=0)
+        dist.broadcast_object_list(holder, src=0, group=control)
         if check_state is not None:
             check_state(holder[0])
         saved_world, saved_stage = holder[0]["world_size"], holder[0].get("zero_stage", zero_stage)
@@ -350,7 +374,7 @@ class Checkpointer:
         if self._fs_leader:
             log.info("%s; converting it to a universal checkpoint for %d rank(s)", where, self.env.world_size)
             self._convert_to_universal(tag)
-        dist.barrier()
+        dist.monitored_barrier(group=control, timeout=budget)
         found.universal = True
         return found
 

@@ -52,6 +52,9 @@ class ModelConfig:
     generator_intermediate_size: int | None = None
     dropout: float = 0.1
     attention_dropout: float = 0.1
+    # transformers: every Linear and Embedding from N(0, 0.02) (transformers' default). reference:
+    # google-research/electra's, truncated normals and glorot-uniform where it used them (model.reference_init).
+    init: Literal["transformers", "reference"] = "transformers"
 
     @property
     def gen_heads(self) -> int:
@@ -124,6 +127,14 @@ class TrainConfig:
     stop_at_step: int | None = None
     # Peak accelerator throughput for the MFU estimate; null = look up the GPU, none on CPU.
     peak_tflops: float | None = None
+    # Recompute each encoder layer's activations in the backward pass instead of keeping them: less memory
+    # (a larger micro-batch fits), about a third more compute. Off: the presets fit without it.
+    activation_checkpointing: bool = False
+    # torch.compile both encoders (in place: checkpoints keep their names). Compiles at the first steps.
+    compile: bool = False
+    # Bitwise-reproducible steps on GPUs (torch.use_deterministic_algorithms; slower attention backward). CPU
+    # runs are reproducible anyway.
+    deterministic: bool = False
 
 
 @dataclass
@@ -485,6 +496,13 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         if enabled not in ("auto", want):
             raise ConfigError(f"{source} sets {name}.enabled={enabled} but train.precision={t.precision!r}")
         block["enabled"] = want
+    if t.precision == "bf16" and ds.get("zero_optimization", {}).get("stage", 0) >= 1:
+        # The reference trains in fp32 throughout. bf16 weights are fine, but DeepSpeed would also accumulate
+        # gradients and reduce them across ranks in bf16: a bf16 ring all-reduce over 64 ranks is ~1% off in
+        # relative norm, over 512 ~2.7%, against 2.5e-8 in fp32 (docs/bench.md). Both in fp32, then, unless the
+        # JSON says otherwise. (DeepSpeed 0.19.8 cannot accumulate bf16 gradients in fp32 at ZeRO-0.)
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+        ds.setdefault("communication_data_type", "fp32")
     ds.setdefault("steps_per_print", 10**9)  # our own logger reports; keep DeepSpeed's quiet
     ds.setdefault("wall_clock_breakdown", False)
     return ds

@@ -195,7 +195,14 @@ def encode(tokenizer, task: TaskData, split: str, max_len: int, examples=None) -
     return Encoded(ids, types, task.label_ids(examples))
 
 
-def _batch(enc: Encoded, idx, pad_id: int):
+def _device():
+    """Fine-tuning and probing run on the GPU when there is one."""
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _batch(enc: Encoded, idx, pad_id: int, device=None):
     import torch
 
     n = max(len(enc.ids[i]) for i in idx)
@@ -204,7 +211,8 @@ def _batch(enc: Encoded, idx, pad_id: int):
     for row, i in enumerate(idx):
         ids[row, : len(enc.ids[i])] = torch.from_numpy(enc.ids[i])
         types[row, : len(enc.types[i])] = torch.from_numpy(enc.types[i])
-    return ids, (ids != pad_id).long(), types, torch.from_numpy(enc.labels[idx])
+    out = ids, (ids != pad_id).long(), types, torch.from_numpy(enc.labels[idx])
+    return tuple(t.to(device) for t in out) if device is not None else out
 
 
 # ------------------------------------------------------------------------------------------------ optimisation
@@ -277,14 +285,15 @@ def _predict(model, enc: Encoded, pad_id: int, batch_size: int, regression: bool
     import torch
 
     model.eval()
+    device = next(model.parameters()).device
     order = np.argsort([len(x) for x in enc.ids], kind="stable")  # batches of similar length: little padding
     out = np.empty(len(order), np.float32 if regression else np.int64)
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            ids, mask, types, _ = _batch(enc, idx, pad_id)
+            ids, mask, types, _ = _batch(enc, idx, pad_id, device)
             logits = model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-            out[idx] = (logits[:, 0] if regression else logits.argmax(-1)).numpy()
+            out[idx] = (logits[:, 0] if regression else logits.argmax(-1)).float().cpu().numpy()
     return out
 
 
@@ -304,7 +313,8 @@ def finetune_seed(
 
     started = time.perf_counter()
     torch.manual_seed(seed)
-    model = build_classifier(source, task)
+    device = _device()
+    model = build_classifier(source, task).to(device)
     groups = layerwise_param_groups(model, cfg.lr, cfg.layer_decay, cfg.weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6)
     steps_per_epoch = math.ceil(len(train_idx) / cfg.batch_size)
@@ -319,7 +329,7 @@ def finetune_seed(
         model.train()
         order = rng.permutation(train_idx)
         for start in range(0, len(order), cfg.batch_size):
-            ids, mask, types, labels = _batch(data["train"], order[start : start + cfg.batch_size], pad_id)
+            ids, mask, types, labels = _batch(data["train"], order[start : start + cfg.batch_size], pad_id, device)
             loss = model(input_ids=ids, attention_mask=mask, token_type_ids=types, labels=labels).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -353,17 +363,18 @@ def features(source: ModelSource, task: TaskData, data: dict[str, Encoded], pad_
     import torch
 
     torch.manual_seed(0)
-    encoder = build_classifier(source, task).electra.eval()
+    device = _device()
+    encoder = build_classifier(source, task).electra.to(device).eval()
     out = {}
     with torch.no_grad():
         for split, enc in data.items():
             chunks = []
             for start in range(0, len(enc.ids), batch):
                 idx = np.arange(start, min(start + batch, len(enc.ids)))
-                ids, mask, types, _ = _batch(enc, idx, pad_id)
+                ids, mask, types, _ = _batch(enc, idx, pad_id, device)
                 hidden = encoder(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
                 m = mask[..., None].to(hidden.dtype)
-                chunks.append(((hidden * m).sum(1) / m.sum(1)).double())
+                chunks.append(((hidden * m).sum(1) / m.sum(1)).double().cpu())
             out[split] = torch.cat(chunks)
     return out
 

@@ -301,6 +301,21 @@ def mark_preempted() -> None:
         Path(os.environ[PREEMPTED_FLAG_ENV]).touch()
 
 
+def cuda_index(local_rank: int, visible: int) -> int:
+    """This process's GPU among those it sees. One visible GPU is its own, whatever the local rank: sites that
+    bind one GPU per task (``srun --gpus-per-task=1``, ``--gpu-bind=single``, Kubernetes' device plugin) set
+    CUDA_VISIBLE_DEVICES to it. Otherwise the local rank picks one, and must exist."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise LaunchError(
+            f"local rank {local_rank} has no GPU: this process sees {visible} "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); start at most {visible} "
+            "processes per node, or give each process its own GPU"
+        )
+    return local_rank
+
+
 def init_distributed(dist_env: DistEnv) -> torch.device:
     """Export the env torch.distributed reads, initialise DeepSpeed's process group, pick the device."""
     import deepspeed
@@ -314,8 +329,9 @@ def init_distributed(dist_env: DistEnv) -> torch.device:
         MASTER_PORT=str(dist_env.master_port),
     )
     if torch.cuda.is_available():
-        torch.cuda.set_device(dist_env.local_rank)
-        device, backend = torch.device("cuda", dist_env.local_rank), "nccl"
+        index = cuda_index(dist_env.local_rank, torch.cuda.device_count())
+        torch.cuda.set_device(index)
+        device, backend = torch.device("cuda", index), "nccl"
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         # Share the cores between the ranks of this machine instead of oversubscribing them.

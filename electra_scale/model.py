@@ -17,8 +17,9 @@ from electra_scale.config import Config, ModelConfig
 ATTENTION = "sdpa"
 
 
-def _electra_config(m: ModelConfig, hidden: int, heads: int, ffn: int) -> ElectraConfig:
+def _electra_config(m: ModelConfig, hidden: int, heads: int, ffn: int, pad_id: int = 0) -> ElectraConfig:
     return ElectraConfig(
+        pad_token_id=pad_id,  # the tokenizer's [PAD]: its embedding row gets no gradient
         vocab_size=m.vocab_size,
         embedding_size=m.embedding_size,
         hidden_size=hidden,
@@ -32,27 +33,69 @@ def _electra_config(m: ModelConfig, hidden: int, heads: int, ffn: int) -> Electr
     )
 
 
-def discriminator_config(m: ModelConfig) -> ElectraConfig:
-    return _electra_config(m, m.hidden_size, m.num_heads, m.intermediate_size)
+def discriminator_config(m: ModelConfig, pad_id: int = 0) -> ElectraConfig:
+    return _electra_config(m, m.hidden_size, m.num_heads, m.intermediate_size, pad_id)
 
 
-def generator_config(m: ModelConfig) -> ElectraConfig:
+def generator_config(m: ModelConfig, pad_id: int = 0) -> ElectraConfig:
     """Same depth as the discriminator, narrower."""
-    return _electra_config(m, m.generator_hidden_size, m.gen_heads, m.gen_intermediate)
+    return _electra_config(m, m.generator_hidden_size, m.gen_heads, m.gen_intermediate, pad_id)
 
 
-def build_electra(m: ModelConfig) -> tuple[ElectraForMaskedLM, ElectraForPreTraining]:
+def build_electra(m: ModelConfig, pad_id: int = 0) -> tuple[ElectraForMaskedLM, ElectraForPreTraining]:
     """Generator and discriminator, sharing one embeddings module."""
-    discriminator = ElectraForPreTraining(discriminator_config(m))
-    generator = ElectraForMaskedLM(generator_config(m))
+    discriminator = ElectraForPreTraining(discriminator_config(m, pad_id))
+    generator = ElectraForMaskedLM(generator_config(m, pad_id))
     generator.electra.embeddings = discriminator.electra.embeddings
     generator.generator_lm_head.weight = discriminator.electra.embeddings.word_embeddings.weight
+    if m.init == "reference":
+        reference_init(generator, pad_id)
+        reference_init(discriminator, pad_id)
     return generator, discriminator
 
 
-def build_mlm(m: ModelConfig) -> ElectraForMaskedLM:
+def build_mlm(m: ModelConfig, pad_id: int = 0) -> ElectraForMaskedLM:
     """The BERT-style baseline: a discriminator-sized encoder with a masked-LM head."""
-    return ElectraForMaskedLM(discriminator_config(m))
+    mlm = ElectraForMaskedLM(discriminator_config(m, pad_id))
+    if m.init == "reference":
+        reference_init(mlm, pad_id)
+    return mlm
+
+
+@torch.no_grad()
+def reference_init(model: torch.nn.Module, pad_id: int) -> None:
+    """google-research/electra's initialisation, in place of transformers' N(0, 0.02) for every Linear and
+    Embedding: BERT's ``create_initializer`` (a normal of std 0.02 truncated at 2 std, ``tf.truncated_normal``)
+    for the embeddings and the encoders' dense layers, and TensorFlow's ``tf.layers.dense`` default,
+    glorot-uniform, for ``embeddings_project`` and the discriminator's 1-unit output. Biases 0, LayerNorm 1/0
+    (as transformers already does). The [PAD] embedding row starts at zero, as transformers leaves it."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            if name.endswith("embeddings_project") or name.endswith("discriminator_predictions.dense_prediction"):
+                torch.nn.init.xavier_uniform_(module.weight)
+            else:
+                torch.nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, torch.nn.Embedding):
+            torch.nn.init.trunc_normal_(module.weight, std=0.02, a=-0.04, b=0.04)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+
+
+def encoders(objective: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer stacks of an objective: the generator's and discriminator's, or the MLM's."""
+    return [m.electra for m in (getattr(objective, n, None) for n in ("generator", "discriminator", "mlm")) if m]
+
+
+def prepare_encoders(objective: torch.nn.Module, train) -> None:
+    """train.activation_checkpointing and train.compile, applied to both encoders in place."""
+    for encoder in encoders(objective):
+        if train.activation_checkpointing:
+            # Non-reentrant: works with DeepSpeed's hooks and replays dropout with the saved RNG state.
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if train.compile:
+            encoder.compile()  # in place: parameter names (and so checkpoints) stay as they are
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -198,7 +241,8 @@ def paper_flops_per_token(cfg: Config, output_frac: float | None = None) -> floa
 GPU_PEAK_TFLOPS: list[tuple[str, str, float]] = [
     ("B200", "", 2250.0),
     ("GH200", "", 989.0),
-    ("H200", "", 989.0),
+    ("H200", "NVL", 835.0),  # the datasheet's 1,671 with sparsity, halved
+    ("H200", "", 989.0),  # SXM
     ("H100", "PCIe", 756.0),
     ("H100", "NVL", 835.0),
     ("H100", "", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")

@@ -29,6 +29,7 @@ Where this differs from the reference, and why:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,24 +38,66 @@ from torch import nn
 
 from electra_scale.config import ObjectiveConfig
 
-_MASK64 = (1 << 64) - 1
+# ------------------------------------------------------------------------------------------ randomness
+# Every random number of the objective is a hash of (train seed, the example's stream position, which slot),
+# computed for the whole micro-batch at once with integer ops on the device: the same numbers on CPU and GPU,
+# whatever the batch or world size, in about 40 small kernels per micro-batch instead of several per example.
+# The hash is "lowbias32" (C. Wellons, hash-prospector), a 32-bit finaliser, on int64 tensors that hold
+# 32-bit values.
+_M32 = 0xFFFFFFFF
 
 
-def example_seed(seed: int, position: int) -> int:
-    """A well-mixed 63-bit seed for one example (splitmix64 of the train seed and its stream position)."""
-    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
+def _mul32(x, c: int):
+    """(x * c) mod 2^32 for x in [0, 2^32). A multiplier >= 2^31 is used as c - 2^32: the product's low 32
+    bits are the same, and no int64 product overflows (|x * c| < 2^63)."""
+    return (x * (c - (1 << 32) if c >= 1 << 31 else c)) & _M32
 
 
-def example_generators(seed: int, positions: torch.Tensor, device: torch.device) -> list[torch.Generator]:
-    gens = []
-    for pos in positions.tolist():
-        g = torch.Generator(device=device)
-        g.manual_seed(example_seed(seed, pos))
-        gens.append(g)
-    return gens
+def hash32(x):
+    """lowbias32 of a tensor of 32-bit values (int64), or of a Python int."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def example_keys(seed: int, positions: torch.Tensor) -> torch.Tensor:
+    """One 32-bit key per example [B] (int64), from the train seed and its stream position."""
+    p = positions.long()
+    s = hash32((seed & _M32) ^ hash32((seed >> 32) & _M32))
+    return hash32(hash32((p & _M32) ^ s) ^ (p >> 32))
+
+
+@functools.lru_cache(maxsize=16)
+def _slots(n: int, device: torch.device) -> torch.Tensor:
+    return hash32(torch.arange(1, n + 1, device=device))
+
+
+def random_bits(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, n] independent 32-bit integers (int64): slots 0..n-1 of each example."""
+    return hash32(keys[:, None] ^ _slots(n, keys.device)[None, :])
+
+
+def to_uniform(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit integers -> float32 uniforms in [0, 1) on a grid of 2^-24 (exact in float32)."""
+    return (bits >> 8).float() * 2.0**-24
+
+
+@dataclass
+class Draws:
+    """Every random number one micro-batch needs, drawn in one go."""
+
+    order: torch.Tensor  # [B, L] 32-bit integers: the order in which positions are picked for masking
+    kind: torch.Tensor  # [B, N] uniforms: a masked position becomes [MASK], keeps its token, or a random one
+    token: torch.Tensor  # [B, N] 32-bit integers: that random token (the MLM baseline's 10%)
+    sample: torch.Tensor  # [B, N] uniforms: the generator's sample at each masked position
+
+
+def draw(seed: int, positions: torch.Tensor, seq_len: int, n: int) -> Draws:
+    bits = random_bits(example_keys(seed, positions), seq_len + 3 * n)
+    order, kind, token, sample = bits.split([seq_len, n, n, n], dim=1)
+    return Draws(order, to_uniform(kind), token, to_uniform(sample))
 
 
 def max_predictions(mask_prob: float, seq_len: int) -> int:
@@ -113,37 +156,37 @@ def mask_tokens(
     special: dict[str, int],
     cfg: ObjectiveConfig,
     vocab_size: int,
-    gens: list[torch.Generator],
+    draws: Draws,
 ) -> Masked:
     B, L = input_ids.shape
     device = input_ids.device
     N = max_predictions(cfg.mask_prob, L)
     n = num_to_predict(input_ids, attention_mask, special, cfg.mask_prob).to(device)
-    # Uniform scores, non-candidates pushed past 1, ascending sort: the first n[b] are a uniform sample
-    # without replacement from the candidates.
-    scores = torch.stack([torch.rand(L, generator=g, device=device) for g in gens])
-    scores = scores.masked_fill(~candidate_mask(input_ids, attention_mask, special), 2.0)
-    positions = scores.argsort(dim=-1)[:, :N]
+    # A random 32-bit score per token, made unique by the position in its low bits (so that no tie can be
+    # broken differently on another device); non-candidates pushed past every score. The N smallest are a
+    # uniform sample without replacement from the candidates; the first n[b] of them are used.
+    scores = (draws.order << 12) | torch.arange(L, device=device)
+    scores = scores.masked_fill(~candidate_mask(input_ids, attention_mask, special), 1 << 62)
+    positions = scores.topk(N, dim=-1, largest=False).indices
     weights = torch.arange(N, device=device)[None, :] < n[:, None]
     positions = positions * weights  # unused slots point at [CLS] with weight 0, as in the reference
     targets = input_ids.gather(1, positions)
 
-    u = torch.stack([torch.rand(N, generator=g, device=device) for g in gens])
+    u = draws.kind
     to_mask = weights & (u < cfg.mask_token_prob)
     to_random = weights & (u >= cfg.mask_token_prob) & (u < cfg.mask_token_prob + cfg.random_token_prob)
     new_tokens = torch.where(to_mask, torch.full_like(targets, special["mask"]), targets)
     if cfg.random_token_prob > 0:
-        rand_ids = torch.stack([torch.randint(vocab_size, (N,), generator=g, device=device) for g in gens])
-        new_tokens = torch.where(to_random, rand_ids, new_tokens)
+        new_tokens = torch.where(to_random, draws.token % vocab_size, new_tokens)
     masked_ids = input_ids.scatter(1, positions, torch.where(weights, new_tokens, targets))
     return Masked(masked_ids, positions, weights.float(), targets)
 
 
 @torch.no_grad()
-def sample_tokens(logits: torch.Tensor, temperature: float, gens: list[torch.Generator]) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, temperature: float, uniform: torch.Tensor) -> torch.Tensor:
     """One token per masked position from softmax(logits / T), drawn by inverting its CDF: cumulative sum of
-    the probabilities, one uniform per position, binary search. Always fp32: a bf16/fp16 running sum over the
-    vocabulary would be far too coarse.
+    the probabilities, one uniform per position (``uniform`` [B, N]), binary search. Always fp32: a bf16/fp16
+    running sum over the vocabulary would be far too coarse.
 
     The reference draws the same distribution with Gumbel-max (argmax(logits + Gumbel noise)), which needs a
     uniform and two logarithms for every vocabulary entry at every masked position; this needs one uniform
@@ -153,7 +196,6 @@ def sample_tokens(logits: torch.Tensor, temperature: float, gens: list[torch.Gen
     """
     probs = torch.softmax(logits.detach().float() / temperature, dim=-1)
     cdf = probs.cumsum_(dim=-1)
-    uniform = torch.stack([torch.rand(logits.shape[1], generator=g, device=logits.device) for g in gens])
     target = (uniform * cdf[..., -1])[..., None]  # scaled by the sum, which rounding may leave below 1
     # right=True: the first entry whose cumulative sum exceeds the target, so zero-probability tokens never win.
     picked = torch.searchsorted(cdf, target, right=True).squeeze(-1)
@@ -170,14 +212,28 @@ def replace_tokens(
     return disc_ids, (disc_ids != input_ids) & attention_mask.bool()
 
 
-def masked_lm_logits(mlm, m: Masked, attention_mask, token_type_ids) -> torch.Tensor:
+def encoder_mask(attention_mask: torch.Tensor, padded: bool) -> torch.Tensor | None:
+    """What the encoders get as their attention mask: None when no example is padded (SDPA may then use its
+    flash kernel), else the mask already in the 4-D form transformers passes to SDPA unchanged. Given the 2-D
+    mask, transformers would test it for padding with ``.all()``, which makes the host wait for the GPU."""
+    return attention_mask[:, None, None, :].bool() if padded else None
+
+
+def masked_lm_logits(mlm, m: Masked, mask, token_type_ids) -> torch.Tensor:
     """Encode the masked sequence with an ``ElectraForMaskedLM`` and project to the vocabulary only at the
-    masked positions [B, N, V] (fp32), as the reference gathers them: projecting every position would spend
-    most of a generator's FLOPs on outputs nobody reads."""
-    hidden = mlm.electra(input_ids=m.input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+    masked positions [B, N, V], as the reference gathers them: projecting every position would spend most of a
+    generator's FLOPs on outputs nobody reads.
+
+    The projection runs in fp32 (TF32 on GPUs, which is exact for bf16 inputs), so the logits that sampling
+    uses are not rounded to bf16 first: a bf16 logit near 20 is off by up to 0.06, which moves a token's
+    sampling probability by ~6%. The reference computed everything in fp32."""
+    hidden = mlm.electra(input_ids=m.input_ids, attention_mask=mask, token_type_ids=token_type_ids)
     hidden = hidden.last_hidden_state
-    picked = hidden.gather(1, m.positions[..., None].expand(-1, -1, hidden.shape[-1]))
-    return mlm.generator_lm_head(mlm.generator_predictions(picked)).float()
+    picked = mlm.generator_predictions(hidden.gather(1, m.positions[..., None].expand(-1, -1, hidden.shape[-1])))
+    head = mlm.generator_lm_head
+    with torch.autocast(picked.device.type, enabled=False):
+        bias = head.bias.float() if head.bias is not None else None
+        return F.linear(picked.float(), head.weight.float(), bias)
 
 
 class ElectraObjective(nn.Module):
@@ -192,20 +248,20 @@ class ElectraObjective(nn.Module):
         self.special = special
         self.seed = seed
 
-    def forward(self, input_ids, attention_mask, token_type_ids, positions) -> dict[str, torch.Tensor]:
-        gens = example_generators(self.seed, positions, input_ids.device)
-        vocab = self.generator.config.vocab_size
-        m = mask_tokens(input_ids, attention_mask, self.special, self.cfg, vocab, gens)
+    def forward(self, input_ids, attention_mask, token_type_ids, positions, padded=True) -> dict[str, torch.Tensor]:
+        L, N = input_ids.shape[1], max_predictions(self.cfg.mask_prob, input_ids.shape[1])
+        draws = draw(self.seed, positions.to(input_ids.device), L, N)
+        m = mask_tokens(input_ids, attention_mask, self.special, self.cfg, self.generator.config.vocab_size, draws)
+        mask = encoder_mask(attention_mask, padded)
 
-        gen_logits = masked_lm_logits(self.generator, m, attention_mask, token_type_ids)
+        gen_logits = masked_lm_logits(self.generator, m, mask, token_type_ids)
         gen_nll = F.cross_entropy(gen_logits.transpose(1, 2), m.targets, reduction="none")  # [B, N]
 
-        sampled = sample_tokens(gen_logits, self.cfg.temperature, gens)
+        sampled = sample_tokens(gen_logits, self.cfg.temperature, draws.sample)
         disc_ids, labels = replace_tokens(input_ids, attention_mask, m, sampled)
 
-        disc_logits = self.discriminator(
-            input_ids=disc_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).logits.float()
+        disc_logits = self.discriminator(input_ids=disc_ids, attention_mask=mask, token_type_ids=token_type_ids)
+        disc_logits = disc_logits.logits.float()
         real = attention_mask.float()
         disc_nll = F.binary_cross_entropy_with_logits(disc_logits, labels.float(), reduction="none")
         predicted = disc_logits > 0
@@ -232,10 +288,11 @@ class MLMObjective(nn.Module):
         self.special = special
         self.seed = seed
 
-    def forward(self, input_ids, attention_mask, token_type_ids, positions) -> dict[str, torch.Tensor]:
-        gens = example_generators(self.seed, positions, input_ids.device)
-        m = mask_tokens(input_ids, attention_mask, self.special, self.cfg, self.mlm.config.vocab_size, gens)
-        logits = masked_lm_logits(self.mlm, m, attention_mask, token_type_ids)
+    def forward(self, input_ids, attention_mask, token_type_ids, positions, padded=True) -> dict[str, torch.Tensor]:
+        L, N = input_ids.shape[1], max_predictions(self.cfg.mask_prob, input_ids.shape[1])
+        draws = draw(self.seed, positions.to(input_ids.device), L, N)
+        m = mask_tokens(input_ids, attention_mask, self.special, self.cfg, self.mlm.config.vocab_size, draws)
+        logits = masked_lm_logits(self.mlm, m, encoder_mask(attention_mask, padded), token_type_ids)
         nll = F.cross_entropy(logits.transpose(1, 2), m.targets, reduction="none")
         return {
             "gen_loss": (nll * m.weights).sum(),
@@ -245,11 +302,16 @@ class MLMObjective(nn.Module):
         }
 
 
-def training_loss(sums: dict[str, torch.Tensor], totals: dict[str, float], disc_weight: float) -> torch.Tensor:
-    """This micro-batch's share of the global batch's loss: sums divided by the *global* counts."""
-    loss = sums["gen_loss"] / max(totals["n_masked"], 1.0)
+def training_loss(sums: dict[str, torch.Tensor], totals: dict, disc_weight: float) -> torch.Tensor:
+    """This micro-batch's share of the global batch's loss: sums divided by the *global* counts (numbers, or
+    device tensors that an all-reduce fills in)."""
+
+    def at_least_one(x):
+        return x.clamp_min(1.0) if isinstance(x, torch.Tensor) else max(x, 1.0)
+
+    loss = sums["gen_loss"] / at_least_one(totals["n_masked"])
     if "disc_loss" in sums:
-        loss = loss + disc_weight * sums["disc_loss"] / max(totals["n_tokens"], 1.0)
+        loss = loss + disc_weight * sums["disc_loss"] / at_least_one(totals["n_tokens"])
     return loss
 
 
@@ -273,6 +335,6 @@ def build_objective(cfg, special: dict[str, int]) -> nn.Module:
     from electra_scale.model import build_electra, build_mlm
 
     if cfg.objective.kind == "mlm":
-        return MLMObjective(build_mlm(cfg.model), cfg.objective, special, cfg.train.seed)
-    generator, discriminator = build_electra(cfg.model)
+        return MLMObjective(build_mlm(cfg.model, special["pad"]), cfg.objective, special, cfg.train.seed)
+    generator, discriminator = build_electra(cfg.model, special["pad"])
     return ElectraObjective(generator, discriminator, cfg.objective, special, cfg.train.seed)

@@ -35,3 +35,42 @@ def electra_lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def electra_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, partial(electra_lr_factor, warmup_steps=warmup_steps, total_steps=total_steps))
+
+
+def fused_adam_available() -> bool:
+    """Can DeepSpeed's FusedAdam (its Adam on GPUs) be had here: prebuilt into the installed DeepSpeed
+    (``DS_BUILD_FUSED_ADAM=1``, as in our image), or compiled at first use, which needs nvcc and ninja."""
+    import importlib.util
+    import os
+    import shutil
+
+    try:
+        from deepspeed.git_version_info import installed_ops
+
+        if installed_ops.get("fused_adam"):
+            return True
+    except ImportError:
+        pass
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    nvcc = shutil.which("nvcc") or os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    return bool(nvcc) and bool(shutil.which("ninja") or importlib.util.find_spec("ninja"))
+
+
+def choose_adam(ds_config: dict, device: torch.device) -> None:
+    """Settle the optimizer for this device, before ``deepspeed.initialize``: torch's AdamW runs fused on a GPU
+    (one kernel for all tensors); DeepSpeed's Adam, which optim.bias_correction=false needs, must be buildable,
+    or the run stops here with the ways out rather than deep inside DeepSpeed."""
+    from electra_scale.config import ConfigError
+
+    if device.type != "cuda":
+        return
+    params = ds_config["optimizer"]["params"]
+    if params.get("torch_adam"):
+        params["fused"] = True
+    elif not fused_adam_available():
+        raise ConfigError(
+            "optim.bias_correction=false needs DeepSpeed's FusedAdam, which is not prebuilt in this DeepSpeed and "
+            "cannot be compiled here (no nvcc or ninja): use the electra-scale image (built with "
+            "DS_BUILD_FUSED_ADAM=1), install the CUDA toolkit, or set optim.bias_correction=true for torch's "
+            "fused AdamW (the same after the first few thousand steps of warmup)"
+        )

@@ -9,6 +9,7 @@ objective.py), so a run is the same run on 1 rank or on 64.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -25,9 +26,9 @@ from electra_scale.config import Config, ConfigError, deepspeed_config
 from electra_scale.data.shards import DataError, load_manifest
 from electra_scale.data.stream import PretrainStream, resolve_partitions
 from electra_scale.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
-from electra_scale.model import flops_per_token, peak_tflops
+from electra_scale.model import flops_per_token, peak_tflops, prepare_encoders
 from electra_scale.objective import build_objective, count_batch_targets, summarize, training_loss
-from electra_scale.optim import electra_schedule, param_groups
+from electra_scale.optim import choose_adam, electra_schedule, param_groups
 
 log = logging.getLogger("electra_scale")
 
@@ -38,8 +39,8 @@ EXIT_PREEMPTED = 75
 
 class StopRequest:
     """SIGTERM (Kubernetes, cloud preemption) or SIGUSR1 (SLURM --signal) asks the run to stop. The handler
-    only records it: the loop finishes the step, all ranks agree on the stop step through the all-reduce they
-    already do each step, and then save. A second signal during the save changes nothing."""
+    only records it: all ranks agree on the stop step through ``StopVote``, finish it, and then save. A second
+    signal during the save changes nothing."""
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -67,18 +68,59 @@ def cache_dir_for(cfg: Config) -> Path:
 
 
 def _all_reduce(values: list[float], group=None) -> list[float]:
-    # Host numbers: on GPUs they go over a gloo group (NCCL has no CPU tensors, and a device tensor would
-    # make every step wait for the GPU before its forward pass).
+    # Host numbers (logging steps only): on GPUs they go over a gloo group, since NCCL has no CPU tensors.
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, group=group)
     return t.tolist()
 
 
+def global_counts(local: list[tuple[int, int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """The global batch's target counts, the loss denominators, as device tensors: the host sends this rank's
+    counts (known from the data, before the forward pass) and never waits for the sum. On GPUs the all-reduce
+    is NCCL's, queued on the stream ahead of the forward pass that needs it."""
+    t = torch.tensor([sum(c[0] for c in local), sum(c[1] for c in local)], dtype=torch.float64)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    dist.all_reduce(t)
+    return {"n_masked": t[0], "n_tokens": t[1]}
+
+
+class StopVote:
+    """Do all ranks stop after this step? Each step starts an asynchronous all-reduce of this rank's stop flag
+    on the host group and reads the previous step's, done long since: no rank waits for another to ask. So a
+    signal that reaches any rank during step s stops every rank after step s + 1, all at the same step."""
+
+    def __init__(self, group=None):
+        self.group, self.pending = group, None
+
+    def cast(self, requested: bool) -> bool:
+        """Vote ``requested``; returns whether some rank asked at the previous step."""
+        previous = self.close()
+        flag = torch.tensor([float(requested)])
+        self.pending = (dist.all_reduce(flag, group=self.group, async_op=True), flag)
+        return previous
+
+    def close(self) -> bool:
+        if self.pending is None:
+            return False
+        work, flag = self.pending
+        work.wait()
+        self.pending = None
+        return bool(flag[0] > 0)
+
+
 def pretrain(cfg: Config) -> dict:
     # ---------------------------------------------------------------------------------------- set up
     stop = StopRequest()  # from the start: a signal during set-up stops the run after its first step
+    if cfg.train.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+        torch.use_deterministic_algorithms(True)
     dist_env = launch.detect()
     device = launch.init_distributed(dist_env)
+    if device.type == "cuda" and cfg.train.precision != "fp32":
+        # The only fp32 matmul of a bf16/fp16 run is the vocabulary projection (objective.masked_lm_logits),
+        # whose inputs are bf16/fp16 values: TF32 tensor cores compute it exactly, at half the bf16 rate.
+        torch.backends.cuda.matmul.allow_tf32 = True
     host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # collective: every rank
     world, main = dist_env.world_size, dist_env.is_main
     if main:
@@ -109,6 +151,8 @@ def pretrain(cfg: Config) -> dict:
 
     import deepspeed
 
+    choose_adam(ds_config, device)
+    prepare_encoders(objective, cfg.train)
     engine, _, _, _ = deepspeed.initialize(
         model=objective,
         model_parameters=param_groups(objective, cfg.optim.weight_decay),
@@ -138,6 +182,7 @@ def pretrain(cfg: Config) -> dict:
         prefetch_factor=cfg.data.prefetch,
         start_step=start_step,
         on_corrupt_shard=cfg.data.on_corrupt_shard,
+        pin_memory=device.type == "cuda",  # copied to the GPU without blocking the host
     )
     grad_accum = stream.grad_accum
     extra_files = _checkpoint_extras(cfg) if main else {}
@@ -166,6 +211,7 @@ def pretrain(cfg: Config) -> dict:
     # ---------------------------------------------------------------------------------------- train
     done, preempted = start_step, False
     batches = iter(stream)
+    vote = StopVote(host_group)
     history: list[dict] = []
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     skipped_logged = 0
@@ -174,15 +220,12 @@ def pretrain(cfg: Config) -> dict:
         waited = time.perf_counter()
         micro_batches = next(batches)
         data_wait += time.perf_counter() - waited  # the step blocked on its input for this long
-        # Loss denominators are the global batch's counts, known before the forward pass.
-        local = [count_batch_targets(mb, cfg.objective.mask_prob) for mb in micro_batches]
-        n_masked, n_tokens, stops = _all_reduce(
-            [sum(c[0] for c in local), sum(c[1] for c in local), float(stop.requested)], host_group
-        )
-        totals = {"n_masked": n_masked, "n_tokens": n_tokens}
+        # Loss denominators are the global batch's counts, known from the data before the forward pass.
+        totals = global_counts([count_batch_targets(mb, cfg.objective.mask_prob) for mb in micro_batches], device)
+        preempted = vote.cast(stop.requested)  # a rank asked at the previous step: this one is the last
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)
         for mb in micro_batches:
-            out = engine(**mb.model_inputs(device))
+            out = engine(**mb.model_inputs(device, non_blocking=True))
             # DeepSpeed averages gradients over ranks and accumulation steps; undo that to get the global mean.
             loss = training_loss(out, totals, cfg.objective.disc_weight) * (world * grad_accum)
             engine.backward(loss)
@@ -198,7 +241,6 @@ def pretrain(cfg: Config) -> dict:
                 [int(x) for mb in micro_batches for x in mb.samples],
             )
 
-        preempted = stops > 0  # every rank sees the same sum, so all stop after the same step
         if done % cfg.train.log_every == 0 or done == stop_step or preempted:
             keys = sorted(sums)
             values = [float(sums[k]) for k in keys] + [float(len(stream.skipped) - skipped_logged), data_wait]
@@ -243,6 +285,7 @@ def pretrain(cfg: Config) -> dict:
         if preempted:
             break
 
+    vote.close()  # the last vote's all-reduce, so that no collective is left in flight
     checkpointer.close()  # the last checkpoint is complete (uploaded, marked) before the run reports done
     if preempted and main:
         log.info("stopped at step %d by a signal; re-run the same command to resume", done)

@@ -23,9 +23,21 @@ def load(config: str, overrides: list[str]):
     from electra_scale.compare import load_spec, run_config
     from electra_scale.config import load_config
 
-    if "compare" in Path(config).parts:
+    if "compare" in Path(config).parts:  # a compare preset: its run config, with the overrides on top
+        from dataclasses import asdict
+
+        from electra_scale.config import config_from_dict, parse_value, set_dotted
+
         spec = load_spec([config], [])
-        return lambda kind: run_config(spec, kind, "unused", "unused", None)
+
+        def from_spec(kind: str):
+            raw = asdict(run_config(spec, kind, "unused", "unused", None))
+            for item in overrides:
+                key, _, value = item.partition("=")
+                set_dotted(raw, key, parse_value(value))
+            return config_from_dict(raw, config)
+
+        return from_spec
     return lambda kind: load_config(config, [*overrides, f"objective.kind={kind}"])
 
 
@@ -35,7 +47,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=3, help="steps per round")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("overrides", nargs="*", metavar="key=value", help="for a run config (not a compare preset)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 weights there, as the engine runs them)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="on top of the config (or compare preset)")
     args = ap.parse_args()
 
     import torch
@@ -44,6 +57,7 @@ def main() -> int:
     from electra_scale.objective import build_objective, count_targets, training_loss
 
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     config_for = load(args.config, args.overrides)
     special = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     cfgs = {kind: config_for(kind) for kind in ("electra", "mlm")}
@@ -53,11 +67,14 @@ def main() -> int:
     ids = torch.randint(5, cfg.model.vocab_size, (batch, seq), generator=gen)
     ids[:, 0], ids[:, -1] = special["cls"], special["sep"]
     mask, types, positions = torch.ones_like(ids), torch.zeros_like(ids), torch.arange(batch)
+    ids, mask, types, positions = (t.to(device) for t in (ids, mask, types, positions))
 
     objectives, times = {}, {}
     for kind, c in cfgs.items():
         torch.manual_seed(0)
-        objectives[kind] = build_objective(c, special).train()
+        objectives[kind] = build_objective(c, special).to(device).train()
+        if device.type == "cuda":
+            objectives[kind] = objectives[kind].to(torch.bfloat16)
         times[kind] = []
     n_masked, n_tokens = count_targets(ids, mask, special, cfg.objective.mask_prob)
     totals = {"n_masked": float(n_masked), "n_tokens": float(n_tokens)}
@@ -67,6 +84,8 @@ def main() -> int:
         loss = training_loss(obj(ids, mask, types, positions), totals, cfgs[kind].objective.disc_weight)
         loss.backward()
         obj.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     for kind in objectives:  # warm-up
         step(kind)
@@ -81,7 +100,7 @@ def main() -> int:
     flops = {kind: flops_per_token(c) for kind, c in cfgs.items()}
     print(f"shape: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, generator "
           f"{cfg.model.generator_hidden_size}, vocab {cfg.model.vocab_size}, batch {batch} x {seq}, "
-          f"{args.threads} thread(s), median of {args.rounds} rounds")  # fmt: skip
+          f"{args.threads} thread(s), {device.type}, median of {args.rounds} rounds")  # fmt: skip
     for kind in objectives:
         print(f"  {kind:8s} {ms[kind]:8.1f} ms/step   {flops[kind] / 1e6:8.2f} MFLOP/token")
     print(f"ELECTRA / MLM: wall time per token {ms['electra'] / ms['mlm']:.3f}x, "

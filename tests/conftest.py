@@ -66,3 +66,22 @@ def shards(corpus, tmp_path_factory) -> tuple[str, int]:
         [str(corpus)], out, "train:300", seq_len=128, samples_per_shard=64, samples_per_block=16, progress=False
     )
     return out, manifest.vocab_size
+
+
+# ------------------------------------------------------------------------------------------------ gpu checks
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "gpu: the GPU path (tests/test_gpu.py); run by scripts/gpu_check.sh with `-m gpu`, on CPU by its --dry-run",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """The GPU checks run only when asked for (`-m gpu`): deselected, not skipped, from the CPU suite, which
+    runs them through `scripts/gpu_check.sh --dry-run` instead."""
+    if "gpu" in (config.option.markexpr or ""):
+        return
+    keep = [item for item in items if item.get_closest_marker("gpu") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("gpu")])
+        items[:] = keep

@@ -120,6 +120,11 @@ def test_every_ds_config_works_with_bf16_and_fp16():
             ds = deepspeed_config(cfg, 1)
             assert ds[precision]["enabled"] is True
             assert ds["bf16" if precision == "fp16" else "fp16"]["enabled"] is False
+            # bf16 gradients are accumulated and reduced in fp32 (the reference's precision), where DeepSpeed
+            # can (ZeRO >= 1); fp16 keeps DeepSpeed's own loss-scaled path.
+            fp32_grads = precision == "bf16" and name != "zero0"
+            assert ds.get("data_types", {}).get("grad_accum_dtype") == ("fp32" if fp32_grads else None)
+            assert ds.get("communication_data_type") == ("fp32" if fp32_grads else None)
 
 
 def describe(name: str) -> dict:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from electra_scale.launch import LaunchError, detect, expand_hostlist, node_spawn_command
+from electra_scale.launch import LaunchError, cuda_index, detect, expand_hostlist, node_spawn_command
 
 
 @pytest.mark.parametrize(
@@ -168,3 +168,15 @@ def test_launch_error_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "SLURM: rank 9 must be in [0, world size 8)" in errors[0]
+
+
+def test_gpu_index_with_one_visible_gpu_per_task(monkeypatch):
+    """A site that binds one GPU per task shows each process one device: it is index 0 whatever the local
+    rank; with several visible, the local rank picks, and one past the end is refused in one line."""
+    assert [cuda_index(r, 1) for r in range(4)] == [0, 0, 0, 0]
+    assert [cuda_index(r, 8) for r in range(8)] == list(range(8))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    with pytest.raises(
+        LaunchError, match=r"^local rank 2 has no GPU: this process sees 2 \(CUDA_VISIBLE_DEVICES=2,3\)"
+    ):
+        cuda_index(2, 2)

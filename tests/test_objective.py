@@ -10,12 +10,16 @@ from electra_scale.objective import (
     ElectraObjective,
     MLMObjective,
     build_objective,
-    example_generators,
+    draw,
+    example_keys,
+    hash32,
     mask_tokens,
     max_predictions,
     num_to_predict,
+    random_bits,
     replace_tokens,
     sample_tokens,
+    to_uniform,
     training_loss,
 )
 
@@ -40,8 +44,8 @@ def make_batch(batch: int, seq_len: int, seed: int = 0, min_len: int = 8):
 
 def run_mask(ids, attn, cfg=None, seed=7):
     cfg = cfg or ObjectiveConfig()
-    gens = example_generators(seed, torch.arange(ids.shape[0]), ids.device)
-    return mask_tokens(ids, attn, SPECIAL, cfg, VOCAB, gens)
+    draws = draw(seed, torch.arange(ids.shape[0]), ids.shape[1], max_predictions(cfg.mask_prob, ids.shape[1]))
+    return mask_tokens(ids, attn, SPECIAL, cfg, VOCAB, draws)
 
 
 def test_mask_count_follows_rate_and_cap():
@@ -105,10 +109,44 @@ def test_mlm_baseline_uses_80_10_10():
 def test_masks_are_keyed_to_the_example_not_the_batch():
     ids, attn = make_batch(8, 64, seed=4)
     whole = run_mask(ids, attn)
-    gens = example_generators(7, torch.arange(4, 8), ids.device)
-    half = mask_tokens(ids[4:], attn[4:], SPECIAL, ObjectiveConfig(), VOCAB, gens)
+    draws = draw(7, torch.arange(4, 8), 64, max_predictions(0.15, 64))
+    half = mask_tokens(ids[4:], attn[4:], SPECIAL, ObjectiveConfig(), VOCAB, draws)
     assert torch.equal(whole.input_ids[4:], half.input_ids)
     assert torch.equal(whole.positions[4:], half.positions)
+
+
+def test_counter_based_random_numbers():
+    """The hash on int64 tensors is the exact 32-bit function (checked against Python ints); its uniforms are
+    uniform, its slots independent, and a key depends on the seed and the position alone."""
+    x = torch.randint(0, 2**32, (1000,), generator=torch.Generator().manual_seed(0))
+    assert hash32(x).tolist() == [hash32(int(v)) for v in x]
+    assert hash32(x).tolist() == [_reference_lowbias32(int(v)) for v in x]
+    keys = example_keys(12345, torch.arange(20000))
+    assert torch.equal(keys[5000:5004], example_keys(12345, torch.arange(5000, 5004)))
+    assert not torch.equal(keys[:4], example_keys(12346, torch.arange(4)))
+    assert example_keys(12345, torch.tensor([2**40 + 3]))[0] != example_keys(12345, torch.tensor([3]))[0]
+    d = draw(12345, torch.arange(20000), 64, 19)
+    for u in (d.kind, d.sample, to_uniform(d.order)):
+        counts = torch.histc(u, bins=20, min=0, max=1)
+        expected = u.numel() / 20
+        assert ((counts - expected) ** 2 / expected).sum() < 45  # chi-square, 19 d.o.f.: p ~ 0.001
+    for a, b in (
+        (d.kind[:, 0], d.kind[:, 1]),
+        (d.kind[:, 0], d.sample[:, 0]),
+        (d.sample[:, 3], to_uniform(d.order)[:, 3]),
+    ):
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 0.03
+    bits = random_bits(keys, 8)
+    assert bits.min() >= 0 and bits.max() < 2**32 and len(bits.unique()) > 0.99 * bits.numel()
+
+
+def _reference_lowbias32(x: int) -> int:
+    """The published function, in plain 32-bit unsigned arithmetic."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) % 2**32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) % 2**32
+    return x ^ (x >> 16)
 
 
 def test_correct_sample_gives_all_zero_labels():
@@ -125,13 +163,12 @@ def test_correct_sample_gives_all_zero_labels():
 
 def test_sampling_draws_from_the_tempered_softmax():
     logits = torch.log(torch.tensor([0.1, 0.2, 0.7])).expand(1, 20000, 3).contiguous()
-    gens = example_generators(0, torch.arange(1), torch.device("cpu"))
-    draws = sample_tokens(logits, 1.0, gens)[0]
+    draws = sample_tokens(logits, 1.0, draw(0, torch.arange(1), 1, 20000).sample)[0]
     freq = torch.bincount(draws, minlength=3).float() / draws.numel()
     assert torch.allclose(freq, torch.tensor([0.1, 0.2, 0.7]), atol=0.015)
     # Temperature 2 flattens: p ~ sqrt(p) renormalised.
     hot = torch.tensor([0.1, 0.2, 0.7]).sqrt()
-    draws = sample_tokens(logits, 2.0, example_generators(1, torch.arange(1), torch.device("cpu")))[0]
+    draws = sample_tokens(logits, 2.0, draw(1, torch.arange(1), 1, 20000).sample)[0]
     freq = torch.bincount(draws, minlength=3).float() / draws.numel()
     assert torch.allclose(freq, hot / hot.sum(), atol=0.015)
 
@@ -140,19 +177,19 @@ def test_sampling_never_draws_a_zero_probability_token():
     logits = torch.full((2, 5000, 6), float("-inf"))
     logits[..., 2] = 0.0
     logits[..., 4] = 1.0  # only tokens 2 and 4 are possible, whatever the uniform
-    sampled = sample_tokens(logits, 1.0, example_generators(0, torch.arange(2), torch.device("cpu")))
+    sampled = sample_tokens(logits, 1.0, draw(0, torch.arange(2), 1, 5000).sample)
     assert set(sampled.unique().tolist()) == {2, 4}
 
 
-def test_sampling_is_keyed_to_the_examples_generators():
+def test_sampling_is_keyed_to_the_examples():
     logits = torch.randn(3, 19, VOCAB)
 
-    def draw(positions):
-        return sample_tokens(logits, 1.0, example_generators(7, torch.tensor(positions), torch.device("cpu")))
+    def sampled(positions):
+        return sample_tokens(logits, 1.0, draw(7, torch.tensor(positions), 64, 19).sample)
 
-    assert torch.equal(draw([4, 5, 6]), draw([4, 5, 6]))
-    other = draw([4, 5, 9])  # a different third example: only its samples change
-    assert torch.equal(other[:2], draw([4, 5, 6])[:2]) and not torch.equal(other[2], draw([4, 5, 6])[2])
+    assert torch.equal(sampled([4, 5, 6]), sampled([4, 5, 6]))
+    other = sampled([4, 5, 9])  # a different third example: only its samples change
+    assert torch.equal(other[:2], sampled([4, 5, 6])[:2]) and not torch.equal(other[2], sampled([4, 5, 6])[2])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -160,8 +197,7 @@ def test_low_precision_sampling_has_no_nan(dtype):
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(4, 19, VOCAB, generator=g) * 30).to(dtype)
     logits[0, 0, :] = torch.finfo(dtype).max  # extreme but finite logits
-    gens = example_generators(0, torch.arange(4), torch.device("cpu"))
-    sampled = sample_tokens(logits, 1.0, gens)
+    sampled = sample_tokens(logits, 1.0, draw(0, torch.arange(4), 64, 19).sample)
     assert sampled.dtype == torch.long
     assert ((sampled >= 0) & (sampled < VOCAB)).all()
 
@@ -194,6 +230,33 @@ def test_shared_embeddings_and_tied_output():
     assert obj.generator.electra.embeddings is obj.discriminator.electra.embeddings
     assert obj.generator.generator_lm_head.weight is obj.discriminator.electra.embeddings.word_embeddings.weight
     assert hasattr(obj.generator.electra, "embeddings_project")  # its own projection to the narrower width
+
+
+def test_reference_initialisation_and_the_tokenizers_pad_id():
+    """model.init=reference: truncated normals at 2 std, glorot-uniform for embeddings_project and the
+    discriminator's output; and the [PAD] the tokenizer names (not id 0) is the embedding row that never
+    learns."""
+    cfg = load_config("configs/tiny.yaml", ["model.init=reference", f"model.vocab_size={VOCAB}"])
+    bert_like = {"pad": 100, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    torch.manual_seed(0)
+    obj = build_objective(cfg, bert_like)
+    d, g = obj.discriminator, obj.generator
+    dense = d.electra.encoder.layer[0].intermediate.dense.weight
+    assert dense.abs().max() <= 0.04 and 0.015 < dense.std() < 0.019  # a 0.02 normal cut at 2 std: std 0.0176
+    assert d.electra.embeddings.word_embeddings.weight.abs().max() <= 0.04
+    for layer in (g.electra.embeddings_project, d.discriminator_predictions.dense_prediction):
+        bound = (6 / sum(layer.weight.shape)) ** 0.5  # glorot-uniform
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+    assert d.electra.embeddings.word_embeddings.padding_idx == 100
+    assert not d.electra.embeddings.word_embeddings.weight[100].any()
+    ids, attn = make_batch(4, 32)
+    ids = torch.where(attn == 0, 100, ids)  # padded with this tokenizer's [PAD]
+    ids[:, 1] = 0  # id 0 is an ordinary token here
+    out = obj(ids, attn, torch.zeros_like(ids), torch.arange(4))
+    out["disc_loss"].backward()  # the lookup's gradient alone (the generator's tied output layer trains every row)
+    grad = d.electra.embeddings.word_embeddings.weight.grad
+    assert not grad[100].any() and grad[0].any()
+    assert build_objective(load_config("configs/tiny.yaml"), SPECIAL).discriminator.config.pad_token_id == 0
 
 
 def test_disc_weight_lambda():

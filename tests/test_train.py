@@ -398,3 +398,13 @@ def test_malformed_config_file(shards, tmp_path):
     proc = run_cli(["pretrain", "--config", str(bad)], check=False)
     assert proc.returncode == 2
     assert_one_line_error(proc, "not valid YAML", "line 3")
+
+
+def test_activation_checkpointing_trains_the_same_model(shards, tmp_path):
+    """Recomputing the encoders' activations in the backward pass changes memory, not the model: the same
+    losses, dropout included (its RNG state is replayed)."""
+    common = ("train.max_steps=3", "checkpoint.every_steps=100")
+    run_cli(pretrain_args(shards, str(tmp_path / "plain"), *common))
+    run_cli(pretrain_args(shards, str(tmp_path / "recompute"), *common, "train.activation_checkpointing=true"))
+    plain, recompute = metrics(str(tmp_path / "plain")), metrics(str(tmp_path / "recompute"))
+    assert [m["loss"] for m in recompute] == [m["loss"] for m in plain]

@@ -84,8 +84,9 @@ class MicroBatch:
     def token_type_ids(self) -> torch.Tensor:
         return self._masks(self.tokens, self.lengths, self.first_sep)[1]
 
-    def model_inputs(self, device: torch.device | str = "cpu", non_blocking: bool = False) -> dict[str, torch.Tensor]:
-        """The objective's keyword arguments, built on ``device``."""
+    def model_inputs(self, device: torch.device | str = "cpu", non_blocking: bool = False) -> dict:
+        """The objective's keyword arguments, built on ``device``. ``padded`` is known here, on the host, so
+        the encoders need not look at the mask to find out (a look that would make the host wait for the GPU)."""
         tokens = self.tokens.to(device, non_blocking=non_blocking)
         lengths = self.lengths.to(device, non_blocking=non_blocking)
         first_sep = self.first_sep.to(device, non_blocking=non_blocking)
@@ -94,7 +95,8 @@ class MicroBatch:
             "input_ids": tokens.long(),
             "attention_mask": attention_mask,
             "token_type_ids": token_type_ids,
-            "positions": self.positions,
+            "positions": self.positions.to(device, non_blocking=non_blocking),
+            "padded": bool((self.lengths < self.tokens.shape[1]).any()),
         }
 
 
@@ -458,6 +460,7 @@ class PretrainStream:
         prefetch_factor: int = 2,
         start_step: int = 0,
         on_corrupt_shard: str = "error",
+        pin_memory: bool = False,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
@@ -479,7 +482,7 @@ class PretrainStream:
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.prefetch_factor, self.start_step = num_workers, prefetch_factor, start_step
-        self.on_corrupt_shard = on_corrupt_shard
+        self.on_corrupt_shard, self.pin_memory = on_corrupt_shard, pin_memory
         self.grad_accum = global_batch_size // (micro_batch_size * world_size)
         self.layout = StreamLayout(manifest, seed, partitions, shuffle_blocks)
         self.sep_id = manifest.special_ids["sep"]
@@ -580,13 +583,18 @@ class PretrainStream:
         out = []
         for k in range(0, len(pos), m):
             lengths, first_sep, candidates, samples = (torch.from_numpy(c) for c in columns[:, k : k + m])
+            tokens, positions = torch.from_numpy(ids[k : k + m]), torch.from_numpy(pos[k : k + m])
+            if self.pin_memory:  # page-locked, so that the copy to the GPU need not block the host
+                tokens, lengths, first_sep, positions = (
+                    t.pin_memory() for t in (tokens, lengths, first_sep, positions)
+                )
             out.append(
                 MicroBatch(
-                    tokens=torch.from_numpy(ids[k : k + m]),
+                    tokens=tokens,
                     lengths=lengths,
                     first_sep=first_sep,
                     candidates=candidates,
-                    positions=torch.from_numpy(pos[k : k + m]),
+                    positions=positions,
                     samples=samples,
                 )
             )

@@ -1,0 +1,157 @@
+"""The GPU path, proven in one short run: ``scripts/gpu_check.sh`` runs ``pytest -m gpu`` on a machine with a
+GPU. Without one, ``scripts/gpu_check.sh --dry-run`` (run by CI) runs the same tests on the CPU with tiny shapes,
+so that they cannot rot unseen. The CPU suite deselects them (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from electra_scale import launch
+from electra_scale.config import deepspeed_config, load_config
+from electra_scale.data.stream import MicroBatch
+from electra_scale.objective import build_objective, count_batch_targets, draw, sample_tokens, training_loss
+from electra_scale.optim import choose_adam, electra_schedule, param_groups
+from electra_scale.train import StopVote, global_counts
+from tests.test_train import ROOT, metrics, pretrain_args, run_cli
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.cuda.is_available()
+SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+# On the GPU: bf16 and DeepSpeed's FusedAdam (bias_correction=false, compiled there at first use). On CPU the
+# same code in fp32 with torch's AdamW (DeepSpeed's CPU Adam would take a minute to compile).
+PRECISION = "bf16" if CUDA else "fp32"
+OPTIM = ["optim.bias_correction=false"] if CUDA else ["optim.bias_correction=true"]
+
+
+@pytest.fixture(scope="module")
+def device():
+    """One rank, initialised as train.py does it (NCCL on a GPU, gloo on CPU)."""
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    saved = {k: os.environ.get(k) for k in [*env, "MASTER_PORT"]}
+    os.environ.update(env, MASTER_PORT=str(launch.free_port()))
+    try:
+        dev = launch.init_distributed(launch.detect())
+    finally:  # the CLI runs below start their own processes: they must not see this one's rank
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    yield dev
+    dist.destroy_process_group()
+
+
+def micro_batch(vocab: int, m: int = 4, seq: int = 64, seed: int = 0) -> MicroBatch:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([seq, seq - 9, seq, 20][:m] + [seq] * max(0, m - 4))
+    tokens = torch.randint(5, vocab, (m, seq), generator=g)
+    tokens = torch.where(torch.arange(seq)[None, :] < lengths[:, None], tokens, SPECIAL["pad"])
+    tokens[:, 0] = SPECIAL["cls"]
+    tokens[torch.arange(m), lengths - 1] = SPECIAL["sep"]
+    return MicroBatch(
+        tokens=tokens.to(torch.int32),
+        lengths=lengths,
+        first_sep=lengths - 1,
+        candidates=lengths - 2,
+        positions=torch.arange(m) + 1000 * seed,
+        samples=torch.arange(m),
+    )
+
+
+def test_nccl_with_the_gloo_side_group(device):
+    """The default group (NCCL) carries device tensors, the gloo side group host numbers; the loss denominators
+    go over the first without the host waiting, and the stop vote over the second, a step behind."""
+    assert device.type == ("cuda" if CUDA else "cpu")
+    assert dist.get_backend() == ("nccl" if CUDA else "gloo")
+    t = torch.arange(3.0, device=device)
+    dist.all_reduce(t)
+    assert t.tolist() == [0.0, 1.0, 2.0]
+    side = dist.new_group(backend="gloo")
+    h = torch.tensor([5.0])
+    dist.all_reduce(h, group=side)
+    assert h.item() == 5.0
+    totals = global_counts([(3, 10), (4, 20)], device)
+    assert totals["n_masked"].device.type == device.type and totals["n_tokens"].item() == 30
+    vote = StopVote(side)
+    assert vote.cast(False) is False and vote.cast(True) is False and vote.close() is True
+
+
+def test_a_step_in_the_runs_precision_with_deepspeeds_adam(device, monkeypatch):
+    """A bf16 ZeRO-2 step with FusedAdam (JIT-built on the GPU), gradients accumulated in fp32 over 2
+    micro-batches; losses finite and falling."""
+    import deepspeed
+
+    monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [f"train.precision={PRECISION}", "train.global_batch_size=8", "train.micro_batch_size=4", *OPTIM],
+    )
+    torch.manual_seed(0)
+    objective = build_objective(cfg, SPECIAL)
+    ds_config = deepspeed_config(cfg, 1)
+    choose_adam(ds_config, device)
+    engine, _, _, _ = deepspeed.initialize(
+        model=objective,
+        model_parameters=param_groups(objective, cfg.optim.weight_decay),
+        config=ds_config,
+        lr_scheduler=lambda opt: electra_schedule(opt, 2, 20),
+    )
+    if CUDA:
+        assert "FusedAdam" in type(engine.optimizer.optimizer).__name__
+        assert engine.optimizer.gradient_accumulation_dtype == torch.float32
+    losses = []
+    for step in range(6):
+        batches = [micro_batch(cfg.model.vocab_size, seed=step * 2 + k) for k in range(2)]
+        totals = global_counts([count_batch_targets(mb, cfg.objective.mask_prob) for mb in batches], device)
+        for mb in batches:
+            out = engine(**mb.model_inputs(device, non_blocking=True))
+            loss = training_loss(out, totals, cfg.objective.disc_weight) * 2
+            engine.backward(loss)
+            engine.step()
+        losses.append(float(loss) / 2)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
+    engine.destroy()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sampling_is_nan_free_and_the_random_numbers_match_the_cpus(device, dtype):
+    positions = torch.arange(64) + 10**9
+    on_cpu, on_device = draw(7, positions, 128, 19), draw(7, positions.to(device), 128, 19)
+    for field in ("order", "kind", "token", "sample"):
+        assert torch.equal(getattr(on_cpu, field), getattr(on_device, field).cpu()), field
+    logits = (torch.randn(64, 19, 30522, generator=torch.Generator().manual_seed(0)) * 30).to(dtype)
+    logits[0, 0] = torch.finfo(dtype).max
+    sampled = sample_tokens(logits.to(device), 1.0, on_device.sample)
+    assert sampled.dtype == torch.long and ((sampled >= 0) & (sampled < 30522)).all()
+
+
+def test_checkpoint_resume_is_exact_with_the_devices_rng_and_exports(shards, tmp_path):
+    """Dropout on: 6 steps straight, and 3 + 3 across a checkpoint, give the same losses (the RNG state of
+    the device included); the export loads and runs on the device."""
+    common = ("train.max_steps=6", "checkpoint.every_steps=3", f"train.precision={PRECISION}", *OPTIM)
+    common += ("train.deterministic=true", "data.num_workers=1")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_cli(pretrain_args(shards, str(straight), *common))
+    run_cli([*pretrain_args(shards, str(resumed), *common), "train.stop_at_step=3"])
+    log = run_cli(pretrain_args(shards, str(resumed), *common)).stderr
+    assert "at step 3" in log
+    assert [m["loss"] for m in metrics(str(resumed))] == [m["loss"] for m in metrics(str(straight))]
+    rng = torch.load(resumed / "checkpoints" / "step_0000003" / "rng" / "rank_0.pt", weights_only=False)
+    assert ("cuda" in rng) == CUDA
+
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, "-m", "electra_scale", "export", str(straight), str(out)], cwd=ROOT, check=True)
+    from transformers import ElectraForPreTraining
+
+    model = ElectraForPreTraining.from_pretrained(out / "discriminator").to("cuda" if CUDA else "cpu").eval()
+    ids = torch.tensor([[2, 10, 11, 12, 3]], device=model.device)
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    assert json.loads((out / "discriminator" / "config.json").read_text())["pad_token_id"] == 0
