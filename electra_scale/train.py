@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from collections import defaultdict
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,9 +26,9 @@ from electra_scale.config import Config, ConfigError, deepspeed_config
 from electra_scale.data.shards import DataError, load_manifest
 from electra_scale.data.stream import PretrainStream, resolve_partitions
 from electra_scale.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
-from electra_scale.model import flops_per_token, peak_tflops, prepare_encoders
-from electra_scale.objective import build_objective, count_batch_targets, summarize, training_loss
-from electra_scale.optim import choose_adam, electra_schedule, param_groups
+from electra_scale.model import flops_per_token, peak_tflops
+from electra_scale.objective import build_objective, summarize
+from electra_scale.step import all_reduce_host, build_engine, train_step
 
 log = logging.getLogger("electra_scale")
 
@@ -67,24 +67,6 @@ def cache_dir_for(cfg: Config) -> Path:
     return Path.home() / ".cache" / "electra-scale" / bucket_path
 
 
-def _all_reduce(values: list[float], group=None) -> list[float]:
-    # Host numbers (logging steps only): on GPUs they go over a gloo group, since NCCL has no CPU tensors.
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, group=group)
-    return t.tolist()
-
-
-def global_counts(local: list[tuple[int, int]], device: torch.device) -> dict[str, torch.Tensor]:
-    """The global batch's target counts, the loss denominators, as device tensors: the host sends this rank's
-    counts (known from the data, before the forward pass) and never waits for the sum. On GPUs the all-reduce
-    is NCCL's, queued on the stream ahead of the forward pass that needs it."""
-    t = torch.tensor([sum(c[0] for c in local), sum(c[1] for c in local)], dtype=torch.float64)
-    if device.type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
-    dist.all_reduce(t)
-    return {"n_masked": t[0], "n_tokens": t[1]}
-
-
 class StopVote:
     """Do all ranks stop after this step? Each step starts an asynchronous all-reduce of this rank's stop flag
     on the host group and reads the previous step's, done long since: no rank waits for another to ask. So a
@@ -109,7 +91,10 @@ class StopVote:
         return bool(flag[0] > 0)
 
 
-def pretrain(cfg: Config) -> dict:
+def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> dict:
+    """Pretrain as ``cfg`` says, resuming from its output dir's newest checkpoint. ``on_log(step, record)`` is
+    called on rank 0 after each logging step, with the record written to metrics.jsonl (bench times between
+    them); it runs outside the timed windows."""
     # ---------------------------------------------------------------------------------------- set up
     stop = StopRequest()  # from the start: a signal during set-up stops the run after its first step
     if cfg.train.deterministic:
@@ -123,12 +108,12 @@ def pretrain(cfg: Config) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # collective: every rank
     world, main = dist_env.world_size, dist_env.is_main
-    if main:
-        storage.check_writable(cfg.run.output_dir)  # bad endpoint / credentials / bucket: fail now, clearly
-
+    # The inputs first, so that a run that cannot start leaves nothing behind; then the output.
     manifest = load_manifest(cfg.data.shards)
     manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
     special = manifest.special_ids
+    if main:
+        storage.check_writable(cfg.run.output_dir)  # bad endpoint / credentials / bucket: fail now, clearly
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     objective = build_objective(cfg, special)
@@ -142,23 +127,12 @@ def pretrain(cfg: Config) -> dict:
     cache = cache_dir_for(cfg)
     checkpointer = Checkpointer(cfg.run.output_dir, cache, dist_env, cfg.checkpoint)
 
-    def check_data(saved: dict) -> None:  # before converting anything: refuse a world size the stream can't run on
+    def check_data(saved: dict) -> None:  # before converting anything: refuse what cannot continue this run
+        check_same_model(cfg, saved)
         resolve_partitions(cfg.data.partitions, world, manifest.num_samples, saved_partitions(saved))
 
     resume_from = checkpointer.select(zero_stage, check_state=check_data)
-    if resume_from is not None and resume_from.universal:
-        ds_config.setdefault("checkpoint", {})["load_universal"] = True
-
-    import deepspeed
-
-    choose_adam(ds_config, device)
-    prepare_encoders(objective, cfg.train)
-    engine, _, _, _ = deepspeed.initialize(
-        model=objective,
-        model_parameters=param_groups(objective, cfg.optim.weight_decay),
-        config=ds_config,
-        lr_scheduler=partial(electra_schedule, warmup_steps=cfg.optim.warmup_steps, total_steps=total_steps),
-    )
+    engine = build_engine(cfg, objective, world, device, universal=resume_from is not None and resume_from.universal)
     torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout differs between ranks
     state = checkpointer.load(engine, resume_from) if resume_from is not None else {}
     start_step = state.get("step", 0)
@@ -220,16 +194,9 @@ def pretrain(cfg: Config) -> dict:
         waited = time.perf_counter()
         micro_batches = next(batches)
         data_wait += time.perf_counter() - waited  # the step blocked on its input for this long
-        # Loss denominators are the global batch's counts, known from the data before the forward pass.
-        totals = global_counts([count_batch_targets(mb, cfg.objective.mask_prob) for mb in micro_batches], device)
         preempted = vote.cast(stop.requested)  # a rank asked at the previous step: this one is the last
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)
-        for mb in micro_batches:
-            out = engine(**mb.model_inputs(device, non_blocking=True))
-            # DeepSpeed averages gradients over ranks and accumulation steps; undo that to get the global mean.
-            loss = training_loss(out, totals, cfg.objective.disc_weight) * (world * grad_accum)
-            engine.backward(loss)
-            engine.step()
+        for out in train_step(engine, micro_batches, cfg, device, world):
             for key, value in out.items():
                 sums[key] += value.detach()  # stays on the device: one sync per logging step, not per metric
         window_steps += 1
@@ -244,7 +211,7 @@ def pretrain(cfg: Config) -> dict:
         if done % cfg.train.log_every == 0 or done == stop_step or preempted:
             keys = sorted(sums)
             values = [float(sums[k]) for k in keys] + [float(len(stream.skipped) - skipped_logged), data_wait]
-            *reduced_values, skipped_new, wait_sum = _all_reduce(values, host_group)
+            *reduced_values, skipped_new, wait_sum = all_reduce_host(values, host_group)
             reduced = dict(zip(keys, reduced_values))
             skipped_logged = len(stream.skipped)
             elapsed = time.perf_counter() - window_start
@@ -266,12 +233,15 @@ def pretrain(cfg: Config) -> dict:
                 history.append({"step": done, **record})
                 progress.report(done, record)
                 health.check(done, record)
+                if on_log is not None:
+                    on_log(done, record)
             sums.clear()
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
 
         if done % cfg.checkpoint.every_steps == 0 or done == stop_step or preempted:
             trainer_state = {
                 "step": done,
+                "model": {key: getattr(cfg.model, key) for key in SHAPE_KEYS},
                 "world_size": world,
                 "zero_stage": zero_stage,
                 "global_batch_size": cfg.train.global_batch_size,
@@ -304,6 +274,40 @@ def pretrain(cfg: Config) -> dict:
         "history": history,
         "world_size": world,
     }
+
+
+# What a checkpoint's weights are shaped by: another value cannot load them (dropout or init can change).
+SHAPE_KEYS = (
+    "vocab_size",
+    "embedding_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "generator_hidden_size",
+    "generator_num_heads",
+    "generator_intermediate_size",
+)
+
+
+def check_same_model(cfg: Config, trainer_state: dict) -> None:
+    """Refuse, in one line and before anything is loaded, a checkpoint whose model has another shape (the shards'
+    vocabulary differing from the checkpoint's, say), naming the keys that differ and the way to a fresh run."""
+    saved = trainer_state.get("model") or {}
+    differ = [
+        f"model.{k}={saved[k]!r} there, {getattr(cfg.model, k)!r} here"
+        for k in SHAPE_KEYS
+        if k in saved and saved[k] != getattr(cfg.model, k)
+    ]
+    kind = trainer_state.get("objective")
+    if kind and kind != cfg.objective.kind:
+        differ.append(f"objective.kind={kind!r} there, {cfg.objective.kind!r} here")
+    if differ:
+        raise ConfigError(
+            f"the checkpoint in {cfg.run.output_dir} was trained with another model ({'; '.join(differ)}): set "
+            "those keys back to continue it, or start a new run with a new run.output_dir"
+        )
 
 
 def saved_partitions(trainer_state: dict) -> int | None:

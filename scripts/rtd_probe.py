@@ -1,4 +1,4 @@
-"""Is the discriminator learning anything? A short, plain-PyTorch ELECTRA run that prints, every --log steps,
+"""Is the discriminator learning anything? A short ELECTRA run that prints, every --log steps,
 the discriminator's loss next to the base rate (the entropy of always answering with the replaced share), its
 recall and precision on replaced tokens, and the generator's accuracy.
 
@@ -7,9 +7,10 @@ recall and precision on replaced tokens, and the generator's accuracy.
 
 --uniform-generator zeroes the generator's logits, so replacements are uniform over the vocabulary: the control
 run. A discriminator that learns there but not with the real generator has a correct objective and a hard task;
-one that learns in neither has a bug. The objective (masking, sampling, labels, loss) is electra_scale's own;
-the loop is a bare AdamW loop over random packed windows of the corpus (no DeepSpeed, no shards), which is why
-it is a script and not part of `pretrain`. docs/compare.md records what it showed.
+one that learns in neither has a bug. The objective and the step are electra_scale's own (``step.build_engine``,
+``step.train_step``: DeepSpeed ZeRO-0, torch AdamW, ELECTRA's schedule, one rank); the data are random packed
+windows of the corpus (no shards, no tokenizer file), which is why it is a script and not part of `pretrain`.
+docs/compare.md records what it showed.
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ def main() -> int:
     import torch
 
     import electra_scale.objective as objective
-    from electra_scale.config import ModelConfig, ObjectiveConfig
+    from electra_scale import launch
+    from electra_scale.config import Config, ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig, validate
+    from electra_scale.data.stream import MicroBatch
     from electra_scale.data.tokenizer import load_tokenizer, special_ids
     from electra_scale.model import build_electra
+    from electra_scale.step import build_engine, train_step
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     texts = [json.loads(line)["text"] for line in Path(args.corpus).read_text().splitlines() if line]
     tok = load_tokenizer(f"train:{args.vocab}", lambda: iter(texts))
     special = special_ids(tok)
@@ -60,40 +63,48 @@ def main() -> int:
     windows = np.concatenate([np.full((n, 1), special["cls"]), body, np.full((n, 1), special["sep"])], axis=1)
     print(f"{n} windows of {seq} tokens from {len(ids):,} tokens", flush=True)
 
-    model = ModelConfig(
-        vocab_size=args.vocab, embedding_size=args.hidden, hidden_size=args.hidden, num_layers=args.layers,
-        num_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden, max_position_embeddings=seq,
-        generator_hidden_size=args.gen,
+    cfg = Config(
+        model=ModelConfig(
+            vocab_size=args.vocab, embedding_size=args.hidden, hidden_size=args.hidden, num_layers=args.layers,
+            num_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden, max_position_embeddings=seq,
+            generator_hidden_size=args.gen,
+        ),
+        objective=ObjectiveConfig(kind="electra"),
+        optim=OptimConfig(lr=args.lr, warmup_steps=args.warmup, bias_correction=True),
+        train=TrainConfig(
+            max_steps=args.steps, global_batch_size=args.batch, micro_batch_size=args.batch, seed=1,
+            precision="fp32", deepspeed_config="ds_configs/zero0.json",
+        ),
     )  # fmt: skip
-    obj_cfg = ObjectiveConfig(kind="electra")
-    generator, discriminator = build_electra(model)
-    rtd = objective.ElectraObjective(generator, discriminator, obj_cfg, special, seed=1)
+    cfg.data.seq_len = seq
+    validate(cfg)
+    device = launch.init_distributed(launch.detect())
+    torch.manual_seed(0)
+    generator, discriminator = build_electra(cfg.model, special["pad"])
+    rtd = objective.ElectraObjective(generator, discriminator, cfg.objective, special, seed=cfg.train.seed)
     if args.uniform_generator:
         real = objective.masked_lm_logits
         objective.masked_lm_logits = lambda *a: real(*a) * 0.0  # softmax of zeros: uniform samples
+    engine = build_engine(cfg, rtd, 1, device)
 
-    opt = torch.optim.AdamW(rtd.parameters(), lr=args.lr, eps=1e-6, weight_decay=0.01)
-    decay = max(1, args.steps - args.warmup)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / args.warmup, max(0.0, (args.steps - s) / decay))
-    )
     rng = np.random.default_rng(0)
     sums: dict[str, float] = {}
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
         pick = rng.integers(0, n, args.batch)
-        x = torch.from_numpy(windows[pick])
-        out = rtd(x, torch.ones_like(x), torch.zeros_like(x), torch.from_numpy(pick) + step * n)
-        totals = {"n_masked": float(out["n_masked"]), "n_tokens": float(out["n_tokens"])}
-        opt.zero_grad()
-        objective.training_loss(out, totals, obj_cfg.disc_weight).backward()
-        torch.nn.utils.clip_grad_norm_(rtd.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        for k, v in out.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        mb = MicroBatch(
+            tokens=torch.from_numpy(windows[pick]),
+            lengths=torch.full((args.batch,), seq),
+            first_sep=torch.full((args.batch,), seq - 1),
+            candidates=torch.full((args.batch,), seq - 2),
+            positions=torch.from_numpy(pick) + step * n,
+            samples=torch.from_numpy(pick),
+        )
+        for out in train_step(engine, [mb], cfg, device, 1):
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
         if step % args.log == 0:
-            m = objective.summarize(sums, obj_cfg.disc_weight)
+            m = objective.summarize(sums, cfg.objective.disc_weight)
             r = m["replaced_frac"]
             base = -(r * math.log(r) + (1 - r) * math.log(1 - r))
             print(

@@ -31,11 +31,11 @@ def s3_bucket(s3_server, monkeypatch):
     """A fresh bucket on the session's SeaweedFS; boto3 (and child processes) see its endpoint and keys."""
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
-    storage.s3_client.cache_clear()
+    storage.reset_client()
     name = f"t-{uuid.uuid4().hex[:12]}"
     s3_server.create_bucket(name)
     yield f"s3://{name}"
-    storage.s3_client.cache_clear()
+    storage.reset_client()
 
 
 # A small English-like corpus and its shards (seq 128, the tiny preset's), shared by the training tests.

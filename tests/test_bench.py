@@ -72,3 +72,14 @@ def test_bench_data_path_plays_one_rank_of_many(tmp_path):
         assert 1 / w <= r["bytes_fetched"] / r["bytes_total"] <= 1.25 / w  # edge blocks shared by 2 partitions
         assert r["gets"] <= 1.25 * 128 / w and r["cpu_s_per_sample"] > 0
     assert "W=  16" in proc.stdout and "GETs" in proc.stdout
+
+
+def test_bench_without_seaweedfs_uses_local_shards(tmp_path):
+    """A package installed without the test extra has no `weed`: the bench says so in one line and measures the
+    data path on local synthetic shards instead of stopping."""
+    out = tmp_path / "bench.json"
+    args = ["bench", *TINY, "--skip", "bare", "engine", "pretrain", "--data-samples", "256", "--block-samples", "8"]
+    proc = run_cli([*args, "--json-out", str(out)], env={"ELECTRA_WEED": str(tmp_path / "no-weed")})
+    assert "SeaweedFS (`weed`) is not installed, so the synthetic shards are local files" in proc.stderr
+    data = json.loads(out.read_text())["data"]
+    assert not data["source"].startswith("s3://") and data["samples"] == 256 and data["gets"] == 32

@@ -41,10 +41,10 @@ def proxy(s3_bucket, s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", fp.endpoint)
     for key, value in FAST_RETRIES.items():
         monkeypatch.setenv(key, value)
-    storage.s3_client.cache_clear()
+    storage.reset_client()
     yield fp
     fp.stop()
-    storage.s3_client.cache_clear()
+    storage.reset_client()
 
 
 def _object(bucket: str, size: int = 1 << 20) -> tuple[str, bytes]:
@@ -144,7 +144,7 @@ def test_reset_on_connect_and_a_silent_server(proxy, s3_bucket, monkeypatch):
 
     monkeypatch.setenv("ELECTRA_S3_READ_TIMEOUT", "1")
     monkeypatch.setenv("ELECTRA_S3_MAX_ATTEMPTS", "2")
-    storage.s3_client.cache_clear()  # timeouts are the client's
+    storage.reset_client()  # timeouts are the client's
     proxy.clear()
     proxy.blackhole(times=100)  # accepts, reads the request, never answers
     with pytest.raises(storage.StorageError) as err:
@@ -172,7 +172,7 @@ def test_permanent_errors_are_not_retried(proxy, s3_bucket, s3_server, monkeypat
     assert len(proxy.requests) == 1
     proxy.clear()
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-    storage.s3_client.cache_clear()
+    storage.reset_client()
     with pytest.raises(storage.StorageError, match=r"rejected the credentials .* check AWS_ACCESS_KEY_ID"):
         storage.write_bytes(f"{s3_bucket}/x", b"x")
     assert len(proxy.requests) == 1
@@ -401,3 +401,12 @@ def test_training_through_faults_matches_a_clean_run(shards, s3_bucket, s3_serve
     assert read_samples(faulty) == read_samples(clean)
     assert len(read_samples(clean)) == 16
     assert [m["loss"] for m in metrics(str(faulty))] == [m["loss"] for m in metrics(str(clean))]
+
+
+def test_seaweedfs_ports_are_chosen_together():
+    """No chosen port may be another's gRPC port (P + 10000), or weed refuses to start."""
+    from electra_scale.s3server import free_ports
+
+    for _ in range(300):
+        ports = set(free_ports(("s3", "master", "volume", "filer")).values())
+        assert len(ports) == 4 and not ports & {p + 10000 for p in ports}

@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 
 from electra_scale import launch
-from electra_scale.config import deepspeed_config, load_config
+from electra_scale.config import load_config
 from electra_scale.data.stream import MicroBatch
-from electra_scale.objective import build_objective, count_batch_targets, draw, sample_tokens, training_loss
-from electra_scale.optim import choose_adam, electra_schedule, param_groups
-from electra_scale.train import StopVote, global_counts
+from electra_scale.objective import build_objective, draw, sample_tokens
+from electra_scale.step import build_engine, global_counts, train_step
+from electra_scale.train import StopVote
 from tests.test_train import ROOT, metrics, pretrain_args, run_cli
 
 pytestmark = pytest.mark.gpu
@@ -86,37 +86,24 @@ def test_nccl_with_the_gloo_side_group(device):
 
 def test_a_step_in_the_runs_precision_with_deepspeeds_adam(device, monkeypatch):
     """A bf16 ZeRO-2 step with FusedAdam (JIT-built on the GPU), gradients accumulated in fp32 over 2
-    micro-batches; losses finite and falling."""
-    import deepspeed
+    micro-batches, built and stepped as train.py does it; losses finite and falling."""
 
     monkeypatch.setenv("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
     cfg = load_config(
         "configs/tiny.yaml",
-        [f"train.precision={PRECISION}", "train.global_batch_size=8", "train.micro_batch_size=4", *OPTIM],
+        [f"train.precision={PRECISION}", "train.global_batch_size=8", "train.micro_batch_size=4", *OPTIM]
+        + ["optim.warmup_steps=2", "train.max_steps=20"],
     )
     torch.manual_seed(0)
-    objective = build_objective(cfg, SPECIAL)
-    ds_config = deepspeed_config(cfg, 1)
-    choose_adam(ds_config, device)
-    engine, _, _, _ = deepspeed.initialize(
-        model=objective,
-        model_parameters=param_groups(objective, cfg.optim.weight_decay),
-        config=ds_config,
-        lr_scheduler=lambda opt: electra_schedule(opt, 2, 20),
-    )
+    engine = build_engine(cfg, build_objective(cfg, SPECIAL), 1, device)
     if CUDA:
         assert "FusedAdam" in type(engine.optimizer.optimizer).__name__
         assert engine.optimizer.gradient_accumulation_dtype == torch.float32
     losses = []
     for step in range(6):
         batches = [micro_batch(cfg.model.vocab_size, seed=step * 2 + k) for k in range(2)]
-        totals = global_counts([count_batch_targets(mb, cfg.objective.mask_prob) for mb in batches], device)
-        for mb in batches:
-            out = engine(**mb.model_inputs(device, non_blocking=True))
-            loss = training_loss(out, totals, cfg.objective.disc_weight) * 2
-            engine.backward(loss)
-            engine.step()
-        losses.append(float(loss) / 2)
+        outs = train_step(engine, batches, cfg, device, 1)
+        losses.append(sum(float(o["gen_loss"] / o["n_masked"] + 50 * o["disc_loss"] / o["n_tokens"]) for o in outs))
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
     engine.destroy()
 

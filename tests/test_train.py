@@ -17,24 +17,13 @@ import pytest
 import torch
 
 from electra_scale import storage
-from electra_scale.launch import free_port
+from electra_scale.launch import cli_command, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(args: list[str], ranks: int = 1, env: dict | None = None, check: bool = True):
-    if ranks > 1:
-        port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={ranks}",
-            f"--master_port={port}",
-        ]
-        cmd += ["-m", "electra_scale", *args]
-    else:
-        cmd = [sys.executable, "-m", "electra_scale", *args]
+    cmd = cli_command(args, ranks)  # the command line the demo and compare use
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
@@ -408,3 +397,32 @@ def test_activation_checkpointing_trains_the_same_model(shards, tmp_path):
     run_cli(pretrain_args(shards, str(tmp_path / "recompute"), *common, "train.activation_checkpointing=true"))
     plain, recompute = metrics(str(tmp_path / "plain")), metrics(str(tmp_path / "recompute"))
     assert [m["loss"] for m in recompute] == [m["loss"] for m in plain]
+
+
+def test_the_tiny_presets_losses_are_pinned(tmp_path):
+    """A refactor must not change what a run computes: the tiny preset's first 5 losses on a fixed synthetic
+    shard set (no trained vocabulary, whose ties fall differently from run to run) are the recorded ones. They
+    were bit-identical on the machine that recorded them; other CPUs may round differently in the last digits."""
+    from electra_scale.bench import synthetic_shards
+
+    pinned = json.loads((ROOT / "tests" / "data" / "tiny_losses.json").read_text())["losses"]
+    shards = synthetic_shards(str(tmp_path / "shards"), 4096, 128, 512, samples_per_block=16, seed=0)
+    out = str(tmp_path / "run")
+    run_cli(pretrain_args((shards, 4096), out, "train.max_steps=5", "checkpoint.every_steps=100"))
+    assert [m["loss"] for m in metrics(out)] == pytest.approx(pinned, rel=1e-6)
+
+
+def test_a_run_that_cannot_start_writes_nothing_and_says_why(shards, tmp_path):
+    """Inputs are checked before anything is written; a checkpoint of another model shape is refused in one
+    line, before loading, naming the key and the way to a fresh run."""
+    out = tmp_path / "run"
+    proc = run_cli(pretrain_args((str(tmp_path / "no-shards"), 186), str(out), "train.max_steps=2"), check=False)
+    assert proc.returncode == 2 and "no manifest.json at" in proc.stderr
+    assert not out.exists()
+
+    run_cli(pretrain_args(shards, str(out), "train.max_steps=2", "checkpoint.every_steps=2"))
+    proc = run_cli(pretrain_args(shards, str(out), "train.max_steps=4", "model.num_layers=1"), check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+    assert "was trained with another model (model.num_layers=2 there, 1 here)" in errors[0]
+    assert "start a new run with a new run.output_dir" in errors[0] and "Traceback" not in proc.stderr

@@ -278,7 +278,7 @@ class _WindowReader(IterableDataset):
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         if info is not None:
             # A forked worker must not share the parent's pooled S3 connections: build its own client.
-            storage.s3_client.cache_clear()
+            storage.reset_client()
         items = self.layout.rank_windows(self.rank, self.world_size, self.first_position)
         for w in itertools.islice(items, worker, None, num_workers):
             try:

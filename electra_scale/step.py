@@ -1,0 +1,77 @@
+"""One training step, and the DeepSpeed engine it runs on: the code ``pretrain``, ``bench`` and the probe scripts
+share, so that what is measured and what trains are the same thing.
+
+    engine = build_engine(cfg, objective, world_size, device)
+    outs = train_step(engine, micro_batches, cfg, device, world_size)
+
+One optimizer step is one *global* batch: this rank's ``grad_accum`` micro-batches (data/stream.py). Its loss is
+normalised by the global batch's target counts, known from the data before the forward pass and summed over
+the ranks on the device (``global_counts``), so 2 ranks x B trains exactly like 1 rank x 2B.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from electra_scale.config import Config, deepspeed_config
+from electra_scale.model import prepare_encoders
+from electra_scale.objective import count_batch_targets, training_loss
+from electra_scale.optim import choose_adam, electra_schedule, param_groups
+
+
+def build_engine(cfg: Config, objective: torch.nn.Module, world_size: int, device: torch.device, universal=False):
+    """The DeepSpeed engine for ``objective``: the run's DeepSpeed JSON filled from ``cfg``
+    (``config.deepspeed_config``), the optimizer settled for the device, the encoders prepared
+    (activation checkpointing, compile) and ELECTRA's LR schedule. ``universal``: it will load a checkpoint
+    converted from another world size."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, world_size)
+    if universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    choose_adam(ds_config, device)
+    prepare_encoders(objective, cfg.train)
+    engine, _, _, _ = deepspeed.initialize(
+        model=objective,
+        model_parameters=param_groups(objective, cfg.optim.weight_decay),
+        config=ds_config,
+        lr_scheduler=partial(electra_schedule, warmup_steps=cfg.optim.warmup_steps, total_steps=cfg.train.max_steps),
+    )
+    return engine
+
+
+def global_counts(local: list[tuple[int, int]], device: torch.device) -> dict[str, torch.Tensor]:
+    """The global batch's target counts, the loss denominators, as device tensors: the host sends this rank's
+    counts (known from the data, before the forward pass) and never waits for the sum. On GPUs the all-reduce
+    is NCCL's, queued on the stream ahead of the forward pass that needs it."""
+    t = torch.tensor([sum(c[0] for c in local), sum(c[1] for c in local)], dtype=torch.float64)
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    dist.all_reduce(t)
+    return {"n_masked": t[0], "n_tokens": t[1]}
+
+
+def all_reduce_host(values: list[float], group=None) -> list[float]:
+    """Sum host numbers over the ranks (logging steps only): on GPUs over a gloo group, since NCCL has no CPU
+    tensors."""
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def train_step(engine, micro_batches: list, cfg: Config, device: torch.device, world_size: int) -> list[dict]:
+    """Forward, backward and DeepSpeed's step for each of this rank's micro-batches of one global batch; the
+    optimizer steps after the last. Returns each micro-batch's loss and metric sums (device tensors)."""
+    totals = global_counts([count_batch_targets(mb, cfg.objective.mask_prob) for mb in micro_batches], device)
+    outs = []
+    for mb in micro_batches:
+        out = engine(**mb.model_inputs(device, non_blocking=True))
+        # DeepSpeed averages gradients over ranks and accumulation steps; undo that to get the global mean.
+        loss = training_loss(out, totals, cfg.objective.disc_weight) * (world_size * len(micro_batches))
+        engine.backward(loss)
+        engine.step()
+        outs.append(out)
+    return outs
