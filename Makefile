@@ -18,9 +18,9 @@ services:
 demo: setup
 	$(VENV)/bin/electra-scale demo --workdir demo-output
 
-## Lint, format check and the whole test suite (starts its own SeaweedFS).
+## Lint, format check and the whole test suite (starts its own SeaweedFS), two test files at a time.
 test: setup services lint
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 lint:
 	$(VENV)/bin/ruff check electra_scale tests

@@ -85,17 +85,25 @@ def _parser() -> argparse.ArgumentParser:
 
 MODULE_COMMANDS: list[tuple[str, str, str]] = [
     # (command, module, help)
-    ("plot", "electra_scale.plot", "PNG curves from runs' metrics.jsonl (loss, accuracy, disc P/R, tokens/s, lr)"),
-    ("bench", "electra_scale.bench", "step time, tokens/s, MFU, framework overhead, memory and data-path throughput"),
-    ("finetune", "electra_scale.finetune", "fine-tune a discriminator (or random init) on a GLUE/CSV/JSONL task"),
-    ("compare", "electra_scale.compare", "ELECTRA vs MLM at equal pretraining FLOPs, scored downstream"),
+    (
+        "plot",
+        "electra_scale.tools.plot",
+        "PNG curves from runs' metrics.jsonl (loss, accuracy, disc P/R, tokens/s, lr)",
+    ),
+    (
+        "bench",
+        "electra_scale.tools.bench",
+        "step time, tokens/s, MFU, framework overhead, memory and data-path throughput",
+    ),
+    ("finetune", "electra_scale.eval.finetune", "fine-tune a discriminator (or random init) on a GLUE/CSV/JSONL task"),
+    ("compare", "electra_scale.tools.compare", "ELECTRA vs MLM at equal pretraining FLOPs, scored downstream"),
     ("convert-shards", "electra_scale.data.convert", "an electra-scale-shards/1 set -> the current block format"),
 ]
 
 
 def _describe(args) -> int:
     from electra_scale.config import deepspeed_config, load_config
-    from electra_scale.model import flops_per_token, paper_flops_per_token, param_counts
+    from electra_scale.engine.model import flops_per_token, paper_flops_per_token, param_counts
 
     cfg = load_config(args.config, args.overrides)
     info = {
@@ -124,11 +132,11 @@ def _describe(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
-    from electra_scale.checkpoint import CheckpointError
     from electra_scale.config import ConfigError
     from electra_scale.data.shards import DataError
-    from electra_scale.launch import LaunchError
-    from electra_scale.storage import StorageError
+    from electra_scale.engine.checkpoint import CheckpointError
+    from electra_scale.infra.launch import LaunchError
+    from electra_scale.infra.storage import StorageError
 
     try:
         if args.command == "prepare":
@@ -145,12 +153,12 @@ def main(argv: list[str] | None = None) -> int:
                 lowercase=not args.cased,
             )
         elif args.command == "pretrain":
-            from electra_scale import launch
             from electra_scale.config import load_config
-            from electra_scale.train import pretrain
+            from electra_scale.engine.train import pretrain
+            from electra_scale.infra import launch
 
             cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any spawn
-            from electra_scale.train import EXIT_PREEMPTED
+            from electra_scale.engine.train import EXIT_PREEMPTED
 
             spawn = launch.node_spawn_command(launch.detect(), sys.argv[1:])
             if spawn:  # a Kubernetes pod running one process per GPU supervises torchrun
@@ -165,12 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "describe":
             return _describe(args)
         elif args.command == "export":
-            from electra_scale.export import export
+            from electra_scale.engine.export import export
 
             for name, where in export(args.checkpoint, args.outdir).items():
                 print(f"{name}: {where}")
         elif args.command == "demo":
-            from electra_scale.demo import run_demo
+            from electra_scale.tools.demo import run_demo
 
             run_demo(args.workdir, steps=args.steps)
         else:

@@ -90,7 +90,7 @@ rm -rf "$STATE/wheels"
 "$PY" -m pip wheel --disable-pip-version-check --wheel-dir "$STATE/wheels" \
     -c requirements/constraints.txt "$TORCH_SPEC" -r "$work/requirements.txt" "setuptools>=68" wheel \
     >"$work/wheelhouse.log" 2>&1 || { tail -30 "$work/wheelhouse.log"; exit 1; }
-port=$("$PY" -c "from electra_scale.launch import free_port; print(free_port())")
+port=$("$PY" -c "from electra_scale.infra.launch import free_port; print(free_port())")
 "$PY" -m http.server --bind 127.0.0.1 "$port" --directory "$STATE/wheels" >"$work/wheels.log" 2>&1 &
 pids+=($!)
 
@@ -124,9 +124,9 @@ log "built $IMAGE in ${build_s}s; runs as $user"
 CLI=$cli IMAGE=$IMAGE WORK=$work "$PY" - <<'PY'
 import json, os, random, subprocess, sys, time
 
-from electra_scale import storage
+from electra_scale.infra import storage
 from electra_scale.data import prepare
-from electra_scale.s3server import SeaweedS3
+from electra_scale.infra.s3server import SeaweedS3
 
 cli, image, work = os.environ["CLI"], os.environ["IMAGE"], os.environ["WORK"]
 server = SeaweedS3(f"{work}/s3").start()

@@ -59,7 +59,7 @@ def main() -> int:
 
     import torch
 
-    from electra_scale.data.tasks import build_rotten_tomatoes, load_glue
+    from electra_scale.eval.tasks import build_rotten_tomatoes, load_glue
 
     torch.set_num_threads(1)
     data = args.data or str(build_rotten_tomatoes(Path(args.cache_dir)))

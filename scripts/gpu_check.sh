@@ -130,7 +130,7 @@ print(c.data.seq_len, c.model.vocab_size)")
     # Local shards (no S3 server on a lent GPU machine): synthetic ids, written straight as blocks.
     data="$WORK/shards-$seq-$vocab"
     [ -f "$data/manifest.json" ] || step "shards-$shape" 60 "$PY" -c \
-        "from electra_scale.bench import synthetic_shards; synthetic_shards('$data', $vocab, $seq, $SAMPLES)"
+        "from electra_scale.tools.bench.data import synthetic_shards; synthetic_shards('$data', $vocab, $seq, $SAMPLES)"
     bench=(-m electra_scale bench --config "$config" "train.precision=$PRECISION" data.num_workers=2)
     opts=(--data "$data" --steps "$STEPS" --warmup "$WARMUP")
     step "bench-$shape-zero2" 150 "$PY" "${bench[@]}" train.deepspeed_config=ds_configs/zero2.json "${opts[@]}" \

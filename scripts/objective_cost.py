@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def load(config: str, overrides: list[str]):
-    from electra_scale.compare import load_spec, run_config
     from electra_scale.config import load_config
+    from electra_scale.tools.compare import load_spec, run_config
 
     if "compare" in Path(config).parts:  # a compare preset: its run config, with the overrides on top
         from dataclasses import asdict
@@ -53,8 +53,8 @@ def main() -> int:
 
     import torch
 
-    from electra_scale.model import flops_per_token
-    from electra_scale.objective import build_objective, count_targets, training_loss
+    from electra_scale.engine.model import flops_per_token
+    from electra_scale.engine.objective import build_objective, count_targets, training_loss
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

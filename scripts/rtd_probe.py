@@ -44,13 +44,13 @@ def main() -> int:
     import numpy as np
     import torch
 
-    import electra_scale.objective as objective
-    from electra_scale import launch
+    import electra_scale.engine.objective as objective
     from electra_scale.config import Config, ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig, validate
     from electra_scale.data.stream import MicroBatch
     from electra_scale.data.tokenizer import load_tokenizer, special_ids
-    from electra_scale.model import build_electra
-    from electra_scale.step import build_engine, train_step
+    from electra_scale.engine.model import build_electra
+    from electra_scale.engine.step import build_engine, train_step
+    from electra_scale.infra import launch
 
     torch.set_num_threads(args.threads)
     texts = [json.loads(line)["text"] for line in Path(args.corpus).read_text().splitlines() if line]

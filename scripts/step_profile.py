@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from electra_scale.config import load_config  # noqa: E402
-from electra_scale.objective import build_objective  # noqa: E402
+from electra_scale.engine.objective import build_objective  # noqa: E402
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::masked_select", "aten::unique")
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}

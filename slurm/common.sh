@@ -1,5 +1,5 @@
 # The shared body of every slurm/pretrain_*.sh (they differ only in #SBATCH lines and CONFIG).
-# Sourced, not run. Starts one `electra-scale pretrain` task per GPU with srun; electra_scale/launch.py reads
+# Sourced, not run. Starts one `electra-scale pretrain` task per GPU with srun; electra_scale/infra/launch.py reads
 # rank, world size and master from SLURM's variables. On SIGUSR1 (--signal=USR1@N before the time limit, or
 # `scancel --signal=USR1 JOB`) every task finishes its step, saves a checkpoint and exits 75; then the job
 # requeues itself, and the requeued run resumes from that checkpoint.

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from electra_scale import storage
 from electra_scale.data import prepare
-from electra_scale.s3server import SeaweedS3
+from electra_scale.infra import storage
+from electra_scale.infra.s3server import SeaweedS3
 
 # DeepSpeed on CPU: say so up front (silences accelerator detection) and reuse compiled ops between tests.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

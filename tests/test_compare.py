@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from electra_scale.compare import disc_health, load_spec
 from electra_scale.config import ConfigError
+from electra_scale.tools.compare import disc_health, load_spec
 from tests.test_train import run_cli
 
 
@@ -102,8 +102,8 @@ def test_bad_presets_fail_with_the_key_named(tmp_path):
 @pytest.mark.parametrize("preset", sorted(Path("configs/compare").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_preset_validates_and_meets_its_budget(preset):
     """The presets the docs quote: each resolves into two valid run configs whose steps spend the budget."""
-    from electra_scale.compare import run_config
-    from electra_scale.model import flops_per_token
+    from electra_scale.engine.model import flops_per_token
+    from electra_scale.tools.compare import run_config
 
     spec = load_spec([str(preset)], [])
     for kind in ("electra", "mlm"):

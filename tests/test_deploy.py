@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from electra_scale.config import load_config
-from electra_scale.launch import detect, node_spawn_command
+from electra_scale.infra.launch import detect, node_spawn_command
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

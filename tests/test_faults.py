@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from electra_scale import storage
 from electra_scale.data import DataError, PretrainStream, load_manifest, read_block
 from electra_scale.data.stream import StreamLayout
-from electra_scale.metrics import read_samples
+from electra_scale.engine.metrics import read_samples
+from electra_scale.infra import storage
 from tests.faultproxy import FaultProxy
 from tests.test_train import metrics, pretrain_args, run_cli
 
@@ -209,7 +209,9 @@ def test_server_killed_and_restarted_in_the_middle_of_an_object(proxy, s3_bucket
 
 # --------------------------------------------------------------------------------------------- writes
 def test_transfers_retry_parts_and_ranges(proxy, s3_bucket, tmp_path, monkeypatch):
-    monkeypatch.setattr(storage, "DOWNLOAD_PART_SIZE", 8 << 20)
+    from electra_scale.infra.storage import ops
+
+    monkeypatch.setattr(ops, "DOWNLOAD_PART_SIZE", 8 << 20)
     src = tmp_path / "big.bin"
     src.write_bytes(np.random.default_rng(1).integers(0, 256, 17 << 20, dtype=np.uint8).tobytes())
     url = f"{s3_bucket}/big.bin"
@@ -405,7 +407,7 @@ def test_training_through_faults_matches_a_clean_run(shards, s3_bucket, s3_serve
 
 def test_seaweedfs_ports_are_chosen_together():
     """No chosen port may be another's gRPC port (P + 10000), or weed refuses to start."""
-    from electra_scale.s3server import free_ports
+    from electra_scale.infra.s3server import free_ports
 
     for _ in range(300):
         ports = set(free_ports(("s3", "master", "volume", "filer")).values())

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from electra_scale.data import tasks
-from electra_scale.finetune import DEFAULT_CACHE, layer_depth, layerwise_param_groups
+from electra_scale.eval import tasks
+from electra_scale.eval.finetune import DEFAULT_CACHE, layer_depth, layerwise_param_groups
 from tests.test_train import pretrain_args, run_cli
 
 
@@ -35,7 +35,7 @@ def _classifier(layers: int, embedding: int = 16, hidden: int = 32):
 def test_layerwise_lrs_are_exactly_lr_times_decay_powers():
     from torch.optim.lr_scheduler import LambdaLR
 
-    from electra_scale.optim import electra_lr_factor
+    from electra_scale.engine.optim import electra_lr_factor
 
     lr, d, L = 1e-3, 0.8, 3
     model = _classifier(L)

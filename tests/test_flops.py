@@ -10,10 +10,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from electra_scale import cli
-from electra_scale import model as model_mod
 from electra_scale.config import load_config
-from electra_scale.model import flops_per_token, gpu_peak_tflops, paper_flops_per_token
-from electra_scale.objective import build_objective, training_loss
+from electra_scale.engine import model as model_mod
+from electra_scale.engine.model import flops_per_token, gpu_peak_tflops, paper_flops_per_token
+from electra_scale.engine.objective import build_objective, training_loss
 
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from electra_scale import launch
 from electra_scale.config import load_config
 from electra_scale.data.stream import MicroBatch
-from electra_scale.objective import build_objective, draw, sample_tokens
-from electra_scale.step import build_engine, global_counts, train_step
-from electra_scale.train import StopVote
+from electra_scale.engine.objective import build_objective, draw, sample_tokens
+from electra_scale.engine.step import build_engine, global_counts, train_step
+from electra_scale.engine.train import StopVote
+from electra_scale.infra import launch
 from tests.test_train import ROOT, metrics, pretrain_args, run_cli
 
 pytestmark = pytest.mark.gpu

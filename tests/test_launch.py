@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from electra_scale.launch import LaunchError, cuda_index, detect, expand_hostlist, node_spawn_command
+from electra_scale.infra.launch import LaunchError, cuda_index, detect, expand_hostlist, node_spawn_command
 
 
 @pytest.mark.parametrize(

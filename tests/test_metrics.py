@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from electra_scale.metrics import DiscriminatorHealth, SampleLog, read_samples
+from electra_scale.engine.metrics import DiscriminatorHealth, SampleLog, read_samples
 
 
 def test_sample_log_drops_steps_past_the_resumed_one(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from electra_scale.config import ModelConfig, ObjectiveConfig, load_config
-from electra_scale.objective import (
+from electra_scale.engine.objective import (
     ElectraObjective,
     MLMObjective,
     build_objective,

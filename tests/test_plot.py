@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 
 from electra_scale import cli
-from electra_scale.objective import summarize
-from electra_scale.plot import FIGURES, plot_runs
+from electra_scale.engine.objective import summarize
+from electra_scale.tools.plot import FIGURES, plot_runs
 from tests.test_train import pretrain_args, run_cli
 
 ALL = {f"{stem}.png" for stem in FIGURES}

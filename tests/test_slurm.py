@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from electra_scale import storage
-from electra_scale.launch import free_port
+from electra_scale.infra import storage
+from electra_scale.infra.launch import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -216,16 +216,16 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, shards, tmp_p
     """The path a real job takes: Slurm itself sends USR1 before the time limit, the tasks checkpoint and exit
     75, the script requeues the job, and the rerun resumes from that checkpoint and finishes.
 
-    `--time=3 --signal=USR1@30`: slurmctld checks time limits every 30 s and signals once the job is within
-    30 + 30 s of its end, so USR1 arrives 2:00-2:30 after the start, late enough for the tasks to be training
-    on a loaded machine, and at least 30 s before the limit. max_steps is out of reach, so the first run surely
-    ends by that signal whatever this machine's speed; once requeued, the run is told through a layered site
-    config (read at every start) to stop 10 steps past its checkpoint (train.stop_at_step keeps the schedule),
+    `--time=2 --signal=USR1@60`: slurmctld checks time limits every 30 s and signals once the job is within
+    60 + 30 s of its end, so USR1 arrives 0:30-1:00 after the start (a run still starting up then dies, and is
+    requeued all the same: see below), and at least 60 s before the limit. max_steps is out of reach, so the
+    first run surely ends by that signal whatever this machine's speed; once requeued, the run is told through a
+    layered site config (read at every start) to stop 10 steps past its checkpoint (stop_at_step keeps the LR),
     so that the rerun finishes well before its own signal."""
     out, log, site = tmp_path / "run", tmp_path / "job.out", tmp_path / "site.yaml"
     site.write_text("# filled in once the job has been requeued\n")
     args = sbatch_args(shards, out, log, "train.max_steps=100000", "checkpoint.every_steps=100000")
-    args[2:2] = ["--time=3", "--signal=USR1@30"]
+    args[2:2] = ["--time=2", "--signal=USR1@60"]
     script = args.index(str(ROOT / "slurm" / "pretrain_tiny_cpu.sh"))
     args[script + 1 : script + 1] = ["--config", str(site)]
     job = _run(*args, env=job_env(slurm)).strip().split(";")[0]
@@ -243,7 +243,7 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, shards, tmp_p
     assert "checkpoint saved after a signal; requeueing" in text
     assert re.search(rf"resumed from \S+/step_{stopped:07d} at step {stopped}\b", text)  # the signal's checkpoint
     assert steps(out) == list(range(1, stopped + 11)), "no step trained twice past the checkpoint, none missing"
-    assert info["TimeLimit"] == "00:03:00" and int(info["Restarts"]) >= 1
+    assert info["TimeLimit"] == "00:02:00" and int(info["Restarts"]) >= 1
     print(
         f"\njob {job}: stopped at step {stopped} by the time limit's USR1; {info['JobState']}, "
         f"restarts {info['Restarts']}"

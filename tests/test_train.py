@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from electra_scale import storage
-from electra_scale.launch import cli_command, free_port
+from electra_scale.infra import storage
+from electra_scale.infra.launch import cli_command, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -131,7 +131,7 @@ def test_export_round_trip(straight_run, tmp_path):
     from transformers import ElectraForMaskedLM, ElectraForPreTraining
 
     from electra_scale.config import load_config
-    from electra_scale.objective import build_objective
+    from electra_scale.engine.objective import build_objective
 
     run_cli(["export", straight_run, str(tmp_path / "hf")])
     disc = ElectraForPreTraining.from_pretrained(tmp_path / "hf" / "discriminator").eval()
@@ -403,7 +403,7 @@ def test_the_tiny_presets_losses_are_pinned(tmp_path):
     """A refactor must not change what a run computes: the tiny preset's first 5 losses on a fixed synthetic
     shard set (no trained vocabulary, whose ties fall differently from run to run) are the recorded ones. They
     were bit-identical on the machine that recorded them; other CPUs may round differently in the last digits."""
-    from electra_scale.bench import synthetic_shards
+    from electra_scale.tools.bench.data import synthetic_shards
 
     pinned = json.loads((ROOT / "tests" / "data" / "tiny_losses.json").read_text())["losses"]
     shards = synthetic_shards(str(tmp_path / "shards"), 4096, 128, 512, samples_per_block=16, seed=0)

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from electra_scale import storage
 from electra_scale.data.shards import LEGACY_FORMAT, MANIFEST, DataError, Manifest, default_samples_per_block
+from electra_scale.infra import storage
 
 
 def _legacy_examples(url: str, expected: int) -> Iterator[np.ndarray]:

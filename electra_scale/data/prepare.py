@@ -27,7 +27,6 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from electra_scale import storage
 from electra_scale.data.shards import (
     FORMAT,
     MANIFEST,
@@ -38,6 +37,7 @@ from electra_scale.data.shards import (
     default_samples_per_block,
 )
 from electra_scale.data.tokenizer import load_tokenizer, save_tokenizer, special_ids, tokenizer_sha256
+from electra_scale.infra import storage
 
 Document = list[str]  # a document's sentences, in order
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from electra_scale import storage
+from electra_scale.infra import storage
 
 FORMAT = "electra-scale-shards/2"
 LEGACY_FORMAT = "electra-scale-shards/1"  # one example per tar member; converted by `convert-shards`

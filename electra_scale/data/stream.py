@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from electra_scale import storage
 from electra_scale.data.shards import BlockInfo, BlockTable, DataError, Manifest, decode_block
+from electra_scale.infra import storage
 
 log = logging.getLogger("electra_scale")
 

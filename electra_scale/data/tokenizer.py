@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from electra_scale import storage
+from electra_scale.infra import storage
 
 # ELECTRA/BERT special tokens. A trained vocab puts them first, so they get ids 0..4 in this order.
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from electra_scale import storage
-from electra_scale.checkpoint import LATEST, MARKER, CheckpointError, fetch_and_verify
 from electra_scale.config import Config, config_from_dict
-from electra_scale.objective import build_objective
+from electra_scale.engine.checkpoint import LATEST, MARKER, CheckpointError, fetch_and_verify
+from electra_scale.engine.objective import build_objective
+from electra_scale.infra import storage
 
 log = logging.getLogger("electra_scale")
 

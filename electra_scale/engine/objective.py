@@ -236,6 +236,14 @@ def masked_lm_logits(mlm, m: Masked, mask, token_type_ids) -> torch.Tensor:
         return F.linear(picked.float(), head.weight.float(), bias)
 
 
+def draw_and_mask(objective, input_ids, attention_mask, positions, vocab_size: int) -> tuple[Draws, Masked]:
+    """The micro-batch's random numbers (keyed by ``objective.seed`` and each example's stream position) and
+    its masking, as both objectives start."""
+    L, N = input_ids.shape[1], max_predictions(objective.cfg.mask_prob, input_ids.shape[1])
+    draws = draw(objective.seed, positions.to(input_ids.device), L, N)
+    return draws, mask_tokens(input_ids, attention_mask, objective.special, objective.cfg, vocab_size, draws)
+
+
 class ElectraObjective(nn.Module):
     """Generator + discriminator. ``forward`` returns loss and metric *sums* over the micro-batch; the train
     loop divides by the global batch's counts (see ``training_loss``)."""
@@ -249,9 +257,7 @@ class ElectraObjective(nn.Module):
         self.seed = seed
 
     def forward(self, input_ids, attention_mask, token_type_ids, positions, padded=True) -> dict[str, torch.Tensor]:
-        L, N = input_ids.shape[1], max_predictions(self.cfg.mask_prob, input_ids.shape[1])
-        draws = draw(self.seed, positions.to(input_ids.device), L, N)
-        m = mask_tokens(input_ids, attention_mask, self.special, self.cfg, self.generator.config.vocab_size, draws)
+        draws, m = draw_and_mask(self, input_ids, attention_mask, positions, self.generator.config.vocab_size)
         mask = encoder_mask(attention_mask, padded)
 
         gen_logits = masked_lm_logits(self.generator, m, mask, token_type_ids)
@@ -289,9 +295,7 @@ class MLMObjective(nn.Module):
         self.seed = seed
 
     def forward(self, input_ids, attention_mask, token_type_ids, positions, padded=True) -> dict[str, torch.Tensor]:
-        L, N = input_ids.shape[1], max_predictions(self.cfg.mask_prob, input_ids.shape[1])
-        draws = draw(self.seed, positions.to(input_ids.device), L, N)
-        m = mask_tokens(input_ids, attention_mask, self.special, self.cfg, self.mlm.config.vocab_size, draws)
+        _, m = draw_and_mask(self, input_ids, attention_mask, positions, self.mlm.config.vocab_size)
         logits = masked_lm_logits(self.mlm, m, encoder_mask(attention_mask, padded), token_type_ids)
         nll = F.cross_entropy(logits.transpose(1, 2), m.targets, reduction="none")
         return {
@@ -332,7 +336,7 @@ def summarize(sums: dict[str, float], disc_weight: float) -> dict[str, float]:
 
 
 def build_objective(cfg, special: dict[str, int]) -> nn.Module:
-    from electra_scale.model import build_electra, build_mlm
+    from electra_scale.engine.model import build_electra, build_mlm
 
     if cfg.objective.kind == "mlm":
         return MLMObjective(build_mlm(cfg.model, special["pad"]), cfg.objective, special, cfg.train.seed)

@@ -45,9 +45,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from electra_scale import storage
 from electra_scale.config import CheckpointConfig
-from electra_scale.launch import DistEnv
+from electra_scale.infra import storage
+from electra_scale.infra.launch import DistEnv
 
 log = logging.getLogger("electra_scale")
 

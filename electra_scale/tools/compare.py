@@ -9,7 +9,7 @@
 4. write ``compare.json``, ``compare.md`` (accuracy mean +- std against pretraining FLOPs) and ``compare.png``,
    and the runs' training curves (``curves/``).
 
-FLOP convention: ``electra_scale.model.flops_per_token`` (forward matmuls x 3, attention scores included,
+FLOP convention: ``electra_scale.engine.model.flops_per_token`` (forward matmuls x 3, attention scores included,
 embedding lookups free, vocabulary projections only at masked positions), times ``global_batch_size x
 seq_len`` tokens per step: padding positions count, as the paper counts sequences x length. ELECTRA is
 charged for its generator too, as the paper does; so at equal FLOPs ELECTRA takes fewer steps than MLM.
@@ -38,8 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from electra_scale.config import ConfigError
-from electra_scale.finetune import FinetuneConfig
-from electra_scale.metrics import read_metrics
+from electra_scale.engine.metrics import read_metrics
+from electra_scale.eval.finetune import FinetuneConfig
 
 log = logging.getLogger("electra_scale")
 
@@ -143,7 +143,7 @@ def _check(spec: CompareSpec) -> None:
 def run_config(spec: CompareSpec, kind: str, shards: str, output: str, vocab_size: int | None):
     """The run config of one objective, with max_steps set so that steps x FLOPs/step meets the budget."""
     from electra_scale.config import config_from_dict, read_layered, validate
-    from electra_scale.model import flops_per_token
+    from electra_scale.engine.model import flops_per_token
 
     fixed = {"data.shards": shards, "data.seq_len": spec.corpus.seq_len, "run.output_dir": output}
     if vocab_size is not None:
@@ -167,8 +167,8 @@ def run_config(spec: CompareSpec, kind: str, shards: str, output: str, vocab_siz
 def prepare_data(spec: CompareSpec, work: Path) -> str:
     if spec.corpus.shards:
         return spec.corpus.shards
-    from electra_scale import storage
     from electra_scale.data.prepare import prepare
+    from electra_scale.infra import storage
 
     out = str(work / "shards")
     if storage.exists(storage.join(out, "manifest.json")):
@@ -176,7 +176,7 @@ def prepare_data(spec: CompareSpec, work: Path) -> str:
     inputs = []
     for item in spec.corpus.inputs:
         if item == "wiki":
-            from electra_scale.demo import fetch_corpus
+            from electra_scale.tools.demo import fetch_corpus
 
             inputs.append(str(fetch_corpus(work)))
         else:
@@ -191,7 +191,7 @@ def prepare_data(spec: CompareSpec, work: Path) -> str:
 def pretrain_run(spec: CompareSpec, cfg, run_dir: Path) -> dict:
     """``electra-scale pretrain`` as a user runs it; the resolved config is kept beside the run. A run that
     already reached its last step with the same config is reused (re-running compare is cheap)."""
-    from electra_scale.checkpoint import MARKER, tag_for
+    from electra_scale.engine.checkpoint import MARKER, tag_for
 
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path, info_path = run_dir / "run_config.yaml", run_dir / "compare_run.json"
@@ -200,7 +200,7 @@ def pretrain_run(spec: CompareSpec, cfg, run_dir: Path) -> dict:
         log.info("compare: the %s run is complete (step %d); reusing it", cfg.objective.kind, cfg.train.max_steps)
         return json.loads(info_path.read_text())
     config_path.write_text(cfg.to_yaml())
-    from electra_scale.launch import cli_command
+    from electra_scale.infra.launch import cli_command
 
     cmd = cli_command(["pretrain", "--config", str(config_path)], spec.pretrain.ranks)
     env = {**os.environ}
@@ -240,7 +240,7 @@ def throughput(records: list[dict]) -> float | None:
 
 def evaluate(spec: CompareSpec, source, task, tokenizer, out: Path) -> dict:
     """Fine-tuning results of one model, cached on disk by their settings."""
-    from electra_scale.finetune import evaluate_model
+    from electra_scale.eval.finetune import evaluate_model
 
     settings = {"finetune": asdict(spec.finetune), "task": asdict(spec.task), "model": source.label}
     if out.exists():
@@ -255,7 +255,7 @@ def evaluate(spec: CompareSpec, source, task, tokenizer, out: Path) -> dict:
 
 
 def load_compare_task(spec: CompareSpec, cache_dir: Path):
-    from electra_scale.data.tasks import build_rotten_tomatoes, glue_name, load_glue
+    from electra_scale.eval.tasks import build_rotten_tomatoes, glue_name, load_glue
 
     name = glue_name(spec.task.name)
     data = spec.task.data or (str(build_rotten_tomatoes(cache_dir)) if name == "rotten_tomatoes" else "")
@@ -270,11 +270,11 @@ def load_compare_task(spec: CompareSpec, cache_dir: Path):
 
 # ------------------------------------------------------------------------------------------------ driver
 def compare(spec: CompareSpec, workdir: str, cache_dir: Path) -> dict:
-    from electra_scale.checkpoint import tag_for
     from electra_scale.data.shards import load_manifest
-    from electra_scale.export import export
-    from electra_scale.finetune import ModelSource, load_tokenizer_for
-    from electra_scale.model import flops_per_token
+    from electra_scale.engine.checkpoint import tag_for
+    from electra_scale.engine.export import export
+    from electra_scale.engine.model import flops_per_token
+    from electra_scale.eval.finetune import ModelSource, load_tokenizer_for
 
     started = time.perf_counter()
     work = Path(workdir).resolve()
@@ -337,7 +337,7 @@ def compare(spec: CompareSpec, workdir: str, cache_dir: Path) -> dict:
         "report_split": rows[0]["split"],
         "metric": task.main_metric,
         "flop_convention": (
-            "electra_scale.model.flops_per_token x global_batch_size x seq_len per step: forward matmuls x 3 "
+            "electra_scale.engine.model.flops_per_token x global_batch_size x seq_len per step: forward matmuls x 3 "
             "(backward = 2x forward), attention scores included, embedding lookups free, vocabulary projections "
             "only at masked positions; ELECTRA's generator counted"
         ),
@@ -371,7 +371,7 @@ def _row(kind: str, step: int, flops: float, tokens: int, result: dict, health: 
 
 
 def _majority(task, split: str) -> float | None:
-    from electra_scale.data.tasks import majority_baseline
+    from electra_scale.eval.tasks import majority_baseline
 
     return majority_baseline(task, split)
 
@@ -386,7 +386,7 @@ def _cost_ratio(runs: dict) -> dict:
 
 
 def _paired(a: list[float], b: list[float]) -> dict:
-    from electra_scale.finetune import mean_std
+    from electra_scale.eval.finetune import mean_std
 
     return mean_std([x - y for x, y in zip(a, b)])
 
@@ -506,7 +506,7 @@ def plot_compare(report: dict, work: Path) -> list[Path]:
     fig.savefig(path, dpi=110)
     written = [path]
     try:
-        from electra_scale.plot import plot_runs
+        from electra_scale.tools.plot import plot_runs
     except ImportError:  # the plot command is optional for compare: the table and compare.png stand alone
         return written
     run_dirs = [str(work / "runs" / k) for k in KINDS if (work / "runs" / k / "metrics.jsonl").exists()]
@@ -528,7 +528,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from electra_scale.finetune import DEFAULT_CACHE
+    from electra_scale.eval.finetune import DEFAULT_CACHE
 
     spec = load_spec(args.preset, args.overrides)
     try:

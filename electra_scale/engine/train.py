@@ -20,15 +20,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from electra_scale import launch, storage
-from electra_scale.checkpoint import Checkpointer
 from electra_scale.config import Config, ConfigError, deepspeed_config
 from electra_scale.data.shards import DataError, load_manifest
 from electra_scale.data.stream import PretrainStream, resolve_partitions
-from electra_scale.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
-from electra_scale.model import flops_per_token, peak_tflops
-from electra_scale.objective import build_objective, summarize
-from electra_scale.step import all_reduce_host, build_engine, train_step
+from electra_scale.engine.checkpoint import Checkpointer
+from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
+from electra_scale.engine.model import flops_per_token, peak_tflops
+from electra_scale.engine.objective import build_objective, summarize
+from electra_scale.engine.step import all_reduce_host, build_engine, train_step
+from electra_scale.infra import launch, storage
 
 log = logging.getLogger("electra_scale")
 

@@ -17,9 +17,9 @@ import torch
 import torch.distributed as dist
 
 from electra_scale.config import Config, deepspeed_config
-from electra_scale.model import prepare_encoders
-from electra_scale.objective import count_batch_targets, training_loss
-from electra_scale.optim import choose_adam, electra_schedule, param_groups
+from electra_scale.engine.model import prepare_encoders
+from electra_scale.engine.objective import count_batch_targets, training_loss
+from electra_scale.engine.optim import choose_adam, electra_schedule, param_groups
 
 
 def build_engine(cfg: Config, objective: torch.nn.Module, world_size: int, device: torch.device, universal=False):

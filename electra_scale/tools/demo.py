@@ -22,11 +22,11 @@ import subprocess
 import time
 from pathlib import Path
 
-from electra_scale import storage
-from electra_scale.data.fetch import wheel_member
-from electra_scale.launch import cli_command
-from electra_scale.metrics import read_metrics
-from electra_scale.s3server import SeaweedS3
+from electra_scale.engine.metrics import read_metrics
+from electra_scale.infra import storage
+from electra_scale.infra.fetch import wheel_member
+from electra_scale.infra.launch import cli_command
+from electra_scale.infra.s3server import SeaweedS3
 
 log = logging.getLogger("electra_scale")
 

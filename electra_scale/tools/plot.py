@@ -20,9 +20,9 @@ import argparse
 import math
 from pathlib import Path
 
-from electra_scale import storage
 from electra_scale.config import ConfigError
-from electra_scale.metrics import read_metrics
+from electra_scale.engine.metrics import read_metrics
+from electra_scale.infra import storage
 
 # figure file stem -> (title, [(metric key, panel title)])
 FIGURES: dict[str, tuple[str, list[tuple[str, str]]]] = {

@@ -11,8 +11,8 @@ import json
 import logging
 from pathlib import Path
 
-from electra_scale import storage
 from electra_scale.config import ConfigError
+from electra_scale.infra import storage
 
 log = logging.getLogger("electra_scale")
 

@@ -1,0 +1,297 @@
+"""What the rest of the package calls: read, write, list, upload, download and delete, on local paths and
+``s3://`` URLs alike, each S3 operation under the retry loop."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from electra_scale.infra.storage.client import IO, TRANSFER_THREADS, StorageError, is_s3, join, s3_client, split_s3
+from electra_scale.infra.storage.reader import S3Reader
+from electra_scale.infra.storage.retry import (
+    Attempts,
+    cause,
+    error_status,
+    explain,
+    is_transient,
+    retry_call,
+    retryable_errors,
+)
+
+log = logging.getLogger("electra_scale")
+
+MULTIPART_THRESHOLD = 8 << 20  # files above this go up in parts, as boto3's transfer manager does
+PART_SIZE = 8 << 20
+DOWNLOAD_PART_SIZE = 32 << 20  # larger objects come down as parallel ranged GETs
+
+
+def exists(url: str) -> bool:
+    if not is_s3(url):
+        return Path(url).exists()
+    from botocore import exceptions as bex
+
+    bucket, key = split_s3(url)
+
+    def head() -> bool:
+        try:
+            s3_client().head_object(Bucket=bucket, Key=key)
+            return True
+        except bex.ClientError as err:
+            if error_status(err)[1] == 404:
+                return False
+            raise
+
+    return retry_call(url, "check", head)
+
+
+def open_read(url: str) -> BinaryIO:
+    """A streaming, file-like reader: a local file, or an S3 object whose body resumes where it broke."""
+    if not is_s3(url):
+        try:
+            return open(url, "rb")  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError as err:
+            raise StorageError(f"{url} does not exist.") from err
+    return io.BufferedReader(S3Reader(url), buffer_size=1 << 20)  # type: ignore[return-value]
+
+
+def read_bytes(url: str) -> bytes:
+    if not is_s3(url):
+        try:
+            return Path(url).read_bytes()
+        except FileNotFoundError as err:
+            raise StorageError(f"{url} does not exist.") from err
+    with S3Reader(url) as reader:
+        return reader.readall()
+
+
+def read_range(url: str, start: int, end: int) -> bytes:
+    """Bytes ``[start, end)`` of a local file or S3 object (one ranged GET, resumed if it breaks). Fewer bytes
+    come back when the object is shorter, so the caller can say a shard is truncated and where."""
+    if end <= start:
+        return b""
+    if not is_s3(url):
+        try:
+            with open(url, "rb") as f:
+                f.seek(start)
+                data = f.read(end - start)
+        except FileNotFoundError as err:
+            raise StorageError(f"{url} does not exist.") from err
+        IO.add(url, len(data), gets=1)
+        return data
+    # One GET read whole: half the CPU of the resumable reader's chunked reads. If it fails (a body that
+    # breaks, a 503...), the resumable reader takes over: it retries, and resumes where a body broke.
+    bucket, key = split_s3(url)
+    try:
+        IO.add(url, 0, gets=1)
+        resp = s3_client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+        data = resp["Body"].read()
+        if resp["ResponseMetadata"]["HTTPStatusCode"] != 206:  # a server that ignored the Range
+            data = data[start:end]
+        IO.add(url, len(data))
+        return data
+    except retryable_errors() as err:
+        if error_status(err)[1] == 416:  # the range starts past the end of the object
+            return b""
+        if not is_transient(err):
+            raise explain(err, url, "read") from err
+        log.warning(
+            "S3 read %s failed (%s); retrying bytes %d-%d with the resumable reader", url, cause(err), start, end - 1
+        )
+    with S3Reader(url, start, end) as reader:
+        return reader.readall()
+
+
+def read_text(url: str) -> str:
+    return read_bytes(url).decode("utf-8")
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a whole object. Local writes go to a temporary file and are renamed into place, so a reader
+    (or a crash) never sees half a file; an S3 PUT is atomic by itself."""
+    if is_s3(url):
+        bucket, key = split_s3(url)
+        retry_call(url, "write", lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
+        return
+    path = Path(url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(url: str, text: str) -> None:
+    write_bytes(url, text.encode("utf-8"))
+
+
+def upload_file(local_path: str | Path, url: str) -> None:
+    """Copy a local file to ``url``: one PUT up to 8 MiB, else a multipart upload whose parts (8 threads) are
+    retried one by one, so a reset costs one part, not the file."""
+    if not is_s3(url):
+        dst = Path(url)
+        if dst.resolve() == Path(local_path).resolve():
+            return
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copyfile(local_path, tmp)
+        os.replace(tmp, dst)
+        return
+    bucket, key = split_s3(url)
+    try:
+        size = os.path.getsize(local_path)
+    except OSError as err:
+        raise StorageError(f"cannot upload {local_path} to {url}: {err.strerror}") from err
+    if size <= MULTIPART_THRESHOLD:
+        data = Path(local_path).read_bytes()
+        retry_call(url, "upload to", lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data))
+        return
+    # S3 allows 10,000 parts: grow the part size (in MiB steps) for files above ~80 GB.
+    part_size = max(PART_SIZE, math.ceil(size / 9000 / (1 << 20)) * (1 << 20))
+    n_parts = math.ceil(size / part_size)
+    upload_id = retry_call(url, "upload to", s3_client().create_multipart_upload, Bucket=bucket, Key=key)["UploadId"]
+
+    def part(i: int) -> dict[str, Any]:
+        with open(local_path, "rb") as f:
+            f.seek(i * part_size)
+            data = f.read(part_size)
+        resp = retry_call(
+            url,
+            f"upload part {i + 1}/{n_parts} to",
+            lambda: s3_client().upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=i + 1, Body=data),
+        )
+        return {"PartNumber": i + 1, "ETag": resp["ETag"]}
+
+    try:
+        with ThreadPoolExecutor(min(TRANSFER_THREADS, n_parts)) as pool:
+            parts = list(pool.map(part, range(n_parts)))
+        _complete_multipart(url, bucket, key, upload_id, parts, size)
+    except BaseException:
+        # Best effort (the original error is the one to report): an unfinished upload's parts otherwise cost
+        # storage until a lifecycle rule removes them.
+        with contextlib.suppress(Exception):
+            s3_client().abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+        raise
+
+
+def _complete_multipart(url: str, bucket: str, key: str, upload_id: str, parts: list, size: int) -> None:
+    from botocore import exceptions as bex
+
+    attempts = Attempts(url, "upload to")
+    while True:
+        try:
+            s3_client().complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+            return
+        except retryable_errors() as err:
+            # A retry after a lost answer finds the upload already completed: that is success.
+            if attempts.total and isinstance(err, bex.ClientError) and error_status(err)[0] == "NoSuchUpload":
+                head = retry_call(url, "check", s3_client().head_object, Bucket=bucket, Key=key)
+                if head["ContentLength"] == size:
+                    return
+            attempts.failed(err)
+
+
+def download_file(url: str, local_path: str | Path) -> None:
+    """Copy ``url`` to a local file (written to ``.part`` and renamed). Large objects come down as parallel
+    ranged GETs, each resuming where it broke; all must see the same ETag."""
+    local_path = Path(local_path)
+    local_path.parent.mkdir(parents=True, exist_ok=True)
+    if not is_s3(url):
+        if not Path(url).exists():
+            raise StorageError(f"{url} does not exist.")
+        if Path(url).resolve() != local_path.resolve():
+            shutil.copyfile(url, local_path)
+        return
+    bucket, key = split_s3(url)
+    tmp = local_path.with_name(f".{local_path.name}.part")
+    head = retry_call(url, "download", s3_client().head_object, Bucket=bucket, Key=key)
+    size, etag = int(head["ContentLength"]), head.get("ETag")
+
+    def fetch(start: int) -> None:
+        end = min(size, start + DOWNLOAD_PART_SIZE)
+        with S3Reader(url, start, end, etag) as reader, open(tmp, "r+b") as f:
+            f.seek(start)
+            while chunk := reader.read(1 << 20):
+                f.write(chunk)
+            if reader.pos != end:
+                raise StorageError(f"{url}: got {reader.pos - start} of {end - start} bytes from byte {start}")
+
+    try:
+        with open(tmp, "wb") as f:
+            f.truncate(size)
+        starts = range(0, size, DOWNLOAD_PART_SIZE)
+        with ThreadPoolExecutor(max(1, min(TRANSFER_THREADS, len(starts)))) as pool:
+            list(pool.map(fetch, starts))
+        os.replace(tmp, local_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def list_files(prefix: str) -> list[str]:
+    """Every file below ``prefix``, as paths relative to it (sorted). Missing prefix -> empty list."""
+    if not is_s3(prefix):
+        root = Path(prefix)
+        if not root.is_dir():
+            return []
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    bucket, key = split_s3(prefix)
+    key = key.rstrip("/") + "/" if key else ""
+
+    def collect() -> list[str]:  # a listing that broke half-way starts over
+        paginator = s3_client().get_paginator("list_objects_v2")
+        return [
+            obj["Key"][len(key) :]
+            for page in paginator.paginate(Bucket=bucket, Prefix=key)
+            for obj in page.get("Contents", [])
+        ]
+
+    return sorted(retry_call(prefix, "list", collect))
+
+
+def delete_prefix(prefix: str) -> None:
+    """Delete everything below ``prefix`` (a checkpoint directory, typically)."""
+    if not is_s3(prefix):
+        shutil.rmtree(prefix, ignore_errors=True)
+        return
+    bucket, key = split_s3(prefix)
+    for name in list_files(prefix):
+        full = f"{key.rstrip('/')}/{name}"
+        retry_call(prefix, "delete", lambda k=full: s3_client().delete_object(Bucket=bucket, Key=k))
+
+
+def iter_lines(url: str) -> Iterator[str]:
+    """Text lines of a local or S3 file; ``.gz`` files are decompressed on the fly."""
+    import gzip
+
+    raw = open_read(url)
+    stream = gzip.GzipFile(fileobj=raw) if str(url).endswith(".gz") else raw
+    with io.TextIOWrapper(stream, encoding="utf-8") as text:
+        yield from text
+
+
+def check_writable(url: str) -> None:
+    """Fail early, with a clear message, if ``url`` cannot be written (bad endpoint, credentials, bucket)."""
+    probe = join(url, ".electra-scale-write-probe")
+    write_bytes(probe, b"ok")
+    if is_s3(probe):
+        bucket, key = split_s3(probe)
+        retry_call(probe, "delete", lambda: s3_client().delete_object(Bucket=bucket, Key=key))
+    else:
+        Path(probe).unlink(missing_ok=True)
