@@ -93,6 +93,8 @@ if [ "$DRY" = 1 ]; then
 else
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
         || { echo "gpu_check: no CUDA GPU here; use --dry-run to check the orchestration on CPU" >&2; exit 2; }
+    # tests/conftest.py puts DeepSpeed on the CPU unless told otherwise; here its accelerator is the GPU.
+    export DS_ACCELERATOR=cuda
     SHAPES="large:configs/large.yaml small:configs/small.yaml base:configs/base.yaml"
     FIND=512 STEPS=10 WARMUP=3 SAMPLES=65536 PRETRAIN="configs/small.yaml" PRECISION=bf16
     COST_CONFIG=configs/compare/gpu.yaml DEVICE=cuda

@@ -426,3 +426,13 @@ def test_a_run_that_cannot_start_writes_nothing_and_says_why(shards, tmp_path):
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
     assert "was trained with another model (model.num_layers=2 there, 1 here)" in errors[0]
     assert "start a new run with a new run.output_dir" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_the_cuda_arch_list_is_made_readable_to_deepspeeds_jit_builder(monkeypatch):
+    # The H200 image sets suffixed architectures, on which DeepSpeed's FusedAdam build failed ("'0a'").
+    from electra_scale.engine.optim import deepspeed_arch_list
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0a;10.0f+PTX;9.0")
+    assert deepspeed_arch_list() == "8.0;9.0;10.0+PTX"
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    assert deepspeed_arch_list() is None

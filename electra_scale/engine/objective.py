@@ -244,6 +244,13 @@ def draw_and_mask(objective, input_ids, attention_mask, positions, vocab_size: i
     return draws, mask_tokens(input_ids, attention_mask, objective.special, objective.cfg, vocab_size, draws)
 
 
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position cross-entropy of [B, N, V] logits, as [B, N]. Flattened to rows so that the log-softmax runs
+    over the last, contiguous axis: ``cross_entropy(logits.transpose(1, 2))`` gives the same numbers but takes
+    the strided ("spatial") kernel, measured on an H200 at 50 ms of Base's 196 ms step (micro-batch 32 x 512)."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
 class ElectraObjective(nn.Module):
     """Generator + discriminator. ``forward`` returns loss and metric *sums* over the micro-batch; the train
     loop divides by the global batch's counts (see ``training_loss``)."""
@@ -261,7 +268,7 @@ class ElectraObjective(nn.Module):
         mask = encoder_mask(attention_mask, padded)
 
         gen_logits = masked_lm_logits(self.generator, m, mask, token_type_ids)
-        gen_nll = F.cross_entropy(gen_logits.transpose(1, 2), m.targets, reduction="none")  # [B, N]
+        gen_nll = token_nll(gen_logits, m.targets)  # [B, N]
 
         sampled = sample_tokens(gen_logits, self.cfg.temperature, draws.sample)
         disc_ids, labels = replace_tokens(input_ids, attention_mask, m, sampled)
@@ -297,7 +304,7 @@ class MLMObjective(nn.Module):
     def forward(self, input_ids, attention_mask, token_type_ids, positions, padded=True) -> dict[str, torch.Tensor]:
         _, m = draw_and_mask(self, input_ids, attention_mask, positions, self.mlm.config.vocab_size)
         logits = masked_lm_logits(self.mlm, m, encoder_mask(attention_mask, padded), token_type_ids)
-        nll = F.cross_entropy(logits.transpose(1, 2), m.targets, reduction="none")
+        nll = token_nll(logits, m.targets)
         return {
             "gen_loss": (nll * m.weights).sum(),
             "gen_correct": ((logits.argmax(-1) == m.targets).float() * m.weights).sum().detach(),

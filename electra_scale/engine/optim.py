@@ -74,3 +74,28 @@ def choose_adam(ds_config: dict, device: torch.device) -> None:
             "DS_BUILD_FUSED_ADAM=1), install the CUDA toolkit, or set optim.bias_correction=true for torch's "
             "fused AdamW (the same after the first few thousand steps of warmup)"
         )
+    else:
+        deepspeed_arch_list()
+
+
+def deepspeed_arch_list() -> str | None:
+    """Make TORCH_CUDA_ARCH_LIST readable to DeepSpeed's JIT builder, which takes each entry as numbers and fails
+    on the architecture suffixes that CUDA 12+ images set ("9.0a", "10.0f": "invalid literal for int() ... '0a'",
+    seen on our H200 image). The suffix enables arch-specific instructions that FusedAdam does not use, so the
+    plain architecture builds the same kernel. Returns the list now in force (None when unset)."""
+    import os
+    import re
+
+    raw = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not raw:
+        return None
+    entries = [e for e in re.split(r"[;\s]+", raw.strip()) if e]
+    fixed = []
+    for entry in entries:
+        m = re.fullmatch(r"(\d+)\.(\d+)[a-z]?(\+PTX)?", entry)
+        if m:  # anything else (names like "Hopper") is left for DeepSpeed to refuse in its own words
+            entry = f"{m.group(1)}.{m.group(2)}{m.group(3) or ''}"
+        if entry not in fixed:
+            fixed.append(entry)
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(fixed)
+    return os.environ["TORCH_CUDA_ARCH_LIST"]
