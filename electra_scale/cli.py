@@ -48,7 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("prepare", help="text -> tokenized, packed webdataset shards (local dir or s3://)")
     pr.add_argument("--input", nargs="+", required=True, help=".txt / .jsonl / .gz files, local or s3://")
     pr.add_argument("--output", required=True, help="output dir or s3://bucket/prefix")
-    pr.add_argument("--tokenizer", required=True, help="vocab.txt, tokenizer.json, or train:VOCAB_SIZE")
+    pr.add_argument(
+        "--tokenizer",
+        required=True,
+        help="vocab.txt, tokenizer.json, a Hugging Face model directory (its vocab), or train:VOCAB_SIZE",
+    )
     pr.add_argument("--seq-len", type=int, default=128)
     pr.add_argument("--samples-per-shard", type=int, default=None, help="default: 64 blocks per shard")
     pr.add_argument(

@@ -55,6 +55,12 @@ class ModelConfig:
     # transformers: every Linear and Embedding from N(0, 0.02) (transformers' default). reference:
     # google-research/electra's, truncated normals and glorot-uniform where it used them (model.reference_init).
     init: Literal["transformers", "reference"] = "transformers"
+    # Continue pretraining (engine/pretrained.py): a Hugging Face ELECTRA discriminator directory (local or
+    # s3://, e.g. a released model or our own export) whose weights start the run; its config.json sets the shape
+    # above. init_generator_from: the same for the generator (else a fresh one at generator_hidden_size).
+    # A checkpoint in run.output_dir wins over both: resuming never re-initialises.
+    init_from: str | None = None
+    init_generator_from: str | None = None
 
     @property
     def gen_heads(self) -> int:
@@ -76,6 +82,16 @@ class ObjectiveConfig:
     random_token_prob: float = 0.0
     disc_weight: float = 50.0
     temperature: float = 1.0
+    # A generator curriculum (off in the paper's runs): the sampling temperature falls linearly from
+    # temperature_start to temperature over the first temperature_warmup_steps steps, so that early
+    # replacements are near-uniform (an easy task) while the generator is still weak. None: always temperature.
+    temperature_start: float | None = None
+    temperature_warmup_steps: int = 0
+    # Whole-word masking: a word's WordPiece continuations (##...) are masked together with its first piece.
+    whole_word_mask: bool = False
+    # shared: the paper's one embedding table for generator and discriminator. gdes: DeBERTa-v3's
+    # gradient-disentangled sharing, the discriminator's word embeddings = stop_gradient(E_G) + E_delta.
+    embedding_sharing: Literal["shared", "gdes"] = "shared"
 
 
 @dataclass
@@ -188,6 +204,11 @@ def load_config(paths: str | Path | list | tuple | None, overrides: list[str] = 
     elif isinstance(paths, str | Path):
         paths = [paths]
     raw = read_layered(paths, overrides, example="train.max_steps=100")
+    init_from = (raw.get("model") or {}).get("init_from") if isinstance(raw.get("model"), dict) else None
+    if init_from:
+        from electra_scale.engine.pretrained import adopt_shape  # reads the directory's config.json
+
+        adopt_shape(raw)
     return config_from_dict(raw, " + ".join(map(str, paths)) or "<defaults>")
 
 
@@ -389,6 +410,22 @@ def validate(cfg: Config) -> None:
     )
     need(o.disc_weight >= 0.0, "objective.disc_weight", o.disc_weight, ">= 0")
     need(o.temperature > 0.0, "objective.temperature", o.temperature, "> 0")
+    if o.temperature_start is not None:
+        need(o.temperature_start > 0.0, "objective.temperature_start", o.temperature_start, "> 0, or null (off)")
+        need(
+            o.temperature_warmup_steps > 0,
+            "objective.temperature_warmup_steps",
+            o.temperature_warmup_steps,
+            "> 0 when objective.temperature_start is set",
+        )
+    need(o.temperature_warmup_steps >= 0, "objective.temperature_warmup_steps", o.temperature_warmup_steps, ">= 0")
+    if o.kind == "mlm" and (o.embedding_sharing != "shared" or o.temperature_start is not None):
+        raise ConfigError(
+            "objective.embedding_sharing and objective.temperature_start concern ELECTRA's generator; the MLM "
+            "baseline (objective.kind=mlm) has none: leave them at their defaults"
+        )
+    if m.init_generator_from and not m.init_from:
+        raise ConfigError("model.init_generator_from needs model.init_from (the discriminator to continue)")
 
     p = cfg.optim
     need(p.lr > 0, "optim.lr", p.lr, "> 0")

@@ -3,11 +3,16 @@ the discriminator's loss next to the base rate (the entropy of always answering 
 recall and precision on replaced tokens, and the generator's accuracy.
 
     .venv/bin/python scripts/rtd_probe.py --corpus runs/compare-cpu/corpus/wiki_en.jsonl \\
-        [--layers 4 --hidden 128 --gen 32 --lr 1e-3 --steps 1500] [--uniform-generator]
+        [--layers 4 --hidden 128 --gen 32 --lr 1e-3 --steps 1500] [--uniform-generator] \\
+        [--sharing gdes] [--temperature-start 3 --temperature-warmup 1000] [--whole-word] [--save DIR]
 
 --uniform-generator zeroes the generator's logits, so replacements are uniform over the vocabulary: the control
 run. A discriminator that learns there but not with the real generator has a correct objective and a hard task;
-one that learns in neither has a bug. The objective and the step are electra_scale's own (``step.build_engine``,
+one that learns in neither has a bug. --sharing, --temperature-start/--temperature-warmup and --whole-word set
+the objective's options of the same names (objective.embedding_sharing, temperature_start,
+temperature_warmup_steps, whole_word_mask); --save writes the discriminator as an export does (folded for gdes,
+with the tokenizer), for scripts/feature_rank.py and `electra-scale finetune`. The last line is a JSON summary
+of the last --log steps. The objective and the step are electra_scale's own (``step.build_engine``,
 ``step.train_step``: DeepSpeed ZeRO-0, torch AdamW, ELECTRA's schedule, one rank); the data are random packed
 windows of the corpus (no shards, no tokenizer file), which is why it is a script and not part of `pretrain`.
 docs/compare.md records what it showed.
@@ -39,6 +44,11 @@ def main() -> int:
     ap.add_argument("--log", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--uniform-generator", action="store_true")
+    ap.add_argument("--sharing", choices=("shared", "gdes"), default="shared")
+    ap.add_argument("--temperature-start", type=float, default=None)
+    ap.add_argument("--temperature-warmup", type=int, default=0)
+    ap.add_argument("--whole-word", action="store_true")
+    ap.add_argument("--save", help="write the discriminator (HF format, with vocab.txt) here at the end")
     args = ap.parse_args()
 
     import numpy as np
@@ -47,7 +57,7 @@ def main() -> int:
     import electra_scale.engine.objective as objective
     from electra_scale.config import Config, ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig, validate
     from electra_scale.data.stream import MicroBatch
-    from electra_scale.data.tokenizer import load_tokenizer, special_ids
+    from electra_scale.data.tokenizer import continuation_ids, load_tokenizer, special_ids
     from electra_scale.engine.model import build_electra
     from electra_scale.engine.step import build_engine, train_step
     from electra_scale.infra import launch
@@ -69,7 +79,10 @@ def main() -> int:
             num_heads=max(1, args.hidden // 64), intermediate_size=4 * args.hidden, max_position_embeddings=seq,
             generator_hidden_size=args.gen,
         ),
-        objective=ObjectiveConfig(kind="electra"),
+        objective=ObjectiveConfig(
+            kind="electra", embedding_sharing=args.sharing, temperature_start=args.temperature_start,
+            temperature_warmup_steps=args.temperature_warmup, whole_word_mask=args.whole_word,
+        ),
         optim=OptimConfig(lr=args.lr, warmup_steps=args.warmup, bias_correction=True),
         train=TrainConfig(
             max_steps=args.steps, global_batch_size=args.batch, micro_batch_size=args.batch, seed=1,
@@ -81,7 +94,8 @@ def main() -> int:
     device = launch.init_distributed(launch.detect())
     torch.manual_seed(0)
     generator, discriminator = build_electra(cfg.model, special["pad"])
-    rtd = objective.ElectraObjective(generator, discriminator, cfg.objective, special, seed=cfg.train.seed)
+    pieces = continuation_ids(tok) if args.whole_word else None
+    rtd = objective.ElectraObjective(generator, discriminator, cfg.objective, special, cfg.train.seed, pieces)
     if args.uniform_generator:
         real = objective.masked_lm_logits
         objective.masked_lm_logits = lambda *a: real(*a) * 0.0  # softmax of zeros: uniform samples
@@ -89,6 +103,7 @@ def main() -> int:
 
     rng = np.random.default_rng(0)
     sums: dict[str, float] = {}
+    last: dict[str, float] = {}
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
         pick = rng.integers(0, n, args.batch)
@@ -113,7 +128,19 @@ def main() -> int:
                 f"precision {m['disc_precision']:.3f}",
                 flush=True,
             )
+            last = {"step": step, "disc_loss": m["disc_loss"], "base_rate": base, "margin": base - m["disc_loss"]}
+            last.update({k: m[k] for k in ("disc_recall", "disc_precision", "gen_acc", "replaced_frac")})
             sums = {}
+    if args.save:
+        from transformers import ElectraTokenizer
+
+        out = Path(args.save)
+        rtd.exported_discriminator().save_pretrained(out)
+        vocab = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+        (out / "vocab.txt").write_text("".join(f"{t}\n" for t in vocab))
+        ElectraTokenizer(vocab_file=str(out / "vocab.txt"), do_lower_case=True).save_pretrained(out)
+        print(f"saved the discriminator to {out}", flush=True)
+    print(json.dumps({"summary": last, "args": vars(args)}), flush=True)
     return 0
 
 

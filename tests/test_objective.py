@@ -280,3 +280,111 @@ def test_mlm_objective_runs_behind_the_same_interface():
 def test_model_config_generator_defaults():
     m = ModelConfig(generator_hidden_size=256)
     assert m.gen_heads == 4 and m.gen_intermediate == 1024
+
+
+# ------------------------------------------------------------------------------------------------ issue 11 options
+def word_table(share: float = 0.4) -> torch.Tensor:
+    """A vocabulary where ids >= (1 - share) * VOCAB are ## continuation pieces."""
+    table = torch.zeros(VOCAB, dtype=torch.bool)
+    table[int((1 - share) * VOCAB) :] = True
+    return table
+
+
+def test_whole_word_masking_keeps_words_whole_and_the_budget():
+    ids, attn = make_batch(64, 128, seed=3)
+    table = word_table()
+    cfg = ObjectiveConfig(whole_word_mask=True)
+    draws = draw(7, torch.arange(64), 128, max_predictions(0.15, 128))
+    m = mask_tokens(ids, attn, SPECIAL, cfg, VOCAB, draws, table)
+    budget = num_to_predict(ids, attn, SPECIAL, 0.15)
+    special_ids = torch.tensor(list(SPECIAL.values()))
+    shortfalls = []
+    for b in range(64):
+        used = int(m.weights[b].sum())
+        masked = set(m.positions[b, :used].tolist())
+        assert used <= budget[b] and len(masked) == used  # the budget and cap hold; no position twice
+        shortfalls.append(int(budget[b]) - used)
+        for p in masked:  # whole words: the pieces before a masked ## piece, and the ## pieces after any masked one
+            token = ids[b, p]
+            assert not torch.isin(token, special_ids)
+            if table[token] and p > 0 and not torch.isin(ids[b, p - 1], special_ids) and attn[b, p - 1]:
+                assert p - 1 in masked, (b, p)
+            if p + 1 < 128 and attn[b, p + 1] and table[ids[b, p + 1]]:
+                assert p + 1 in masked, (b, p)
+    # Short of the budget by less than a word (words here average 1 / 0.6 pieces), not by a lot.
+    assert 0 <= sum(shortfalls) / 64 < 2.0
+    # Words of several pieces are masked: the test is not passing on single-piece words alone.
+    pairs = sum(int(table[ids[b, p]]) for b in range(64) for p in m.positions[b, : int(m.weights[b].sum())])
+    assert pairs > 50
+
+
+def test_whole_word_masking_keeps_the_mask_and_keep_split():
+    ids, attn = make_batch(256, 128, seed=4)
+    cfg = ObjectiveConfig(whole_word_mask=True)
+    draws = draw(9, torch.arange(256), 128, max_predictions(0.15, 128))
+    m = mask_tokens(ids, attn, SPECIAL, cfg, VOCAB, draws, word_table())
+    real = m.weights.bool()
+    at = m.input_ids.gather(1, m.positions)[real]
+    share = (at == SPECIAL["mask"]).float().mean().item()
+    assert abs(share - 0.85) < 0.03  # 85% [MASK], the rest unchanged (no random replacement)
+    assert torch.equal(at[at != SPECIAL["mask"]], m.targets[real][at != SPECIAL["mask"]])
+
+
+def test_the_device_count_of_whole_word_masks_is_the_forward_passs():
+    cfg = load_config("configs/tiny.yaml", ["model.vocab_size=512", "objective.whole_word_mask=true"])
+    continuation = torch.nonzero(word_table()).flatten().tolist()
+    objective = build_objective(cfg, SPECIAL, continuation)
+    ids, attn = make_batch(8, 64, seed=5)
+    args = dict(input_ids=ids, attention_mask=attn, token_type_ids=torch.zeros_like(ids), positions=torch.arange(8))
+    with torch.no_grad():
+        assert objective.count_masked(**args) == objective(**args)["n_masked"]
+    with pytest.raises(ValueError, match="continuation pieces"):
+        build_objective(cfg, SPECIAL)
+
+
+def test_the_temperature_curriculum_falls_linearly_then_stays():
+    from electra_scale.engine.objective import sampling_temperature
+
+    cfg = ObjectiveConfig(temperature=1.0, temperature_start=3.0, temperature_warmup_steps=100)
+    assert [sampling_temperature(cfg, s) for s in (0, 50, 100, 5000)] == [3.0, 2.0, 1.0, 1.0]
+    assert sampling_temperature(ObjectiveConfig(temperature=1.5), 0) == 1.5  # off: the configured temperature
+    # A hot start makes replacements near-uniform: far more of them differ from the original.
+    logits = torch.randn(64, 19, VOCAB) * 6
+    u = to_uniform(random_bits(example_keys(1, torch.arange(64)), 19))
+    cold, hot = sample_tokens(logits, 1.0, u), sample_tokens(logits, 30.0, u)
+    argmax = logits.argmax(-1)
+    assert (hot == argmax).float().mean() < 0.2 < (cold == argmax).float().mean()
+
+
+def test_gdes_trains_the_table_with_the_generator_and_the_delta_with_the_discriminator():
+    cfg = load_config("configs/tiny.yaml", ["model.vocab_size=512", "objective.embedding_sharing=gdes"])
+    objective = build_objective(cfg, SPECIAL)
+    table = objective.discriminator.electra.embeddings.word_embeddings.weight
+    assert objective.generator.electra.embeddings.word_embeddings.weight is table  # E_G is shared
+    assert torch.count_nonzero(objective.gdes_delta.weight) == 0  # E_delta starts at zero
+    ids, attn = make_batch(4, 64, seed=6)
+    args = dict(input_ids=ids, attention_mask=attn, token_type_ids=torch.zeros_like(ids), positions=torch.arange(4))
+    out = objective(**args)
+    gen = torch.autograd.grad(out["gen_loss"], [table, objective.gdes_delta.weight], allow_unused=True)
+    assert gen[0].abs().sum() > 0 and gen[1] is None  # MLM: E_G only
+    out = objective(**args)
+    disc = torch.autograd.grad(out["disc_loss"], [table, objective.gdes_delta.weight], allow_unused=True)
+    assert disc[0] is None and disc[1].abs().sum() > 0  # discriminator: E_delta only
+    # describe: E_delta counts in the total, not in the (exported) discriminator; FLOPs are unchanged.
+    from electra_scale.engine.model import flops_per_token, param_counts
+
+    shared = load_config("configs/tiny.yaml", ["model.vocab_size=512"])
+    assert param_counts(cfg)["total_params"] - param_counts(shared)["total_params"] == 512 * cfg.model.embedding_size
+    assert param_counts(cfg)["discriminator_params"] == param_counts(shared)["discriminator_params"]
+    assert flops_per_token(cfg) == flops_per_token(shared)
+    # Folded for export: a standard discriminator with E_G + E_delta, giving the same logits.
+    with torch.no_grad():
+        objective.gdes_delta.weight.normal_()
+        folded = objective.exported_discriminator()
+        embeds = objective.discriminator_embeddings(ids)
+        assert torch.allclose(folded.electra.embeddings.word_embeddings.weight, table + objective.gdes_delta.weight)
+        assert folded.electra.embeddings.word_embeddings.weight.data_ptr() != table.data_ptr()
+        objective.eval()
+        folded.eval()
+        expected = objective.discriminator(inputs_embeds=embeds, attention_mask=attn).logits
+        assert torch.allclose(folded(input_ids=ids, attention_mask=attn).logits, expected, atol=1e-6)

@@ -36,7 +36,13 @@ from electra_scale.data.shards import (
     ShardInfo,
     default_samples_per_block,
 )
-from electra_scale.data.tokenizer import load_tokenizer, save_tokenizer, special_ids, tokenizer_sha256
+from electra_scale.data.tokenizer import (
+    load_tokenizer,
+    model_dir_tokenizer,
+    save_tokenizer,
+    special_ids,
+    tokenizer_sha256,
+)
 from electra_scale.infra import storage
 
 Document = list[str]  # a document's sentences, in order
@@ -301,6 +307,8 @@ def prepare(
         for doc in iter_corpus(files):
             yield from doc
 
+    if not str(tokenizer).startswith("train:") and not str(tokenizer).endswith((".json", ".txt")):
+        tokenizer, lowercase = model_dir_tokenizer(str(tokenizer), lowercase)  # a model directory's own
     tok = load_tokenizer(tokenizer, texts=texts, lowercase=lowercase)
     ids = special_ids(tok)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)

@@ -8,6 +8,7 @@ tokenizes exactly as the reference's ``FullTokenizer`` does.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -17,7 +18,10 @@ from electra_scale.infra import storage
 # ELECTRA/BERT special tokens. A trained vocab puts them first, so they get ids 0..4 in this order.
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 
-SPEC_FORMS = "a path (local or s3://) to a BERT vocab.txt, a path to a tokenizer.json, or train:VOCAB_SIZE"
+SPEC_FORMS = (
+    "a path (local or s3://) to a BERT vocab.txt, a path to a tokenizer.json, a Hugging Face model directory "
+    "holding either (a released ELECTRA, or our export's discriminator/), or train:VOCAB_SIZE"
+)
 
 
 def _bert_pipeline(model: models.Model, lowercase: bool) -> Tokenizer:
@@ -46,6 +50,8 @@ def load_tokenizer(spec: str, texts: Callable[[], Iterator[str]] | None = None, 
     train:N is not bit-reproducible across runs: HF's WordPiece trainer breaks frequency ties in hash-map
     order. For byte-identical re-runs, pass the tokenizer.json saved beside the first run's shards."""
     spec = str(spec)
+    if not spec.startswith("train:") and not spec.endswith((".json", ".txt")):
+        spec, lowercase = model_dir_tokenizer(spec, lowercase)
     if spec.startswith("train:"):
         try:
             vocab_size = int(spec.split(":", 1)[1])
@@ -81,6 +87,25 @@ def load_tokenizer(spec: str, texts: Callable[[], Iterator[str]] | None = None, 
         _add_bert_post_processor(tok)
         return tok
     raise ValueError(f"unknown tokenizer spec {spec!r}; use {SPEC_FORMS}")
+
+
+def model_dir_tokenizer(directory: str, lowercase: bool) -> tuple[str, bool]:
+    """The tokenizer file of a Hugging Face model directory: its vocab.txt (else tokenizer.json), and whether it
+    lowercases (``do_lower_case`` in tokenizer_config.json, where present), so that shards made for a released
+    model tokenize as it was trained."""
+    vocab, tok_json = storage.join(directory, "vocab.txt"), storage.join(directory, "tokenizer.json")
+    found = vocab if storage.exists(vocab) else tok_json if storage.exists(tok_json) else None
+    if found is None:
+        raise ValueError(f"tokenizer {directory!r}: no vocab.txt or tokenizer.json there; use {SPEC_FORMS}")
+    settings = storage.join(directory, "tokenizer_config.json")
+    if storage.exists(settings):
+        lowercase = bool(json.loads(storage.read_text(settings)).get("do_lower_case", lowercase))
+    return found, lowercase
+
+
+def continuation_ids(tok: Tokenizer) -> list[int]:
+    """Ids of the WordPiece continuation pieces (``##...``), for whole-word masking."""
+    return sorted(i for token, i in tok.get_vocab().items() if token.startswith("##"))
 
 
 def special_ids(tok: Tokenizer) -> dict[str, int]:

@@ -51,6 +51,7 @@ def load_checkpoint_model(checkpoint: str, workdir: Path) -> tuple[Config, torch
     ckpt_dir = local_root / tag
     cfg = config_from_dict(yaml.safe_load((ckpt_dir / "config.yaml").read_text()), str(ckpt_dir))
     special = json.loads((ckpt_dir / "data_manifest.json").read_text())["special_ids"]
+    cfg.objective.whole_word_mask = False  # masking plays no part in the weights (nor needs the vocabulary here)
     model = build_objective(cfg, special)
     state = get_fp32_state_dict_from_zero_checkpoint(str(local_root), tag=tag)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -70,7 +71,8 @@ def export(checkpoint: str, outdir: str) -> dict[str, str]:
         if cfg.objective.kind == "mlm":
             parts = {"mlm": model.mlm}
         else:
-            parts = {"discriminator": model.discriminator, "generator": model.generator}
+            # With objective.embedding_sharing=gdes, the discriminator's table is folded: E_G + E_delta.
+            parts = {"discriminator": model.exported_discriminator(), "generator": model.generator}
         vocab = ckpt_dir / "tokenizer" / "vocab.txt"
         lowercase = json.loads((ckpt_dir / "data_manifest.json").read_text()).get("lowercase", True)
         tokenizer = ElectraTokenizer(vocab=str(vocab), do_lower_case=lowercase) if vocab.exists() else None

@@ -116,6 +116,10 @@ def param_counts(cfg: Config) -> dict[str, int]:
             }
         generator, discriminator = build_electra(cfg.model)
         total = count_params(torch.nn.ModuleList([generator, discriminator]))
+    if cfg.objective.embedding_sharing == "gdes":
+        # E_delta, trained but folded into the exported discriminator (whose count stays its own). FLOPs do not
+        # change: stop_gradient(E_G) + E_delta is one table to the math, looked up once per token.
+        total += cfg.model.vocab_size * cfg.model.embedding_size
     return {
         "discriminator_params": count_params(discriminator),
         "generator_params": count_params(generator),

@@ -14,6 +14,11 @@ Follows google-research/electra (``run_pretraining.py``, ``pretrain/pretrain_hel
    non-padding tokens.
 5. total = gen_loss + disc_weight (50) x disc_loss.
 
+Options beyond the paper (all off by default; the presets keep the paper's settings):
+- ``whole_word_mask``: whole words are masked (``whole_word_positions``), as BERT's later release did.
+- ``temperature_start`` / ``temperature_warmup_steps``: a generator curriculum (``sampling_temperature``).
+- ``embedding_sharing: gdes``: DeBERTa-v3's gradient-disentangled embedding sharing (``ElectraObjective``).
+
 Where this differs from the reference, and why:
 - Replacements are sampled by inverting the softmax's CDF rather than with Gumbel-max: the same
   distribution at about a quarter of the cost on CPU (see ``sample_tokens``).
@@ -29,6 +34,7 @@ Where this differs from the reference, and why:
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 
@@ -157,17 +163,24 @@ def mask_tokens(
     cfg: ObjectiveConfig,
     vocab_size: int,
     draws: Draws,
+    continuation: torch.Tensor | None = None,
 ) -> Masked:
+    """Pick the positions to predict and write [MASK] (or a random token) there. ``continuation``: a [V] bool
+    table of WordPiece continuation pieces (``##...``), for whole-word masking; None masks single tokens."""
     B, L = input_ids.shape
     device = input_ids.device
     N = max_predictions(cfg.mask_prob, L)
     n = num_to_predict(input_ids, attention_mask, special, cfg.mask_prob).to(device)
-    # A random 32-bit score per token, made unique by the position in its low bits (so that no tie can be
-    # broken differently on another device); non-candidates pushed past every score. The N smallest are a
-    # uniform sample without replacement from the candidates; the first n[b] of them are used.
-    scores = (draws.order << 12) | torch.arange(L, device=device)
-    scores = scores.masked_fill(~candidate_mask(input_ids, attention_mask, special), 1 << 62)
-    positions = scores.topk(N, dim=-1, largest=False).indices
+    candidates = candidate_mask(input_ids, attention_mask, special)
+    if continuation is not None:
+        positions, n = whole_word_positions(input_ids, candidates, continuation, draws.order, n, N)
+    else:
+        # A random 32-bit score per token, made unique by the position in its low bits (so that no tie can be
+        # broken differently on another device); non-candidates pushed past every score. The N smallest are a
+        # uniform sample without replacement from the candidates; the first n[b] of them are used.
+        scores = (draws.order << 12) | torch.arange(L, device=device)
+        scores = scores.masked_fill(~candidates, 1 << 62)
+        positions = scores.topk(N, dim=-1, largest=False).indices
     weights = torch.arange(N, device=device)[None, :] < n[:, None]
     positions = positions * weights  # unused slots point at [CLS] with weight 0, as in the reference
     targets = input_ids.gather(1, positions)
@@ -180,6 +193,53 @@ def mask_tokens(
         new_tokens = torch.where(to_random, draws.token % vocab_size, new_tokens)
     masked_ids = input_ids.scatter(1, positions, torch.where(weights, new_tokens, targets))
     return Masked(masked_ids, positions, weights.float(), targets)
+
+
+def whole_word_positions(input_ids, candidates, continuation, order, n, N: int):
+    """Whole-word masking, as BERT's ``create_pretraining_data.py --do_whole_word_mask``: a word (a piece and
+    the ``##`` continuations after it) is masked whole or not at all. Words are taken in a random order (each
+    word's score is its first piece's random number) until the next one would pass the example's budget n[b];
+    the budget and the cap N stay the reference's. Returns the positions [B, N] (a word's pieces next to each
+    other) and the number used per example [B], which can fall short of n[b] by less than one word (BERT
+    skips a word that does not fit and tries the next; taking a prefix keeps this a few tensor ops).
+    Everything stays on the device: the count feeds the loss denominators without a host sync."""
+    B, L = input_ids.shape
+    device = input_ids.device
+    pos = torch.arange(L, device=device).expand(B, L)
+    # A word starts at a candidate that is not a continuation, or whose previous token is not a candidate
+    # (a ## piece right after [CLS] starts its own word).
+    cont = continuation[input_ids] & candidates
+    prev_candidate = F.pad(candidates[:, :-1], (1, 0), value=False)
+    starts = candidates & ~(cont & prev_candidate)
+    start_of = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values  # each token's word start
+    word_score = order.gather(1, start_of)
+    # Sort key: the word's score, then its start (unique per word), then the position: a word's pieces are
+    # adjacent and in order, and no tie is left to the device.
+    key = (word_score << 24) | (start_of << 12) | pos
+    key = key.masked_fill(~candidates, 1 << 62)
+    positions = key.topk(N, dim=-1, largest=False).indices  # [B, N]
+    # Word lengths, counted at the word's start, read back at each picked token.
+    length = torch.zeros_like(pos).scatter_add_(1, start_of, candidates.long())
+    picked_start = start_of.gather(1, positions)
+    word_len = length.gather(1, picked_start)
+    rank = torch.arange(N, device=device).expand(B, N)
+    first_in_list = rank - (positions - picked_start)  # where the picked token's word begins in the list
+    fits = (first_in_list + word_len <= n[:, None]) & candidates.gather(1, positions)
+    # Words fit in order, so the fitting ones are a prefix of the list: their count is the number used.
+    used = fits.long().cumprod(dim=1).sum(dim=1)
+    return positions, used
+
+
+def sampling_temperature(cfg: ObjectiveConfig, step: int) -> float:
+    """The generator curriculum: ``temperature_start`` falling linearly to ``temperature`` over the first
+    ``temperature_warmup_steps`` steps (then constant). A hotter softmax gives near-uniform replacements, which
+    the discriminator can tell apart early on; as the generator learns, the samples harden. google-research/
+    electra has no curriculum (and the paper's settings keep it off); the failure it answers, a generator that
+    gets too good too quickly, is the one the reference's author describes in its issue #37."""
+    if cfg.temperature_start is None or step >= cfg.temperature_warmup_steps:
+        return cfg.temperature
+    frac = step / cfg.temperature_warmup_steps
+    return cfg.temperature_start + (cfg.temperature - cfg.temperature_start) * frac
 
 
 @torch.no_grad()
@@ -241,7 +301,31 @@ def draw_and_mask(objective, input_ids, attention_mask, positions, vocab_size: i
     its masking, as both objectives start."""
     L, N = input_ids.shape[1], max_predictions(objective.cfg.mask_prob, input_ids.shape[1])
     draws = draw(objective.seed, positions.to(input_ids.device), L, N)
-    return draws, mask_tokens(input_ids, attention_mask, objective.special, objective.cfg, vocab_size, draws)
+    continuation = objective.continuation if objective.cfg.whole_word_mask else None
+    return draws, mask_tokens(
+        input_ids, attention_mask, objective.special, objective.cfg, vocab_size, draws, continuation
+    )
+
+
+class _Masking(nn.Module):
+    """What ELECTRA and the MLM baseline share: the special ids, the seed, the continuation table for
+    whole-word masking, and the masked-position count when it is only known on the device."""
+
+    def __init__(self, cfg: ObjectiveConfig, special: dict[str, int], seed: int, vocab_size: int, continuation):
+        super().__init__()
+        self.cfg, self.special, self.seed, self.vocab_size = cfg, special, seed, vocab_size
+        if cfg.whole_word_mask and not continuation:
+            raise ValueError("objective.whole_word_mask needs the vocabulary's continuation pieces (##...)")
+        table = torch.zeros(vocab_size, dtype=torch.bool)
+        if continuation:
+            table[torch.tensor(continuation)] = True
+        self.register_buffer("continuation", table, persistent=False)  # [V]: a ## piece?
+
+    def count_masked(self, input_ids, attention_mask, token_type_ids, positions, padded=True) -> torch.Tensor:
+        """The masked positions of a micro-batch, as a device tensor: with whole words the count depends on the
+        words, so the train loop cannot know it from the data's counts (``count_batch_targets``)."""
+        _, m = draw_and_mask(self, input_ids, attention_mask, positions, self.vocab_size)
+        return m.weights.sum()
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -251,29 +335,62 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
-class ElectraObjective(nn.Module):
+class ElectraObjective(_Masking):
     """Generator + discriminator. ``forward`` returns loss and metric *sums* over the micro-batch; the train
-    loop divides by the global batch's counts (see ``training_loss``)."""
+    loop divides by the global batch's counts (see ``training_loss``).
 
-    def __init__(self, generator, discriminator, cfg: ObjectiveConfig, special: dict[str, int], seed: int):
-        super().__init__()
+    ``embedding_sharing: gdes`` (He et al. 2021, "DeBERTaV3", section 3): the one word-embedding table E_G
+    stays the generator's, and the discriminator looks its tokens up in stop_gradient(E_G) + E_delta, with
+    E_delta (``gdes_delta``) starting at zero. The MLM loss alone trains E_G, the discriminator's loss only
+    E_delta, which ends the tug-of-war in which the two losses pull the shared table in opposite directions.
+    Position and token-type embeddings and the embedding LayerNorm stay shared, as in the paper (DeBERTa has no
+    absolute position embeddings to decide about). ``export`` writes E_G + E_delta as a standard discriminator."""
+
+    def __init__(
+        self, generator, discriminator, cfg: ObjectiveConfig, special: dict[str, int], seed: int, continuation=None
+    ):
+        super().__init__(cfg, special, seed, generator.config.vocab_size, continuation)
         self.generator = generator
         self.discriminator = discriminator
-        self.cfg = cfg
-        self.special = special
-        self.seed = seed
+        self.step = 0  # the optimizer step being taken (train_step sets it): the curriculum's clock
+        if cfg.embedding_sharing == "gdes":
+            table = discriminator.electra.embeddings.word_embeddings
+            self.gdes_delta = nn.Embedding(table.num_embeddings, table.embedding_dim, padding_idx=table.padding_idx)
+            nn.init.zeros_(self.gdes_delta.weight)
+
+    def discriminator_embeddings(self, disc_ids: torch.Tensor) -> torch.Tensor:
+        """GDES's word embeddings for the discriminator: stop_gradient(E_G)[ids] + E_delta[ids]."""
+        shared = self.discriminator.electra.embeddings.word_embeddings(disc_ids)
+        return shared.detach() + self.gdes_delta(disc_ids)
+
+    @torch.no_grad()
+    def exported_discriminator(self) -> nn.Module:
+        """The discriminator as a standard ``ElectraForPreTraining``: with gdes, a copy whose word embeddings are
+        E_G + E_delta (its own table; the generator keeps E_G)."""
+        if self.cfg.embedding_sharing != "gdes":
+            return self.discriminator
+        folded = copy.deepcopy(self.discriminator)
+        folded.electra.embeddings.word_embeddings.weight.add_(self.gdes_delta.weight)
+        return folded
 
     def forward(self, input_ids, attention_mask, token_type_ids, positions, padded=True) -> dict[str, torch.Tensor]:
-        draws, m = draw_and_mask(self, input_ids, attention_mask, positions, self.generator.config.vocab_size)
+        draws, m = draw_and_mask(self, input_ids, attention_mask, positions, self.vocab_size)
         mask = encoder_mask(attention_mask, padded)
 
         gen_logits = masked_lm_logits(self.generator, m, mask, token_type_ids)
         gen_nll = token_nll(gen_logits, m.targets)  # [B, N]
 
-        sampled = sample_tokens(gen_logits, self.cfg.temperature, draws.sample)
+        sampled = sample_tokens(gen_logits, sampling_temperature(self.cfg, self.step), draws.sample)
         disc_ids, labels = replace_tokens(input_ids, attention_mask, m, sampled)
 
-        disc_logits = self.discriminator(input_ids=disc_ids, attention_mask=mask, token_type_ids=token_type_ids)
+        if self.cfg.embedding_sharing == "gdes":
+            disc_logits = self.discriminator(
+                inputs_embeds=self.discriminator_embeddings(disc_ids),
+                attention_mask=mask,
+                token_type_ids=token_type_ids,
+            )
+        else:
+            disc_logits = self.discriminator(input_ids=disc_ids, attention_mask=mask, token_type_ids=token_type_ids)
         disc_logits = disc_logits.logits.float()
         real = attention_mask.float()
         disc_nll = F.binary_cross_entropy_with_logits(disc_logits, labels.float(), reduction="none")
@@ -291,18 +408,15 @@ class ElectraObjective(nn.Module):
         }
 
 
-class MLMObjective(nn.Module):
+class MLMObjective(_Masking):
     """BERT's masked LM on a discriminator-sized encoder: the baseline ELECTRA is compared against."""
 
-    def __init__(self, mlm, cfg: ObjectiveConfig, special: dict[str, int], seed: int):
-        super().__init__()
+    def __init__(self, mlm, cfg: ObjectiveConfig, special: dict[str, int], seed: int, continuation=None):
+        super().__init__(cfg, special, seed, mlm.config.vocab_size, continuation)
         self.mlm = mlm
-        self.cfg = cfg
-        self.special = special
-        self.seed = seed
 
     def forward(self, input_ids, attention_mask, token_type_ids, positions, padded=True) -> dict[str, torch.Tensor]:
-        _, m = draw_and_mask(self, input_ids, attention_mask, positions, self.mlm.config.vocab_size)
+        _, m = draw_and_mask(self, input_ids, attention_mask, positions, self.vocab_size)
         logits = masked_lm_logits(self.mlm, m, encoder_mask(attention_mask, padded), token_type_ids)
         nll = token_nll(logits, m.targets)
         return {
@@ -342,10 +456,12 @@ def summarize(sums: dict[str, float], disc_weight: float) -> dict[str, float]:
     return out
 
 
-def build_objective(cfg, special: dict[str, int]) -> nn.Module:
+def build_objective(cfg, special: dict[str, int], continuation: list[int] | None = None) -> nn.Module:
+    """The run's objective module. ``continuation``: the vocabulary's ``##`` ids (data/tokenizer.py
+    ``continuation_ids``), needed by ``objective.whole_word_mask``."""
     from electra_scale.engine.model import build_electra, build_mlm
 
     if cfg.objective.kind == "mlm":
-        return MLMObjective(build_mlm(cfg.model, special["pad"]), cfg.objective, special, cfg.train.seed)
+        return MLMObjective(build_mlm(cfg.model, special["pad"]), cfg.objective, special, cfg.train.seed, continuation)
     generator, discriminator = build_electra(cfg.model, special["pad"])
-    return ElectraObjective(generator, discriminator, cfg.objective, special, cfg.train.seed)
+    return ElectraObjective(generator, discriminator, cfg.objective, special, cfg.train.seed, continuation)

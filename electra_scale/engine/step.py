@@ -43,13 +43,18 @@ def build_engine(cfg: Config, objective: torch.nn.Module, world_size: int, devic
     return engine
 
 
-def global_counts(local: list[tuple[int, int]], device: torch.device) -> dict[str, torch.Tensor]:
+def global_counts(
+    local: list[tuple[int, int]], device: torch.device, masked_on_device: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """The global batch's target counts, the loss denominators, as device tensors: the host sends this rank's
     counts (known from the data, before the forward pass) and never waits for the sum. On GPUs the all-reduce
-    is NCCL's, queued on the stream ahead of the forward pass that needs it."""
+    is NCCL's, queued on the stream ahead of the forward pass that needs it. ``masked_on_device``: this rank's
+    masked count when only the device knows it (whole-word masking), used in place of the data's."""
     t = torch.tensor([sum(c[0] for c in local), sum(c[1] for c in local)], dtype=torch.float64)
     if device.type == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
+    if masked_on_device is not None:
+        t = torch.stack([masked_on_device.to(t.device, torch.float64), t[1]])
     dist.all_reduce(t)
     return {"n_masked": t[0], "n_tokens": t[1]}
 
@@ -65,10 +70,18 @@ def all_reduce_host(values: list[float], group=None) -> list[float]:
 def train_step(engine, micro_batches: list, cfg: Config, device: torch.device, world_size: int) -> list[dict]:
     """Forward, backward and DeepSpeed's step for each of this rank's micro-batches of one global batch; the
     optimizer steps after the last. Returns each micro-batch's loss and metric sums (device tensors)."""
-    totals = global_counts([count_batch_targets(mb, cfg.objective.mask_prob) for mb in micro_batches], device)
+    objective = engine.module
+    objective.step = engine.global_steps  # the generator curriculum's clock (restored with a checkpoint)
+    inputs = [mb.model_inputs(device, non_blocking=True) for mb in micro_batches]
+    masked = None
+    if cfg.objective.whole_word_mask:  # words cut the budget: the count is the device's (a few small kernels)
+        with torch.no_grad():
+            masked = sum(objective.count_masked(**x) for x in inputs)
+    local = [count_batch_targets(mb, cfg.objective.mask_prob) for mb in micro_batches]
+    totals = global_counts(local, device, masked)
     outs = []
-    for mb in micro_batches:
-        out = engine(**mb.model_inputs(device, non_blocking=True))
+    for x in inputs:
+        out = engine(**x)
         # DeepSpeed averages gradients over ranks and accumulation steps; undo that to get the global mean.
         loss = training_loss(out, totals, cfg.objective.disc_weight) * (world_size * len(micro_batches))
         engine.backward(loss)

@@ -23,10 +23,12 @@ import torch.distributed as dist
 from electra_scale.config import Config, ConfigError, deepspeed_config
 from electra_scale.data.shards import DataError, load_manifest
 from electra_scale.data.stream import PretrainStream, resolve_partitions
+from electra_scale.data.tokenizer import continuation_ids, load_tokenizer
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
 from electra_scale.engine.model import flops_per_token, peak_tflops
 from electra_scale.engine.objective import build_objective, summarize
+from electra_scale.engine.pretrained import check_vocabulary, load_weights
 from electra_scale.engine.step import all_reduce_host, build_engine, train_step
 from electra_scale.infra import launch, storage
 
@@ -115,8 +117,9 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     if main:
         storage.check_writable(cfg.run.output_dir)  # bad endpoint / credentials / bucket: fail now, clearly
 
+    continuation = word_pieces(cfg) if cfg.objective.whole_word_mask else None
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    objective = build_objective(cfg, special)
+    objective = build_objective(cfg, special, continuation)
     total_steps = cfg.train.max_steps
     stop_step = cfg.train.stop_at_step or total_steps
     ds_config = deepspeed_config(cfg, world)
@@ -132,6 +135,12 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         resolve_partitions(cfg.data.partitions, world, manifest.num_samples, saved_partitions(saved))
 
     resume_from = checkpointer.select(zero_stage, check_state=check_data)
+    if cfg.model.init_from:
+        if resume_from is not None:  # the run's own checkpoint is newer than where it started
+            log.info("resuming %s: model.init_from (%s) is not used", cfg.run.output_dir, cfg.model.init_from)
+        else:
+            check_vocabulary(cfg.model.init_from, cfg.data.shards)
+            load_weights(objective, cfg.model.init_from, cfg.model.init_generator_from)
     engine = build_engine(cfg, objective, world, device, universal=resume_from is not None and resume_from.universal)
     torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout differs between ranks
     state = checkpointer.load(engine, resume_from) if resume_from is not None else {}
@@ -248,6 +257,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
                 "tokens_seen": done * tokens_per_step,
                 "data_position": stream.position(done),
                 "objective": cfg.objective.kind,
+                "embedding_sharing": cfg.objective.embedding_sharing,
             }
             checkpointer.save(engine, done, trainer_state, extra_files)
             if main:
@@ -303,11 +313,26 @@ def check_same_model(cfg: Config, trainer_state: dict) -> None:
     kind = trainer_state.get("objective")
     if kind and kind != cfg.objective.kind:
         differ.append(f"objective.kind={kind!r} there, {cfg.objective.kind!r} here")
+    sharing = trainer_state.get("embedding_sharing", "shared")  # checkpoints before the key were "shared"
+    if cfg.objective.kind == "electra" and sharing != cfg.objective.embedding_sharing:
+        differ.append(f"objective.embedding_sharing={sharing!r} there, {cfg.objective.embedding_sharing!r} here")
     if differ:
         raise ConfigError(
             f"the checkpoint in {cfg.run.output_dir} was trained with another model ({'; '.join(differ)}): set "
             "those keys back to continue it, or start a new run with a new run.output_dir"
         )
+
+
+def word_pieces(cfg: Config) -> list[int]:
+    """The shards' WordPiece continuation ids (``##...``), for objective.whole_word_mask."""
+    for name in ("tokenizer.json", "vocab.txt"):
+        url = storage.join(cfg.data.shards, name)
+        if storage.exists(url):
+            return continuation_ids(load_tokenizer(url))
+    raise ConfigError(
+        f"objective.whole_word_mask needs the shards' tokenizer to find word pieces, and {cfg.data.shards} has no "
+        "tokenizer.json or vocab.txt; re-make the shards with electra-scale prepare, or set whole_word_mask=false"
+    )
 
 
 def saved_partitions(trainer_state: dict) -> int | None:
