@@ -138,7 +138,7 @@ def main() -> int:
         rtd.exported_discriminator().save_pretrained(out)
         vocab = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
         (out / "vocab.txt").write_text("".join(f"{t}\n" for t in vocab))
-        ElectraTokenizer(vocab_file=str(out / "vocab.txt"), do_lower_case=True).save_pretrained(out)
+        ElectraTokenizer(vocab=str(out / "vocab.txt"), do_lower_case=True).save_pretrained(out)
         print(f"saved the discriminator to {out}", flush=True)
     print(json.dumps({"summary": last, "args": vars(args)}), flush=True)
     return 0
