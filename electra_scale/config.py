@@ -204,8 +204,8 @@ def load_config(paths: str | Path | list | tuple | None, overrides: list[str] = 
     elif isinstance(paths, str | Path):
         paths = [paths]
     raw = read_layered(paths, overrides, example="train.max_steps=100")
-    init_from = (raw.get("model") or {}).get("init_from") if isinstance(raw.get("model"), dict) else None
-    if init_from:
+    model = raw.get("model")
+    if isinstance(model, dict) and model.get("init_from"):
         from electra_scale.engine.pretrained import adopt_shape  # reads the directory's config.json
 
         adopt_shape(raw)

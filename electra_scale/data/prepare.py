@@ -38,7 +38,7 @@ from electra_scale.data.shards import (
 )
 from electra_scale.data.tokenizer import (
     load_tokenizer,
-    model_dir_tokenizer,
+    resolve_spec,
     save_tokenizer,
     special_ids,
     tokenizer_sha256,
@@ -307,8 +307,7 @@ def prepare(
         for doc in iter_corpus(files):
             yield from doc
 
-    if not str(tokenizer).startswith("train:") and not str(tokenizer).endswith((".json", ".txt")):
-        tokenizer, lowercase = model_dir_tokenizer(str(tokenizer), lowercase)  # a model directory's own
+    tokenizer, lowercase = resolve_spec(tokenizer, lowercase)  # a model directory: its file and lowercasing
     tok = load_tokenizer(tokenizer, texts=texts, lowercase=lowercase)
     ids = special_ids(tok)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)

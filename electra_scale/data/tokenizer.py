@@ -49,9 +49,7 @@ def load_tokenizer(spec: str, texts: Callable[[], Iterator[str]] | None = None, 
 
     train:N is not bit-reproducible across runs: HF's WordPiece trainer breaks frequency ties in hash-map
     order. For byte-identical re-runs, pass the tokenizer.json saved beside the first run's shards."""
-    spec = str(spec)
-    if not spec.startswith("train:") and not spec.endswith((".json", ".txt")):
-        spec, lowercase = model_dir_tokenizer(spec, lowercase)
+    spec, lowercase = resolve_spec(spec, lowercase)
     if spec.startswith("train:"):
         try:
             vocab_size = int(spec.split(":", 1)[1])
@@ -87,6 +85,15 @@ def load_tokenizer(spec: str, texts: Callable[[], Iterator[str]] | None = None, 
         _add_bert_post_processor(tok)
         return tok
     raise ValueError(f"unknown tokenizer spec {spec!r}; use {SPEC_FORMS}")
+
+
+def resolve_spec(spec: str, lowercase: bool) -> tuple[str, bool]:
+    """A tokenizer spec as ``load_tokenizer`` reads it, and whether it lowercases: a model directory becomes its
+    tokenizer file (``model_dir_tokenizer``); a file or train:N is as given."""
+    spec = str(spec)
+    if spec.startswith("train:") or spec.endswith((".json", ".txt")):
+        return spec, lowercase
+    return model_dir_tokenizer(spec, lowercase)
 
 
 def model_dir_tokenizer(directory: str, lowercase: bool) -> tuple[str, bool]:

@@ -16,6 +16,25 @@ from electra_scale.config import Config, ModelConfig
 # SDPA is transformers' fused attention path (FlashAttention-style kernels on GPU).
 ATTENTION = "sdpa"
 
+# What a checkpoint's weights are shaped by (another value cannot load them; dropout or init can change): our
+# ModelConfig key -> the key of transformers' ElectraConfig (a Hugging Face config.json), as _electra_config maps
+# them for the discriminator and for the generator.
+DISCRIMINATOR_SHAPE = {
+    "vocab_size": "vocab_size",
+    "embedding_size": "embedding_size",
+    "hidden_size": "hidden_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "intermediate_size": "intermediate_size",
+    "max_position_embeddings": "max_position_embeddings",
+}
+GENERATOR_SHAPE = {
+    "generator_hidden_size": "hidden_size",
+    "generator_num_heads": "num_attention_heads",
+    "generator_intermediate_size": "intermediate_size",
+}
+SHAPE_KEYS = (*DISCRIMINATOR_SHAPE, *GENERATOR_SHAPE)
+
 
 def _electra_config(m: ModelConfig, hidden: int, heads: int, ffn: int, pad_id: int = 0) -> ElectraConfig:
     return ElectraConfig(

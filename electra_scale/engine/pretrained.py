@@ -23,25 +23,12 @@ from pathlib import Path
 import torch
 
 from electra_scale.config import ConfigError
+from electra_scale.data.tokenizer import load_tokenizer, model_dir_tokenizer
+from electra_scale.engine.model import DISCRIMINATOR_SHAPE, GENERATOR_SHAPE
 from electra_scale.infra import storage
 
 log = logging.getLogger("electra_scale")
 
-# Our ModelConfig key -> the key of transformers' ElectraConfig (config.json).
-DISCRIMINATOR_SHAPE = {
-    "vocab_size": "vocab_size",
-    "embedding_size": "embedding_size",
-    "hidden_size": "hidden_size",
-    "num_layers": "num_hidden_layers",
-    "num_heads": "num_attention_heads",
-    "intermediate_size": "intermediate_size",
-    "max_position_embeddings": "max_position_embeddings",
-}
-GENERATOR_SHAPE = {
-    "generator_hidden_size": "hidden_size",
-    "generator_num_heads": "num_attention_heads",
-    "generator_intermediate_size": "intermediate_size",
-}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -86,15 +73,12 @@ def adopt_shape(raw: dict) -> None:
 
 
 def _vocabulary(url_dir: str) -> list[str] | None:
-    """The tokens of a directory's vocab.txt (or tokenizer.json), in id order; None if it has neither."""
-    vocab = storage.join(url_dir, "vocab.txt")
-    if storage.exists(vocab):
-        return [t.rstrip("\r") for t in storage.read_text(vocab).splitlines()]
-    tok_json = storage.join(url_dir, "tokenizer.json")
-    if storage.exists(tok_json):
-        table = json.loads(storage.read_text(tok_json))["model"]["vocab"]
-        return [t for t, _ in sorted(table.items(), key=lambda kv: kv[1])]
-    return None
+    """The tokens of a directory's tokenizer (vocab.txt or tokenizer.json), in id order; None if it has neither."""
+    try:
+        spec, _ = model_dir_tokenizer(url_dir, lowercase=True)
+    except ValueError:
+        return None
+    return [t for t, _ in sorted(load_tokenizer(spec).get_vocab().items(), key=lambda kv: kv[1])]
 
 
 def check_vocabulary(init_from: str, shards: str) -> None:

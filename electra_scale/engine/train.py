@@ -23,10 +23,10 @@ import torch.distributed as dist
 from electra_scale.config import Config, ConfigError, deepspeed_config
 from electra_scale.data.shards import DataError, load_manifest
 from electra_scale.data.stream import PretrainStream, resolve_partitions
-from electra_scale.data.tokenizer import continuation_ids, load_tokenizer
+from electra_scale.data.tokenizer import continuation_ids, load_tokenizer, model_dir_tokenizer
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
-from electra_scale.engine.model import flops_per_token, peak_tflops
+from electra_scale.engine.model import SHAPE_KEYS, flops_per_token, peak_tflops
 from electra_scale.engine.objective import build_objective, summarize
 from electra_scale.engine.pretrained import check_vocabulary, load_weights
 from electra_scale.engine.step import all_reduce_host, build_engine, train_step
@@ -286,21 +286,6 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     }
 
 
-# What a checkpoint's weights are shaped by: another value cannot load them (dropout or init can change).
-SHAPE_KEYS = (
-    "vocab_size",
-    "embedding_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-    "generator_hidden_size",
-    "generator_num_heads",
-    "generator_intermediate_size",
-)
-
-
 def check_same_model(cfg: Config, trainer_state: dict) -> None:
     """Refuse, in one line and before anything is loaded, a checkpoint whose model has another shape (the shards'
     vocabulary differing from the checkpoint's, say), naming the keys that differ and the way to a fresh run."""
@@ -325,14 +310,15 @@ def check_same_model(cfg: Config, trainer_state: dict) -> None:
 
 def word_pieces(cfg: Config) -> list[int]:
     """The shards' WordPiece continuation ids (``##...``), for objective.whole_word_mask."""
-    for name in ("tokenizer.json", "vocab.txt"):
-        url = storage.join(cfg.data.shards, name)
-        if storage.exists(url):
-            return continuation_ids(load_tokenizer(url))
-    raise ConfigError(
-        f"objective.whole_word_mask needs the shards' tokenizer to find word pieces, and {cfg.data.shards} has no "
-        "tokenizer.json or vocab.txt; re-make the shards with electra-scale prepare, or set whole_word_mask=false"
-    )
+    try:
+        spec, _ = model_dir_tokenizer(cfg.data.shards, lowercase=True)
+    except ValueError as err:
+        raise ConfigError(
+            f"objective.whole_word_mask needs the shards' tokenizer to find word pieces, and {cfg.data.shards} "
+            "has no tokenizer.json or vocab.txt; re-make the shards with electra-scale prepare, or set "
+            "whole_word_mask=false"
+        ) from err
+    return continuation_ids(load_tokenizer(spec))
 
 
 def saved_partitions(trainer_state: dict) -> int | None:
