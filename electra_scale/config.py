@@ -143,6 +143,9 @@ class TrainConfig:
     stop_at_step: int | None = None
     # Peak accelerator throughput for the MFU estimate; null = look up the GPU, none on CPU.
     peak_tflops: float | None = None
+    # Padding-free micro-batches (engine/packing.py): the encoders compute only real tokens, one flat row per
+    # micro-batch with attention kept inside each example. Same losses as the padded path, up to rounding.
+    unpad: bool = False
     # Recompute each encoder layer's activations in the backward pass instead of keeping them: less memory
     # (a larger micro-batch fits), about a third more compute. Off: the presets fit without it.
     activation_checkpointing: bool = False

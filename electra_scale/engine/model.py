@@ -12,9 +12,11 @@ import torch
 from transformers import ElectraConfig, ElectraForMaskedLM, ElectraForPreTraining
 
 from electra_scale.config import Config, ModelConfig
+from electra_scale.engine import packing
 
-# SDPA is transformers' fused attention path (FlashAttention-style kernels on GPU).
-ATTENTION = "sdpa"
+# transformers' SDPA path for padded batches, and the variable-length one for padding-free batches
+# (train.unpad): engine/packing.py.
+ATTENTION = packing.register()
 
 # What a checkpoint's weights are shaped by (another value cannot load them; dropout or init can change): our
 # ModelConfig key -> the key of transformers' ElectraConfig (a Hugging Face config.json), as _electra_config maps
@@ -149,11 +151,12 @@ def param_counts(cfg: Config) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------ FLOPs
 # Two conventions, for two uses:
 #
-# flops_per_token        what the hardware must do: matmul FLOPs only (2 per multiply-accumulate), backward =
-#                        2 x forward, sparse embedding lookups (free), attention scores included, and the
-#                        vocabulary projection only at the masked positions. Used for tokens/s -> TFLOP/s -> MFU,
-#                        and it equals torch's FlopCounterMode count of a real training step (tests/test_flops.py).
-#                        ELECTRA-Large (s = 512, 25% masking): 2.17 GFLOP per token.
+# training_flops         what the hardware must do for the real tokens: matmul FLOPs only (2 per multiply-
+# flops_per_token        accumulate), backward = 2 x forward, sparse embedding lookups (free), attention scores
+#                        included (per query-key pair within an example), and the vocabulary projection only at
+#                        the masked positions. Used for TFLOP/s -> MFU, and it equals torch's FlopCounterMode
+#                        count of a real training step, padded or padding-free (tests/test_flops.py).
+#                        ELECTRA-Large (full-length examples, s = 512, 25% masking): 2.17 GFLOP per token.
 # paper_flops_per_token  the ELECTRA paper's accounting (its Tables 1-2 and google-research/electra's
 #                        flops_computation.py), for comparing against the paper's compute axis: every op counted
 #                        (softmax, LayerNorm, GELU, dropout, biases), *dense* one-hot embedding lookups (2·e·V per
@@ -163,36 +166,43 @@ def param_counts(cfg: Config) -> dict[str, int]:
 # Both count the generator's FLOPs against ELECTRA, as the paper does.
 
 
-def _encoder_flops(hidden: int, ffn: int, layers: int, seq_len: int, embedding: int) -> float:
-    """Forward matmul FLOPs per token of one Transformer encoder (2 FLOPs per multiply-accumulate)."""
-    per_layer = (
-        2 * 4 * hidden * hidden  # Q, K, V and output projections
-        + 2 * 2 * seq_len * hidden  # attention scores QK^T and the weighted sum of V
-        + 2 * 2 * hidden * ffn  # the two FFN matmuls
-    )
-    project = 2 * embedding * hidden if embedding != hidden else 0
-    return layers * per_layer + project
+def _encoder_flops(hidden: int, ffn: int, layers: int, embedding: int) -> tuple[float, float]:
+    """Forward matmul FLOPs of one Transformer encoder (2 FLOPs per multiply-accumulate): (per token, per
+    attended query-key pair). A token of an example of length l attends to l keys, so an example costs
+    l x per_token + l^2 x per_pair."""
+    per_token = layers * (2 * 4 * hidden * hidden + 2 * 2 * hidden * ffn)  # Q, K, V, output; the two FFN matmuls
+    per_token += 2 * embedding * hidden if embedding != hidden else 0  # embeddings_project
+    per_pair = layers * 2 * 2 * hidden  # the scores QK^T and the weighted sum of V
+    return per_token, per_pair
+
+
+def training_flops(cfg: Config, tokens: float, pairs: float) -> float:
+    """Training FLOPs, hardware convention (see above), of ``tokens`` real tokens in examples that hold
+    ``pairs`` attended query-key pairs in all (the sum of their squared lengths): the work that counts, whatever
+    the batch layout. A padded batch computes more (its padding, and the vocabulary projection at unused slots),
+    which is why throughput and MFU are counted in real tokens: padding shows as lost MFU.
+
+    Counted: every encoder matmul incl. attention scores, the embedding -> hidden projection when they differ,
+    the discriminator's head (dense h x h and the 1-logit output) at every token, and the generator's (or
+    MLM's) head (dense h -> e, then e -> V) at ``mask_prob`` of the tokens. Not counted: embedding lookups,
+    softmax, LayerNorm, activations, the optimizer. Backward = 2 x forward."""
+    m, p = cfg.model, cfg.objective.mask_prob
+    disc_tok, disc_pair = _encoder_flops(m.hidden_size, m.intermediate_size, m.num_layers, m.embedding_size)
+    if cfg.objective.kind == "mlm":
+        head = p * (2 * m.hidden_size * m.embedding_size + 2 * m.embedding_size * m.vocab_size)
+        return 3.0 * (tokens * (disc_tok + head) + pairs * disc_pair)
+    disc_head = 2 * m.hidden_size * m.hidden_size + 2 * m.hidden_size  # dense + 1-logit output per token
+    gen_tok, gen_pair = _encoder_flops(m.generator_hidden_size, m.gen_intermediate, m.num_layers, m.embedding_size)
+    gen_head = p * (2 * m.generator_hidden_size * m.embedding_size + 2 * m.embedding_size * m.vocab_size)
+    return 3.0 * (tokens * (disc_tok + disc_head + gen_tok + gen_head) + pairs * (disc_pair + gen_pair))
 
 
 def flops_per_token(cfg: Config) -> float:
-    """Training FLOPs per input token, hardware convention (see above): forward matmuls x 3.
-
-    Counted: every encoder matmul incl. attention scores, the embedding -> hidden projection when they differ,
-    the discriminator's head (dense h x h and the 1-logit output) at every position, and the generator's (or
-    MLM's) head (dense h -> e, then e -> V) at ``mask_prob`` of the positions. Not counted: embedding lookups,
-    softmax, LayerNorm, activations, the optimizer. The code projects to the vocabulary at
+    """Training FLOPs per token of full-length examples (``training_flops`` of one token attending to
+    ``seq_len`` keys): the compute axis of compare's budgets. The code projects to the vocabulary at
     ``int((mask_prob + 0.005) * seq_len)`` slots per example (the reference's max_predictions_per_seq), which
-    is mask_prob up to rounding (25% -> 130/512 = 25.4% for Large); we count mask_prob.
-    """
-    m, s, p = cfg.model, cfg.data.seq_len, cfg.objective.mask_prob
-    disc = _encoder_flops(m.hidden_size, m.intermediate_size, m.num_layers, s, m.embedding_size)
-    if cfg.objective.kind == "mlm":
-        head = p * (2 * m.hidden_size * m.embedding_size + 2 * m.embedding_size * m.vocab_size)
-        return 3.0 * (disc + head)
-    disc_head = 2 * m.hidden_size * m.hidden_size + 2 * m.hidden_size  # dense + 1-logit output per token
-    gen = _encoder_flops(m.generator_hidden_size, m.gen_intermediate, m.num_layers, s, m.embedding_size)
-    gen_head = p * (2 * m.generator_hidden_size * m.embedding_size + 2 * m.embedding_size * m.vocab_size)
-    return 3.0 * (disc + disc_head + gen + gen_head)
+    is mask_prob up to rounding (25% -> 130/512 = 25.4% for Large); we count mask_prob."""
+    return training_flops(cfg, 1.0, float(cfg.data.seq_len))
 
 
 # The reference's per-element costs of the non-matmul ops (flops_computation.py).

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from electra_scale.config import ObjectiveConfig
+from electra_scale.engine.packing import layout
 
 # ------------------------------------------------------------------------------------------ randomness
 # Every random number of the objective is a hash of (train seed, the example's stream position, which slot),
@@ -272,24 +273,18 @@ def replace_tokens(
     return disc_ids, (disc_ids != input_ids) & attention_mask.bool()
 
 
-def encoder_mask(attention_mask: torch.Tensor, padded: bool) -> torch.Tensor | None:
-    """What the encoders get as their attention mask: None when no example is padded (SDPA may then use its
-    flash kernel), else the mask already in the 4-D form transformers passes to SDPA unchanged. Given the 2-D
-    mask, transformers would test it for padding with ``.all()``, which makes the host wait for the GPU."""
-    return attention_mask[:, None, None, :].bool() if padded else None
-
-
-def masked_lm_logits(mlm, m: Masked, mask, token_type_ids) -> torch.Tensor:
+def masked_lm_logits(mlm, lay, m: Masked, token_type_ids) -> torch.Tensor:
     """Encode the masked sequence with an ``ElectraForMaskedLM`` and project to the vocabulary only at the
-    masked positions [B, N, V], as the reference gathers them: projecting every position would spend most of a
-    generator's FLOPs on outputs nobody reads.
+    masked slots [S, V] (``lay``: engine/packing.py's layout), as the reference gathers them: projecting every
+    position would spend most of a generator's FLOPs on outputs nobody reads.
 
     The projection runs in fp32 (TF32 on GPUs, which is exact for bf16 inputs), so the logits that sampling
     uses are not rounded to bf16 first: a bf16 logit near 20 is off by up to 0.06, which moves a token's
-    sampling probability by ~6%. The reference computed everything in fp32."""
-    hidden = mlm.electra(input_ids=m.input_ids, attention_mask=mask, token_type_ids=token_type_ids)
-    hidden = hidden.last_hidden_state
-    picked = mlm.generator_predictions(hidden.gather(1, m.positions[..., None].expand(-1, -1, hidden.shape[-1])))
+    sampling probability by ~6%. The reference computed everything in fp32. The logits are rows, so the
+    cross-entropy's log-softmax runs over the contiguous last axis (the strided kernel that [B, V, N] takes
+    was measured on an H200 at 50 ms of Base's 196 ms step)."""
+    hidden = mlm.electra(**lay.encoder_inputs(m.input_ids, token_type_ids)).last_hidden_state
+    picked = mlm.generator_predictions(lay.at_slots(hidden, m.positions))
     head = mlm.generator_lm_head
     with torch.autocast(picked.device.type, enabled=False):
         bias = head.bias.float() if head.bias is not None else None
@@ -321,18 +316,13 @@ class _Masking(nn.Module):
             table[torch.tensor(continuation)] = True
         self.register_buffer("continuation", table, persistent=False)  # [V]: a ## piece?
 
-    def count_masked(self, input_ids, attention_mask, token_type_ids, positions, padded=True) -> torch.Tensor:
+    def count_masked(
+        self, input_ids, attention_mask, token_type_ids, positions, padded=True, packing=None
+    ) -> torch.Tensor:
         """The masked positions of a micro-batch, as a device tensor: with whole words the count depends on the
         words, so the train loop cannot know it from the data's counts (``count_batch_targets``)."""
         _, m = draw_and_mask(self, input_ids, attention_mask, positions, self.vocab_size)
         return m.weights.sum()
-
-
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-position cross-entropy of [B, N, V] logits, as [B, N]. Flattened to rows so that the log-softmax runs
-    over the last, contiguous axis: ``cross_entropy(logits.transpose(1, 2))`` gives the same numbers but takes
-    the strided ("spatial") kernel, measured on an H200 at 50 ms of Base's 196 ms step (micro-batch 32 x 512)."""
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
 class ElectraObjective(_Masking):
@@ -373,37 +363,39 @@ class ElectraObjective(_Masking):
         folded.electra.embeddings.word_embeddings.weight.add_(self.gdes_delta.weight)
         return folded
 
-    def forward(self, input_ids, attention_mask, token_type_ids, positions, padded=True) -> dict[str, torch.Tensor]:
+    def forward(
+        self, input_ids, attention_mask, token_type_ids, positions, padded=True, packing=None
+    ) -> dict[str, torch.Tensor]:
+        """``padded``: whether any example is padded (known on the host); ``packing``: an engine/packing.py
+        ``Packing`` to run padding-free (train.unpad), else None."""
         draws, m = draw_and_mask(self, input_ids, attention_mask, positions, self.vocab_size)
-        mask = encoder_mask(attention_mask, padded)
+        lay = layout(attention_mask, padded, packing)
 
-        gen_logits = masked_lm_logits(self.generator, m, mask, token_type_ids)
-        gen_nll = token_nll(gen_logits, m.targets)  # [B, N]
+        gen_logits = masked_lm_logits(self.generator, lay, m, token_type_ids)  # [S, V] at the masked slots
+        targets, weights = lay.slots(m.targets), lay.slots(m.weights)
+        gen_nll = F.cross_entropy(gen_logits, targets, reduction="none")
 
-        sampled = sample_tokens(gen_logits, sampling_temperature(self.cfg, self.step), draws.sample)
-        disc_ids, labels = replace_tokens(input_ids, attention_mask, m, sampled)
+        sampled = sample_tokens(gen_logits, sampling_temperature(self.cfg, self.step), lay.slots(draws.sample))
+        disc_ids, labels = replace_tokens(input_ids, attention_mask, m, lay.unslot(sampled, m.targets))
 
+        disc_inputs = lay.encoder_inputs(disc_ids, token_type_ids)
         if self.cfg.embedding_sharing == "gdes":
-            disc_logits = self.discriminator(
-                inputs_embeds=self.discriminator_embeddings(disc_ids),
-                attention_mask=mask,
-                token_type_ids=token_type_ids,
-            )
-        else:
-            disc_logits = self.discriminator(input_ids=disc_ids, attention_mask=mask, token_type_ids=token_type_ids)
-        disc_logits = disc_logits.logits.float()
-        real = attention_mask.float()
+            disc_inputs["inputs_embeds"] = self.discriminator_embeddings(disc_inputs.pop("input_ids"))
+        disc_logits = self.discriminator(**disc_inputs).logits.float()
+        if packing is not None:
+            disc_logits = disc_logits[0]  # [T]: per token, in the layout's order
+        labels, real = lay.tokens(labels), lay.tokens(attention_mask).float()
         disc_nll = F.binary_cross_entropy_with_logits(disc_logits, labels.float(), reduction="none")
         predicted = disc_logits > 0
         return {
-            "gen_loss": (gen_nll * m.weights).sum(),
-            "gen_correct": ((gen_logits.argmax(-1) == m.targets).float() * m.weights).sum().detach(),
-            "n_masked": m.weights.sum(),
+            "gen_loss": (gen_nll * weights).sum(),
+            "gen_correct": ((gen_logits.argmax(-1) == targets).float() * weights).sum().detach(),
+            "n_masked": weights.sum(),
             "disc_loss": (disc_nll * real).sum(),
             "disc_correct": ((predicted == labels).float() * real).sum().detach(),
             "n_tokens": real.sum(),
             "disc_tp": (predicted & labels).sum().float().detach(),
-            "disc_pred_pos": (predicted & attention_mask.bool()).sum().float().detach(),
+            "disc_pred_pos": (predicted & real.bool()).sum().float().detach(),
             "n_replaced": labels.sum().float(),
         }
 
@@ -415,14 +407,18 @@ class MLMObjective(_Masking):
         super().__init__(cfg, special, seed, mlm.config.vocab_size, continuation)
         self.mlm = mlm
 
-    def forward(self, input_ids, attention_mask, token_type_ids, positions, padded=True) -> dict[str, torch.Tensor]:
+    def forward(
+        self, input_ids, attention_mask, token_type_ids, positions, padded=True, packing=None
+    ) -> dict[str, torch.Tensor]:
         _, m = draw_and_mask(self, input_ids, attention_mask, positions, self.vocab_size)
-        logits = masked_lm_logits(self.mlm, m, encoder_mask(attention_mask, padded), token_type_ids)
-        nll = token_nll(logits, m.targets)
+        lay = layout(attention_mask, padded, packing)
+        logits = masked_lm_logits(self.mlm, lay, m, token_type_ids)
+        targets, weights = lay.slots(m.targets), lay.slots(m.weights)
+        nll = F.cross_entropy(logits, targets, reduction="none")
         return {
-            "gen_loss": (nll * m.weights).sum(),
-            "gen_correct": ((logits.argmax(-1) == m.targets).float() * m.weights).sum().detach(),
-            "n_masked": m.weights.sum(),
+            "gen_loss": (nll * weights).sum(),
+            "gen_correct": ((logits.argmax(-1) == targets).float() * weights).sum().detach(),
+            "n_masked": weights.sum(),
             "n_tokens": attention_mask.float().sum(),
         }
 

@@ -18,8 +18,9 @@ import torch.distributed as dist
 
 from electra_scale.config import Config, deepspeed_config
 from electra_scale.engine.model import prepare_encoders
-from electra_scale.engine.objective import count_batch_targets, training_loss
+from electra_scale.engine.objective import count_batch_targets, max_predictions, predictions_for, training_loss
 from electra_scale.engine.optim import choose_adam, electra_schedule, param_groups
+from electra_scale.engine.packing import pack
 
 
 def build_engine(cfg: Config, objective: torch.nn.Module, world_size: int, device: torch.device, universal=False):
@@ -67,12 +68,25 @@ def all_reduce_host(values: list[float], group=None) -> list[float]:
     return t.tolist()
 
 
+def objective_inputs(mb, cfg: Config, device: torch.device, non_blocking: bool = True) -> dict:
+    """The objective's keyword arguments for a data/stream.py ``MicroBatch`` on ``device``; with train.unpad, its
+    packing too (engine/packing.py), built on the host from the example counts: the masked slots in use per
+    example are the reference's budget, round(real tokens x mask_prob) within the cap (whole-word masking may
+    use fewer: their weights are 0)."""
+    inputs = mb.model_inputs(device, non_blocking=non_blocking)
+    if cfg.train.unpad:
+        L, p = mb.tokens.shape[1], cfg.objective.mask_prob
+        used = predictions_for(mb.lengths, mb.candidates, p, L)
+        inputs["packing"] = pack(mb.lengths, used, L, max_predictions(p, L), device)
+    return inputs
+
+
 def train_step(engine, micro_batches: list, cfg: Config, device: torch.device, world_size: int) -> list[dict]:
     """Forward, backward and DeepSpeed's step for each of this rank's micro-batches of one global batch; the
     optimizer steps after the last. Returns each micro-batch's loss and metric sums (device tensors)."""
     objective = engine.module
     objective.step = engine.global_steps  # the generator curriculum's clock (restored with a checkpoint)
-    inputs = [mb.model_inputs(device, non_blocking=True) for mb in micro_batches]
+    inputs = [objective_inputs(mb, cfg, device) for mb in micro_batches]
     masked = None
     if cfg.objective.whole_word_mask:  # words cut the budget: the count is the device's (a few small kernels)
         with torch.no_grad():

@@ -26,7 +26,7 @@ from electra_scale.data.stream import PretrainStream, resolve_partitions
 from electra_scale.data.tokenizer import continuation_ids, load_tokenizer, model_dir_tokenizer
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
-from electra_scale.engine.model import SHAPE_KEYS, flops_per_token, peak_tflops
+from electra_scale.engine.model import SHAPE_KEYS, peak_tflops, training_flops
 from electra_scale.engine.objective import build_objective, summarize
 from electra_scale.engine.pretrained import check_vocabulary, load_weights
 from electra_scale.engine.step import all_reduce_host, build_engine, train_step
@@ -171,8 +171,8 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     extra_files = _checkpoint_extras(cfg) if main else {}
     metrics = MetricsLogger(cfg.run.output_dir, cache, start_step, cfg.run.tensorboard) if main else None
     samples = SampleLog(cache, dist_env.rank, world, start_step) if cfg.run.record_samples else None
-    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-    flops_tok, peak = flops_per_token(cfg), peak_tflops(cfg.train.peak_tflops)
+    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len  # positions, padding included
+    peak = peak_tflops(cfg.train.peak_tflops)
     if main:
         log.info(
             "pretrain %s: steps %d -> %d of %d, %d rank(s) x micro-batch %d x accumulation %d = %d per step; "
@@ -197,12 +197,16 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     vote = StopVote(host_group)
     history: list[dict] = []
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+    real_tokens, real_pairs = 0, 0  # this rank's, in the window: throughput and FLOPs count what is not padding
     skipped_logged = 0
     sums: dict[str, torch.Tensor | float] = defaultdict(float)
     for step in range(start_step, stop_step):
         waited = time.perf_counter()
         micro_batches = next(batches)
         data_wait += time.perf_counter() - waited  # the step blocked on its input for this long
+        for mb in micro_batches:  # host numbers the data path already has
+            real_tokens += int(mb.lengths.sum())
+            real_pairs += int((mb.lengths * mb.lengths).sum())
         preempted = vote.cast(stop.requested)  # a rank asked at the previous step: this one is the last
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)
         for out in train_step(engine, micro_batches, cfg, device, world):
@@ -219,19 +223,22 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
 
         if done % cfg.train.log_every == 0 or done == stop_step or preempted:
             keys = sorted(sums)
-            values = [float(sums[k]) for k in keys] + [float(len(stream.skipped) - skipped_logged), data_wait]
-            *reduced_values, skipped_new, wait_sum = all_reduce_host(values, host_group)
+            values = [float(sums[k]) for k in keys]
+            values += [float(len(stream.skipped) - skipped_logged), data_wait, float(real_tokens), float(real_pairs)]
+            *reduced_values, skipped_new, wait_sum, tokens, pairs = all_reduce_host(values, host_group)
             reduced = dict(zip(keys, reduced_values))
             skipped_logged = len(stream.skipped)
             elapsed = time.perf_counter() - window_start
             record = summarize(reduced, cfg.objective.disc_weight)
-            tokens_per_s = window_steps * tokens_per_step / elapsed
+            tflops = training_flops(cfg, tokens, pairs) / elapsed / 1e12
             record.update(
                 lr=lr,
                 grad_norm=float(engine.get_global_grad_norm() or 0.0),
-                tokens_per_s=tokens_per_s,
-                tflops=tokens_per_s * flops_tok / 1e12,
-                mfu=(tokens_per_s * flops_tok / 1e12 / peak / world) if peak else None,
+                step_time_s=elapsed / window_steps,
+                tokens_per_s=tokens / elapsed,  # real tokens (not padding), all ranks
+                pad_frac=1.0 - tokens / (window_steps * tokens_per_step),  # positions of the batches that are padding
+                tflops=tflops,
+                mfu=tflops / peak / world if peak else None,
                 samples_seen=done * cfg.train.global_batch_size,
                 # Share of the window's wall time the ranks spent blocked on their next batch (mean over ranks).
                 data_wait=wait_sum / world / elapsed,
@@ -246,6 +253,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
                     on_log(done, record)
             sums.clear()
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+            real_tokens, real_pairs = 0, 0
 
         if done % cfg.checkpoint.every_steps == 0 or done == stop_step or preempted:
             trainer_state = {

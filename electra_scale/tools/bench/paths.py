@@ -242,16 +242,21 @@ def bench_pretrain(cfg, shards: str, workdir: Path, device, steps: int, warmup: 
     # launch.init_distributed gives a CPU rank all the cores: keep the threads the other paths ran with.
     with threads_pinned(device):
         history = pretrain(run_cfg, on_log=hook)["history"]
-    tokens_per_step = run_cfg.train.global_batch_size * run_cfg.data.seq_len
-    # Each record covers the steps since the previous one; its tokens/s gives the window's wall time.
+    # Each record covers the steps since the previous one.
     steps_in = [r["step"] - a for a, r in zip([0] + [r["step"] for r in history[:-1]], history)]
-    timed = [(n, n * tokens_per_step / r["tokens_per_s"]) for n, r in zip(steps_in, history)][1 if warmup else 0 :]
+    timed = [(n, n * r["step_time_s"]) for n, r in zip(steps_in, history)][1 if warmup else 0 :]
+    records = history[1 if warmup else 0 :]
     result = PathResult(
         "pretrain",
         step_time_s=statistics.median(t / n for n, t in timed),
         steps=sum(n for n, _ in timed),
         peak_memory_bytes=peak_memory(device) - baseline,
-        extra={"step_time_mean_s": sum(t for _, t in timed) / sum(n for n, _ in timed)},
+        extra={
+            "step_time_mean_s": sum(t for _, t in timed) / sum(n for n, _ in timed),
+            # What its streamed batches held: real tokens and their FLOPs per step (train.py counts them).
+            "real_tokens_per_step": statistics.fmean(r["tokens_per_s"] * r["step_time_s"] for r in records),
+            "flops_per_step": statistics.fmean(r["tflops"] * 1e12 * r["step_time_s"] for r in records),
+        },
     )
     waits = [r["data_wait"] for r in history[1 if warmup else 0 :] if r.get("data_wait") is not None]
     if waits:  # the share of the step the rank spent blocked on its next batch

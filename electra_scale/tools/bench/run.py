@@ -18,7 +18,9 @@ Measures, for one rank on this machine (a GPU if there is one):
   block decode -> collated micro-batches (``PretrainStream`` with no worker processes), in samples/s and
   tokens/s per CPU-second, with the bytes and GETs it fetched against its 1/W share (docs/data.md).
 
-MFU = flops_per_token (model.py: matmuls, backward = 2 x forward) x tokens/s / peak. The peak is the GPU's
+Throughput counts real tokens, not padding: tokens/s is the batches' real tokens per second, and MFU =
+model.training_flops of those tokens (matmuls, attention within each example, backward = 2 x forward) per
+second / peak. With train.unpad=false the step also computes the padding, which shows as lost MFU. The peak is the GPU's
 dense bf16 figure from model.GPU_PEAK_TFLOPS, or on CPU a measured matmul rate in the run's precision with the
 same threads (so CPU MFU says how close the step gets to this CPU's own matmul speed).
 
@@ -79,7 +81,7 @@ def run_bench(
 
     from electra_scale.config import load_config
     from electra_scale.data import load_manifest
-    from electra_scale.engine.model import flops_per_token, paper_flops_per_token, param_counts
+    from electra_scale.engine.model import flops_per_token, paper_flops_per_token, param_counts, training_flops
     from electra_scale.infra import launch, storage
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -184,12 +186,23 @@ def run_bench(
                 if bare is not None:
                     bare.close()
 
+    if batches is not None:  # the fixed batch's real tokens (not padding) and the FLOPs they need
+        real = [mb.lengths.double() for mb in batches]
+        fixed = {
+            "real_tokens_per_step": float(sum(x.sum() for x in real)),
+            "flops_per_step": training_flops(
+                cfg, float(sum(x.sum() for x in real)), float(sum((x * x).sum() for x in real))
+            ),
+        }
+        report.update(real_tokens_per_step=fixed["real_tokens_per_step"])
+        report.update(pad_frac=1.0 - fixed["real_tokens_per_step"] / tokens_per_step)
     for name in ("bare", "engine", "pretrain"):
         r = results.get(name)
         if r is None or r.step_time_s is None:
             continue
-        r.tokens_per_s = tokens_per_step / r.step_time_s
-        r.tflops = r.tokens_per_s * fpt / 1e12
+        counts = r.extra if name == "pretrain" else fixed
+        r.tokens_per_s = counts["real_tokens_per_step"] / r.step_time_s
+        r.tflops = counts["flops_per_step"] / r.step_time_s / 1e12
         r.mfu = r.tflops / peak
     # Each path against the bare steps it was interleaved with (pretrain's own, when it had them).
     report["overhead"] = {}
