@@ -6,11 +6,15 @@
 #   make gpu-check OUT=DIR WHEELS=DIR
 #
 # It runs, each step with its own time limit, most valuable first, and stops starting new steps near the end
-# of its budget (GPU_CHECK_BUDGET_S, default 330 s):
+# of its budget (GPU_CHECK_BUDGET_S, default 360 s):
 #   1. the environment (GPU, driver, torch, CUDA) -> env.json
 #   2. pytest -m gpu (tests/test_gpu.py): NCCL + the gloo side group, a bf16 step with DeepSpeed's FusedAdam
 #      (JIT-built), NaN-free sampling and CPU-identical random numbers, checkpoint resume with the device's
-#      RNG giving identical losses, export -> pytest.xml, pytest.log
+#      RNG giving identical losses, export, padding-free batches (FlashAttention varlen) and compiled layers
+#      against the padded eager step -> pytest.xml, pytest.log
+#   2b. the ablation of Large and Small on short documents (78% padding, as the demo's Wikipedia leads at seq
+#      512): bench with the real pretrain path once per lever setting, all else equal: train.unpad, train.compile,
+#      the DeepSpeed JSON (ZeRO-2 / ZeRO-1 / ZeRO-0) -> ablation-<shape>.json (summary.json: `ablation`)
 #   3. electra-scale bench of the Large, Small and Base shapes, bf16, ZeRO-2 at the largest micro-batch that
 #      fits (--find-micro-batch), then ZeRO-0 at that micro-batch -> bench-<shape>-<zero>.json
 #   4. a 100-step pretrain of Small from local shards, stopped at 50 and resumed -> pretrain.log
@@ -37,7 +41,7 @@ OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d /tmp/electra-gpu-check.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 START=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET_S:-330}  # the dry run sets its own (the CPU is slower)
+BUDGET=${GPU_CHECK_BUDGET_S:-360}  # the dry run sets its own (the CPU is slower)
 
 PY=${PYTHON:-}
 if [ -z "$PY" ]; then
@@ -88,6 +92,9 @@ if [ "$DRY" = 1 ]; then
     export CUDA_VISIBLE_DEVICES=""  # the CPU, even where a GPU is
     BUDGET=${GPU_CHECK_BUDGET_S:-900}
     SHAPES="large:configs/tiny.yaml small:configs/tiny.yaml"
+    # shape:config:micro-batch; compile is left out on the CPU (inductor's C++ build takes minutes on 2 cores)
+    ABLATE_SHAPES="large:configs/tiny.yaml:8 small:configs/tiny.yaml:8"
+    LEVERS=(--ablate train.unpad=false,true --ablate train.deepspeed_config=ds_configs/zero0.json)
     FIND=32 STEPS=2 WARMUP=1 SAMPLES=2048 PRETRAIN="configs/tiny.yaml" PRECISION=fp32
     COST_CONFIG=configs/compare/mini.yaml DEVICE=cpu
 else
@@ -96,6 +103,9 @@ else
     # tests/conftest.py puts DeepSpeed on the CPU unless told otherwise; here its accelerator is the GPU.
     export DS_ACCELERATOR=cuda
     SHAPES="large:configs/large.yaml small:configs/small.yaml base:configs/base.yaml"
+    ABLATE_SHAPES="large:configs/large.yaml:64 small:configs/small.yaml:128"
+    LEVERS=(--ablate train.unpad=false,true --ablate train.compile=true
+        --ablate train.deepspeed_config=ds_configs/zero1.json,ds_configs/zero0.json)
     FIND=512 STEPS=10 WARMUP=3 SAMPLES=65536 PRETRAIN="configs/small.yaml" PRECISION=bf16
     COST_CONFIG=configs/compare/gpu.yaml DEVICE=cuda
 fi
@@ -122,7 +132,22 @@ PY
 log "environment: $(cat "$OUT/env.json" | tr -d '\n' | cut -c1-200)"
 
 # ---------------------------------------------------------------------------------------------- 2. pytest -m gpu
-step pytest 240 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+step pytest 150 "$PY" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml="$OUT/pytest.xml"
+
+# ---------------------------------------------------------------------------------------------- 2b. ablation
+# Short documents, local synthetic shards; the base setting is padding-free, eager, ZeRO-2, and each --ablate
+# row changes one lever from it (LEVERS).
+for entry in $ABLATE_SHAPES; do
+    IFS=: read -r shape config micro <<<"$entry"
+    read -r seq vocab < <("$PY" -c "from electra_scale.config import load_config as l; c = l('$config'); \
+print(c.data.seq_len, c.model.vocab_size)")
+    data="$WORK/short-$seq-$vocab"
+    [ -f "$data/manifest.json" ] || step "short-shards-$shape" 60 "$PY" -c \
+        "from electra_scale.tools.bench.data import synthetic_shards as s; s('$data', $vocab, $seq, 8192, pad_frac=0.78)"
+    step "ablation-$shape" 150 "$PY" -m electra_scale bench --config "$config" "train.precision=$PRECISION" \
+        data.num_workers=2 train.unpad=true "train.micro_batch_size=$micro" --data "$data" --steps "$STEPS" \
+        --warmup "$WARMUP" --skip data "${LEVERS[@]}" --json-out "$OUT/ablation-$shape.json"
+done
 
 # ---------------------------------------------------------------------------------------------- 3. bench
 for entry in $SHAPES; do

@@ -52,6 +52,16 @@ def collect(out: Path) -> dict:
             "paths": rows,
             "overhead": report.get("overhead"),
         }
+    # One row per lever setting, per shape (bench --ablate): each a real pretrain run, all else equal.
+    summary["ablation"] = []
+    for path in sorted(out.glob("ablation-*.json")):
+        report = _json(path)
+        for row in (report or {}).get("ablation", []):
+            keep = ("lever", "value", "step_time_s", "tokens_per_s", "mfu", "peak_memory_bytes", "data_wait", "error")
+            summary["ablation"].append(
+                {"shape": path.stem.removeprefix("ablation-"), "micro_batch_size": report["micro_batch_size"],
+                 "pad_frac": report.get("pad_frac"), **{k: row.get(k) for k in keep}}
+            )  # fmt: skip
     metrics = out / "pretrain-metrics.jsonl"
     if metrics.exists():
         records = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -106,6 +116,23 @@ def markdown(s: dict) -> str:
                 wait = f"{r['data_wait']:.1%}" if r.get("data_wait") is not None else ""
                 micro = f"{b['micro_batch_size']}{' (largest)' if b['found'] else ''}"
                 lines.append(f"| {name} | {micro} | {path} | {step} | {tps} | {mfu} | {mem} | {wait} |")
+    if s.get("ablation"):
+        lines += [
+            "",
+            "## ablation: one lever at a time, the real pretrain path",
+            "",
+            "| shape | micro-batch | padding | lever | value | step | real tokens/s | MFU | peak memory | data wait |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in s["ablation"]:
+            where = f"| {r['shape']} | {r['micro_batch_size']} | {r['pad_frac']:.0%} | {r['lever']} | {r['value']} |"
+            if r.get("error"):
+                lines.append(f"{where} failed: {r['error'][:80]} | | | | |")
+                continue
+            lines.append(
+                f"{where} {r['step_time_s'] * 1e3:.1f} ms | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
+                f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {r['data_wait'] or 0:.1%} |"
+            )
     if s.get("pretrain"):
         p = s["pretrain"]
         lines += ["", "## 100-step pretrain of Small, stopped at 50 and resumed", ""]

@@ -125,6 +125,8 @@ def test_every_ds_config_works_with_bf16_and_fp16():
             fp32_grads = precision == "bf16" and name != "zero0"
             assert ds.get("data_types", {}).get("grad_accum_dtype") == ("fp32" if fp32_grads else None)
             assert ds.get("communication_data_type") == ("fp32" if fp32_grads else None)
+            # and bf16's per-step overflow check, which guards nothing in bf16, is off where DeepSpeed honours it.
+            assert ds[precision].get("check_grad_overflow") == (False if fp32_grads else None)
 
 
 def describe(name: str) -> dict:

@@ -29,7 +29,12 @@ def test_pack_lays_out_tokens_slots_and_sequence_bounds():
     assert p.position_ids.tolist() == [[0, 1, 2, 0, 0, 1, 2, 3]]
     assert p.cu_seqlens.tolist() == [0, 3, 4, 8] and p.cu_seqlens.dtype == torch.int32
     assert p.slots.tolist() == [0, 4, 5]  # rows of 2 slots: example 0's first, example 2's two
-    assert p.spans == ((0, 3), (3, 4), (4, 8)) and p.max_seqlen == 4
+    assert p.max_seqlen == 4
+    # The CPU's attention groups examples by length (1, 3, 4 here): their tokens, and the way back.
+    assert [g.tolist() for g in p.groups] == [[[3]], [[0, 1, 2]], [[4, 5, 6, 7]]]
+    assert torch.cat([g.flatten() for g in p.groups])[p.ungroup].tolist() == list(range(8))
+    same = pack(torch.tensor([4, 2, 4]), torch.tensor([1, 1, 1]), seq_len=4, slots_per_example=1, device="cpu")
+    assert [g.tolist() for g in same.groups] == [[[4, 5]], [[0, 1, 2, 3], [6, 7, 8, 9]]]
 
 
 def _objective_inputs(ids, attn, cfg, unpad: bool) -> dict:

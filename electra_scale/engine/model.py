@@ -116,7 +116,13 @@ def prepare_encoders(objective: torch.nn.Module, train) -> None:
             # Non-reentrant: works with DeepSpeed's hooks and replays dropout with the saved RNG state.
             encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if train.compile:
-            encoder.compile()  # in place: parameter names (and so checkpoints) stay as they are
+            # Regional: each encoder layer on its own, in place (parameter names, and so checkpoints, stay as
+            # they are). The layers run the same code, so one layer's compile serves them all: compile time
+            # stays that of a layer, not of the model. Inductor fuses the bias adds, GELU, dropout, residuals
+            # and LayerNorms around the matmuls; attention is left to its own kernels (engine/packing.py).
+            # Padding-free batches change length every step: compiled for dynamic shapes then.
+            for layer in encoder.encoder.layer:
+                layer.compile(dynamic=True if train.unpad else None)
 
 
 def count_params(module: torch.nn.Module) -> int:

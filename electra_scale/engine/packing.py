@@ -19,7 +19,8 @@ with it): without a packing it is transformers' SDPA path unchanged. With one:
 - CUDA, bf16/fp16: FlashAttention's variable-length kernel (``aten::_flash_attention_forward``, the op behind
   torch's ``varlen_attn``, called directly because it takes the attention dropout that ``varlen_attn`` lacks;
   the paper's models use 0.1);
-- otherwise (CPU, fp32): SDPA per example, exact. Per-example work is what padding-free buys on a CPU too.
+- otherwise (CPU, fp32): SDPA over the examples of each length in one batched call, exact. Attention per
+  example is what padding-free buys on a CPU too.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class Packing:
     position_ids: torch.Tensor  # [1, T] each token's position in its own example
     cu_seqlens: torch.Tensor  # [B + 1] int32, where each example starts in the flat row (and T at the end)
     slots: torch.Tensor  # [M] index into the flattened [B, N] of each masked slot in use
-    spans: tuple[tuple[int, int], ...]  # host: each example's [start, end) in the flat row
+    groups: tuple[torch.Tensor, ...]  # per distinct length l: [n, l] flat-row indices of its n examples' tokens
+    ungroup: torch.Tensor  # [T] where each flat-row token sits in the groups' concatenation
     max_seqlen: int  # host: the longest example
 
 
@@ -56,19 +58,26 @@ def pack(lengths: torch.Tensor, slots_used: torch.Tensor, seq_len: int, slots_pe
     tokens = (torch.arange(B) * seq_len).repeat_interleave(lengths) + within
     slots = (torch.arange(B) * slots_per_example).repeat_interleave(slots_used) + slot_within
     cu = torch.cat([torch.zeros(1, dtype=torch.long), ends])
-    # One host-to-device copy for all four (pinned and non-blocking on a GPU), split on the device.
-    host = torch.cat([tokens, within, slots, cu])
+    # Examples of equal length, for the CPU's attention (one batched SDPA call per length): a corpus of long
+    # documents has mostly full-length examples, which then attend in one call, as in a padded batch.
+    shapes = [(n, l) for l, n in zip(*torch.unique(lengths, return_counts=True)) for n, l in [(int(n), int(l))]]
+    grouped = torch.cat([(starts[lengths == l][:, None] + torch.arange(l)).flatten() for _, l in shapes])
+    ungroup = torch.empty_like(grouped)
+    ungroup[grouped] = torch.arange(grouped.numel())
+    # One host-to-device copy for all (pinned and non-blocking on a GPU), split on the device.
+    host = torch.cat([tokens, within, slots, cu, grouped, ungroup])
     if torch.device(device).type == "cuda":
         host = host.pin_memory()
     flat = host.to(device, non_blocking=True)
     t, m = tokens.numel(), slots.numel()
-    tokens_d, within_d, slots_d, cu_d = flat.split([t, t, m, B + 1])
+    tokens_d, within_d, slots_d, cu_d, grouped_d, ungroup_d = flat.split([t, t, m, B + 1, t, t])
     return Packing(
         tokens=tokens_d,
         position_ids=within_d[None],
         cu_seqlens=cu_d.int(),
         slots=slots_d,
-        spans=tuple(zip(starts.tolist(), ends.tolist())),
+        groups=tuple(g.view(n, l) for g, (n, l) in zip(grouped_d.split([n * l for n, l in shapes]), shapes)),
+        ungroup=ungroup_d,
         max_seqlen=int(lengths.max()),
     )
 
@@ -154,16 +163,12 @@ def _packed_attention(query, key, value, p: Packing, scale, dropout: float) -> t
             q, k, v, p.cu_seqlens, p.cu_seqlens, p.max_seqlen, p.max_seqlen, dropout, False, False, scale=scale
         )[0]
         return out[None]
-    out = torch.cat(
-        [
-            F.scaled_dot_product_attention(
-                query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scale
-            )
-            for s, e in p.spans
-        ],
-        dim=2,
-    )
-    return out.transpose(1, 2)
+    outs = []
+    for index in p.groups:  # [n, l]: n examples of length l, attended in one batched call
+        q, k, v = (x[0][:, index].transpose(0, 1) for x in (query, key, value))  # [n, heads, l, d]
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale)
+        outs.append(out.transpose(0, 1).flatten(1, 2))  # [heads, n * l]
+    return torch.cat(outs, dim=1)[:, p.ungroup].transpose(0, 1)[None]  # [1, T, heads, d]
 
 
 def register() -> str:

@@ -76,6 +76,7 @@ def run_bench(
     skip: tuple[str, ...] = (),
     threads: int | None = None,
     find_micro_batch: int = 0,
+    ablate: tuple[tuple[str, tuple[str, ...]], ...] = (),
 ) -> dict:
     import torch
 
@@ -185,6 +186,8 @@ def run_bench(
             finally:
                 if bare is not None:
                     bare.close()
+        if ablate:
+            report["ablation"] = run_ablation(config, cfg, shards, work, device, steps, warmup, ablate, peak)
 
     if batches is not None:  # the fixed batch's real tokens (not padding) and the FLOPs they need
         real = [mb.lengths.double() for mb in batches]
@@ -221,6 +224,53 @@ def run_bench(
     if "data" in results and "pretrain" in results and results["pretrain"].tokens_per_s:
         report["data_headroom"] = results["data"].tokens_per_s / results["pretrain"].tokens_per_s
     return report
+
+
+def run_ablation(config, cfg, shards: str, work: Path, device, steps: int, warmup: int, levers, peak) -> list[dict]:
+    """One lever at a time, in the same process and on the same data: for each ``KEY=V1,V2,...``, the real
+    pretrain path with the bench's config and ``KEY=V`` for each value, one row each (step time, real tokens/s,
+    MFU, peak memory, data wait). A setting that fails (out of memory, a kernel missing here) is a row with its
+    error, and the others still run."""
+    from electra_scale.config import config_from_dict, read_layered
+
+    rows = []
+    for key, values in levers:
+        for value in values:
+            row: dict = {"lever": key, "value": value}
+            try:
+                trial = config_from_dict(read_layered([cfg.to_dict()], [f"{key}={value}"], "train.unpad=true"))
+                log.info("bench: ablation %s=%s, %d warm-up + %d timed steps", key, value, warmup, steps)
+                r = bench_pretrain(trial, shards, work / f"ablation-{len(rows)}", device, steps, warmup)
+            except user_errors():
+                raise
+            except Exception as err:  # e.g. out of memory at this setting: a row that says so
+                log.exception("bench: ablation %s=%s failed", key, value)
+                rows.append({**row, "error": f"{type(err).__name__}: {err}"})
+                continue
+            tokens_per_s = r.extra["real_tokens_per_step"] / r.step_time_s
+            tflops = r.extra["flops_per_step"] / r.step_time_s / 1e12
+            rows.append(
+                {
+                    **row,
+                    "step_time_s": r.step_time_s,
+                    "tokens_per_s": tokens_per_s,
+                    "examples_per_s": trial.train.global_batch_size / r.step_time_s,
+                    "tflops": tflops,
+                    "mfu": tflops / peak,
+                    "peak_memory_bytes": r.peak_memory_bytes,
+                    "data_wait": r.extra.get("data_wait"),
+                    "cpu_time_s": r.extra.get("cpu_time_s"),  # CPU only: the steadier figure on a busy machine
+                    "error": None,
+                }
+            )
+    return rows
+
+
+def _lever(text: str) -> tuple[str, tuple[str, ...]]:
+    key, sep, values = text.partition("=")
+    if not sep or not key or not values:
+        raise argparse.ArgumentTypeError(f"expected KEY=V1,V2 (e.g. train.unpad=false,true), got {text!r}")
+    return key, tuple(values.split(","))
 
 
 def _zero_stage(cfg) -> int:
@@ -275,6 +325,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="double the micro-batch until an engine step runs out of memory (up to MAX, default 1024); "
         "measure the largest that fits",
     )
+    p.add_argument(
+        "--ablate",
+        type=_lever,
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="also run pretrain once per value of this config key, all else equal (repeat for more levers); "
+        "the report's `ablation` has a row per setting",
+    )
     p.add_argument("--json-out", help="write the full report here as JSON")
 
 
@@ -298,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
         skip=tuple(args.skip),
         threads=args.threads,
         find_micro_batch=args.find_micro_batch,
+        ablate=tuple(args.ablate),
     )
     print_report(report)
     if args.json_out:
