@@ -60,8 +60,9 @@ def pack(lengths: torch.Tensor, slots_used: torch.Tensor, seq_len: int, slots_pe
     cu = torch.cat([torch.zeros(1, dtype=torch.long), ends])
     # Examples of equal length, for the CPU's attention (one batched SDPA call per length): a corpus of long
     # documents has mostly full-length examples, which then attend in one call, as in a padded batch.
-    shapes = [(n, l) for l, n in zip(*torch.unique(lengths, return_counts=True)) for n, l in [(int(n), int(l))]]
-    grouped = torch.cat([(starts[lengths == l][:, None] + torch.arange(l)).flatten() for _, l in shapes])
+    distinct, counts = torch.unique(lengths, return_counts=True)
+    shapes = [(int(n), int(length)) for length, n in zip(distinct, counts)]  # (examples, their length)
+    grouped = torch.cat([(starts[lengths == k][:, None] + torch.arange(k)).flatten() for _, k in shapes])
     ungroup = torch.empty_like(grouped)
     ungroup[grouped] = torch.arange(grouped.numel())
     # One host-to-device copy for all (pinned and non-blocking on a GPU), split on the device.
@@ -76,7 +77,7 @@ def pack(lengths: torch.Tensor, slots_used: torch.Tensor, seq_len: int, slots_pe
         position_ids=within_d[None],
         cu_seqlens=cu_d.int(),
         slots=slots_d,
-        groups=tuple(g.view(n, l) for g, (n, l) in zip(grouped_d.split([n * l for n, l in shapes]), shapes)),
+        groups=tuple(g.view(shape) for g, shape in zip(grouped_d.split([n * k for n, k in shapes]), shapes)),
         ungroup=ungroup_d,
         max_seqlen=int(lengths.max()),
     )
