@@ -165,6 +165,20 @@ def test_parquet_on_s3_fetches_only_the_text_column(docs, reference, vocab, tmp_
     _same_shards(f"{s3_bucket}/shards", reference)
 
 
+def test_text_column_names_the_jsonl_field_too(docs, reference, vocab, tmp_path):
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)))
+    prepare(
+        [str(tmp_path / "docs.jsonl")],
+        str(tmp_path / "a"),
+        vocab,
+        SEQ_LEN,
+        samples_per_block=8,
+        progress=False,
+        text_column="body",
+    )
+    _same_shards(tmp_path / "a", reference)
+
+
 # --------------------------------------------------------------------------------------------- save_to_disk
 def test_save_to_disk_directories_make_the_jsonl_shards(docs, reference, vocab, tmp_path, s3_bucket):
     """A save_to_disk directory of 3 .arrow files of 16-row batches, with null texts, local and on S3."""

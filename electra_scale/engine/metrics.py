@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from electra_scale.config import ConfigError
@@ -29,7 +30,7 @@ class MetricsLogger:
         output_dir: str,
         cache_dir: Path,
         start_step: int,
-        trackers: list[str] = (),
+        trackers: Sequence[str] = (),
         config: dict | None = None,
         tracker_project: str = "electra-scale",
         mlflow_tracking_uri: str | None = None,
