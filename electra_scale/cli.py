@@ -46,7 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="text -> tokenized, packed webdataset shards (local dir or s3://)")
-    pr.add_argument("--input", nargs="+", required=True, help=".txt / .jsonl / .gz files, local or s3://")
+    pr.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help=".txt / .jsonl / .gz / .parquet files, directories of them, or datasets save_to_disk directories; "
+        "local or s3://",
+    )
+    pr.add_argument(
+        "--text-column", default="text", help="the column (.parquet, save_to_disk) or field (.jsonl) holding the text"
+    )
     pr.add_argument("--output", required=True, help="output dir or s3://bucket/prefix")
     pr.add_argument(
         "--tokenizer",
@@ -155,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 samples_per_block=args.samples_per_block,
                 seed=args.seed,
                 lowercase=not args.cased,
+                text_column=args.text_column,
             )
         elif args.command == "pretrain":
             from electra_scale.config import load_config

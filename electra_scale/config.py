@@ -176,7 +176,12 @@ class RunConfig:
     # Node-local staging for checkpoints/metrics when output_dir is on S3 (default: ~/.cache/electra-scale).
     cache_dir: str | None = None
     progress: bool = True
-    tensorboard: bool = True
+    # Experiment trackers that rank 0 feeds with the resolved config and every metrics.jsonl record
+    # (engine/trackers.py); [] = metrics.jsonl only. wandb and mlflow are extras: pip install 'electra-scale[wandb]'.
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    tracker_project: str = "electra-scale"  # the W&B project and the MLflow experiment
+    # A server, sqlite:///path or file:/dir; null = $MLFLOW_TRACKING_URI, else file:<cache_dir>/mlruns.
+    mlflow_tracking_uri: str | None = None
     # Each rank appends the stream positions it trained on to samples/rank_<r>.jsonl (next to metrics.jsonl,
     # or in cache_dir when output_dir is on S3): the audit trail for "every sample exactly once".
     record_samples: bool = False
@@ -213,7 +218,11 @@ def load_config(paths: str | Path | list | tuple | None, overrides: list[str] = 
         from electra_scale.engine.pretrained import adopt_shape  # reads the directory's config.json
 
         adopt_shape(raw)
-    return config_from_dict(raw, " + ".join(map(str, paths)) or "<defaults>")
+    cfg = config_from_dict(raw, " + ".join(map(str, paths)) or "<defaults>")
+    from electra_scale.engine.trackers import check_installed  # a missing tracker package: refused now
+
+    check_installed(cfg.run.trackers)
+    return cfg
 
 
 def read_layered(layers: list, overrides: list[str] | dict[str, Any], example: str) -> dict[str, Any]:
@@ -299,12 +308,32 @@ def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys of earlier releases: a config that still sets one is told what replaced it. A checkpoint's saved config
+# may hold them too (config_from_saved drops them).
+RETIRED_KEYS = {
+    "run.tensorboard": "which run.trackers replaced: run.trackers=[tensorboard] (the default) for TensorBoard, "
+    "run.trackers=[] for none",
+}
+
+
+def config_from_saved(raw: dict[str, Any], source: str) -> Config:
+    """A Config from a checkpoint's config.yaml, which an earlier release may have written with retired keys."""
+    raw = copy.deepcopy(raw)
+    for key in RETIRED_KEYS:
+        section, _, name = key.partition(".")
+        if isinstance(raw.get(section), dict):
+            raw[section].pop(name, None)
+    return config_from_dict(raw, source)
+
+
 def build_dataclass(cls: type, raw: Any, prefix: str, source: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
+        if f"{prefix}{key}" in RETIRED_KEYS:
+            raise ConfigError(f"{source} sets {prefix}{key}, {RETIRED_KEYS[prefix + key]}")
         if key not in names:
             full = f"{prefix}{key}"
             guess = difflib.get_close_matches(full, all_keys(), n=1, cutoff=0.6)

@@ -3,8 +3,12 @@
 Inputs are local paths or s3:// URLs (a directory/prefix stands for the supported files below it):
 
 * ``.txt``:   documents separated by a blank line; each non-empty line is a paragraph (or a sentence).
-* ``.jsonl``: one document per line, ``{"text": ...}``; newlines inside the text are paragraph breaks.
+* ``.jsonl``: one document per line, ``{"text": ...}``; newlines inside a text are paragraph breaks (also in
+  the tables below).
 * either of them gzipped (``.txt.gz``, ``.jsonl.gz``).
+* ``.parquet`` files, and ``datasets.save_to_disk`` directories: one document per row (data/tables.py).
+
+``.jsonl`` and the tables take their text from ``text_column`` (default ``text``).
 
 Paragraphs are split into sentences with a simple regex, because the reference
 (google-research/electra ``build_pretraining_dataset.py``) expects one sentence per line and packs examples
@@ -36,6 +40,7 @@ from electra_scale.data.shards import (
     ShardInfo,
     default_samples_per_block,
 )
+from electra_scale.data.tables import TABLE_SUFFIXES, check_table, iter_texts, saved_dataset_files
 from electra_scale.data.tokenizer import (
     load_tokenizer,
     resolve_spec,
@@ -61,17 +66,26 @@ def split_sentences(paragraph: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- reading
+_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".parquet")
+
+
 def _input_kind(url: str) -> str:
+    if url.endswith(TABLE_SUFFIXES):
+        return "table"
     name = url[:-3] if url.endswith(".gz") else url
     if name.endswith(".jsonl"):
         return "jsonl"
     if name.endswith(".txt"):
         return "txt"
-    raise DataError(f"unsupported input {url}: expected .txt or .jsonl files (optionally .gz)")
+    raise DataError(
+        f"unsupported input {url}: expected .txt or .jsonl files (optionally .gz), .parquet files, or a "
+        "datasets save_to_disk directory"
+    )
 
 
-def resolve_inputs(inputs: list[str]) -> list[str]:
-    """Check every input exists (fail before any work); a directory/prefix expands to its supported files."""
+def resolve_inputs(inputs: list[str], text_column: str = "text") -> list[str]:
+    """Check every input exists and every table has the text column (fail before any work); a directory or
+    prefix expands to the supported files below it, a save_to_disk directory to its .arrow files."""
     files: list[str] = []
     for url in inputs:
         url = str(url)
@@ -80,16 +94,36 @@ def resolve_inputs(inputs: list[str]) -> list[str]:
             _input_kind(url)
             files.append(url)
             continue
-        below = [n for n in storage.list_files(url) if n.endswith((".txt", ".jsonl", ".txt.gz", ".jsonl.gz"))]
+        saved = saved_dataset_files(url)
+        if saved is not None:
+            files.extend(saved)
+            continue
+        below = [n for n in storage.list_files(url) if n.endswith(_SUFFIXES)]
         if not below:
-            raise DataError(f"input {url} does not exist (or holds no .txt/.jsonl files)")
+            raise DataError(
+                f"input {url} does not exist (or holds no .txt/.jsonl/.parquet files and is no save_to_disk directory)"
+            )
         files.extend(storage.join(url, n) for n in below)
+    for url in files:
+        if _input_kind(url) == "table":
+            check_table(url, text_column)
     return files
 
 
-def iter_documents(url: str) -> Iterator[Document]:
+def _paragraphs(text: str) -> Document:
+    return [p.strip() for p in text.splitlines() if p.strip()]
+
+
+def iter_documents(url: str, text_column: str = "text") -> Iterator[Document]:
     """The documents of one input file, each as its list of paragraphs (non-empty, stripped lines)."""
-    if _input_kind(url) == "jsonl":
+    kind = _input_kind(url)
+    if kind == "table":
+        for text in iter_texts(url, text_column):
+            doc = _paragraphs(text)
+            if doc:
+                yield doc
+        return
+    if kind == "jsonl":
         for lineno, line in enumerate(storage.iter_lines(url), start=1):
             if not line.strip():
                 continue
@@ -97,9 +131,9 @@ def iter_documents(url: str) -> Iterator[Document]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{url} line {lineno}: not valid JSON ({err})") from err
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DataError(f'{url} line {lineno}: expected an object with a string "text" field')
-            doc = [p.strip() for p in obj["text"].splitlines() if p.strip()]
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_column), str):
+                raise DataError(f'{url} line {lineno}: expected an object with a string "{text_column}" field')
+            doc = _paragraphs(obj[text_column])
             if doc:
                 yield doc
         return
@@ -115,10 +149,10 @@ def iter_documents(url: str) -> Iterator[Document]:
         yield doc
 
 
-def iter_corpus(files: list[str]) -> Iterator[Document]:
+def iter_corpus(files: list[str], text_column: str = "text") -> Iterator[Document]:
     """Every document of every input, as its list of sentences."""
     for url in files:
-        for paragraphs in iter_documents(url):
+        for paragraphs in iter_documents(url, text_column):
             yield [s for p in paragraphs for s in split_sentences(p)]
 
 
@@ -283,6 +317,7 @@ def prepare(
     lowercase: bool = True,
     progress: bool = True,
     samples_per_block: int | None = None,
+    text_column: str = "text",
 ) -> Manifest:
     """Tokenize ``inputs`` into ELECTRA examples of at most ``seq_len`` tokens, write shards, the tokenizer
     and ``manifest.json`` (last) under ``output``; return the manifest. Blocks default to ~1 MiB of ids
@@ -296,7 +331,7 @@ def prepare(
         raise ValueError(
             f"samples_per_shard/samples_per_block must be positive, got {samples_per_shard}/{samples_per_block}"
         )
-    files = resolve_inputs(inputs)
+    files = resolve_inputs(inputs, text_column)
     if storage.exists(storage.join(output, MANIFEST)):
         # Overwriting shards under a live manifest would hand readers a mix of two runs.
         raise DataError(
@@ -304,7 +339,7 @@ def prepare(
         )
 
     def texts() -> Iterator[str]:
-        for doc in iter_corpus(files):
+        for doc in iter_corpus(files, text_column):
             yield from doc
 
     tokenizer, lowercase = resolve_spec(tokenizer, lowercase)  # a model directory: its file and lowercasing
@@ -328,7 +363,7 @@ def prepare(
         writer = ShardWriter(output, samples_per_shard or 64 * per_block, per_block, dtype, workdir)
         bar = tqdm(desc="prepare", unit="doc", disable=not progress)
         try:
-            for docs in _batches(iter_corpus(files), _DOCS_PER_BATCH):
+            for docs in _batches(iter_corpus(files, text_column), _DOCS_PER_BATCH):
                 flat = [s for doc in docs for s in doc]
                 encoded = iter(e.ids for e in enc.encode_batch(flat, add_special_tokens=False))
                 for doc in docs:

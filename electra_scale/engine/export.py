@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from electra_scale.config import Config, config_from_dict
+from electra_scale.config import Config, config_from_saved
 from electra_scale.engine.checkpoint import LATEST, MARKER, CheckpointError, fetch_and_verify
 from electra_scale.engine.objective import build_objective
 from electra_scale.infra import storage
@@ -49,7 +49,7 @@ def load_checkpoint_model(checkpoint: str, workdir: Path) -> tuple[Config, torch
     if problem:
         raise CheckpointError(f"checkpoint {root}/{tag} fails verification: {problem}")
     ckpt_dir = local_root / tag
-    cfg = config_from_dict(yaml.safe_load((ckpt_dir / "config.yaml").read_text()), str(ckpt_dir))
+    cfg = config_from_saved(yaml.safe_load((ckpt_dir / "config.yaml").read_text()), str(ckpt_dir))
     special = json.loads((ckpt_dir / "data_manifest.json").read_text())["special_ids"]
     cfg.objective.whole_word_mask = False  # masking plays no part in the weights (nor needs the vocabulary here)
     model = build_objective(cfg, special)

@@ -1,4 +1,5 @@
-"""Where metrics go: ``<output_dir>/metrics.jsonl`` (one JSON object per logged step) and TensorBoard.
+"""Where metrics go: ``<output_dir>/metrics.jsonl`` (one JSON object per logged step) and the run's trackers
+(``run.trackers``: TensorBoard, W&B, MLflow; engine/trackers.py).
 
 When the output dir is on S3 the file is kept in the node-local cache and uploaded at every checkpoint. On
 resume, lines past the resumed step are dropped, so the file always tells the run's actual history: no step
@@ -9,16 +10,31 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from electra_scale.config import ConfigError
+from electra_scale.engine.trackers import Trackers
 from electra_scale.infra import storage
 
 log = logging.getLogger("electra_scale")
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str, cache_dir: Path, start_step: int, tensorboard: bool):
+    """metrics.jsonl and the trackers, fed by one call per record. A record of another split than "train" (a
+    held-out evaluation: ``split="eval"``) carries ``"split"`` in metrics.jsonl and goes to the trackers under
+    ``<split>/``, as training records go under ``train/``."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        cache_dir: Path,
+        start_step: int,
+        trackers: Sequence[str] = (),
+        config: dict | None = None,
+        tracker_project: str = "electra-scale",
+        mlflow_tracking_uri: str | None = None,
+    ):
         self.remote = storage.join(output_dir, "metrics.jsonl")
         self.on_s3 = storage.is_s3(output_dir)
         self.path = Path(cache_dir, "metrics.jsonl") if self.on_s3 else Path(self.remote)
@@ -30,14 +46,16 @@ class MetricsLogger:
                 self.path.unlink(missing_ok=True)
         self._truncate_after(start_step)
         self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=start_step + 1)
-            except ImportError:
-                log.info("tensorboard is not installed; metrics go to metrics.jsonl only")
+        self.trackers = Trackers.open(
+            trackers,
+            config=config or {},
+            output_dir=output_dir,
+            metrics_dir=self.path.parent,
+            cache_dir=Path(cache_dir),
+            start_step=start_step,
+            project=tracker_project,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+        )
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
@@ -45,26 +63,22 @@ class MetricsLogger:
         kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+    def log(self, step: int, metrics: dict[str, float], split: str = "train") -> None:
+        extra = {} if split == "train" else {"split": split}  # training records keep the format readers know
+        self.file.write(json.dumps({"step": step, **extra, **metrics}) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, int | float):
-                    self.tb.add_scalar(f"train/{key}", value, step)
+        self.trackers.log(step, metrics, split)
 
     def sync(self) -> None:
         """Make the remote copy current (S3 only; a local file is already in place)."""
-        if self.tb is not None:
-            self.tb.flush()
+        self.trackers.flush()
         if self.on_s3:
             storage.upload_file(self.path, self.remote)
 
     def close(self) -> None:
         self.sync()
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.trackers.close()
 
 
 class SampleLog:

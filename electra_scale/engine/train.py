@@ -169,7 +169,17 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     )
     grad_accum = stream.grad_accum
     extra_files = _checkpoint_extras(cfg) if main else {}
-    metrics = MetricsLogger(cfg.run.output_dir, cache, start_step, cfg.run.tensorboard) if main else None
+    metrics = None
+    if main:
+        metrics = MetricsLogger(
+            cfg.run.output_dir,
+            cache,
+            start_step,
+            cfg.run.trackers,
+            config=cfg.to_dict(),
+            tracker_project=cfg.run.tracker_project,
+            mlflow_tracking_uri=cfg.run.mlflow_tracking_uri,
+        )
     samples = SampleLog(cache, dist_env.rank, world, start_step) if cfg.run.record_samples else None
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len  # positions, padding included
     peak = peak_tflops(cfg.train.peak_tflops)

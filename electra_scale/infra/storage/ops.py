@@ -63,6 +63,65 @@ def open_read(url: str) -> BinaryIO:
     return io.BufferedReader(S3Reader(url), buffer_size=1 << 20)  # type: ignore[return-value]
 
 
+def file_size(url: str) -> int:
+    """The size in bytes of a local file or S3 object (one HEAD)."""
+    if not is_s3(url):
+        try:
+            return Path(url).stat().st_size
+        except FileNotFoundError as err:
+            raise StorageError(f"{url} does not exist.") from err
+    bucket, key = split_s3(url)
+    return int(retry_call(url, "check", lambda: s3_client().head_object(Bucket=bucket, Key=key))["ContentLength"])
+
+
+class RangedReader(io.RawIOBase):
+    """A seekable reader of an S3 object in which every read is one ranged GET (``read_range``: retried, and
+    resumed if a body breaks). For formats read by offset rather than front to back, such as Parquet (its
+    footer, then one column's chunk per row group): only the bytes asked for are fetched."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url, self.pos, self.length = url, 0, file_size(url)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.length if n is None or n < 0 else min(self.length, self.pos + n)
+        data = read_range(self.url, self.pos, end)
+        self.pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[: len(data)] = data
+        return len(data)
+
+
+def open_seekable(url: str) -> BinaryIO:
+    """A seekable, file-like reader: a local file, or an S3 object read by ranged GETs (``RangedReader``)."""
+    if not is_s3(url):
+        try:
+            return open(url, "rb")  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError as err:
+            raise StorageError(f"{url} does not exist.") from err
+    return RangedReader(url)  # type: ignore[return-value]
+
+
 def read_bytes(url: str) -> bytes:
     if not is_s3(url):
         try:

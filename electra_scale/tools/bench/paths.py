@@ -231,7 +231,8 @@ def bench_pretrain(cfg, shards: str, workdir: Path, device, steps: int, warmup: 
     run_cfg = copy.deepcopy(cfg)
     run_cfg.data.shards = shards
     run_cfg.run.output_dir, run_cfg.run.cache_dir = str(workdir / "pretrain-run"), str(workdir / "pretrain-cache")
-    run_cfg.run.tensorboard = run_cfg.run.progress = run_cfg.run.record_samples = False
+    run_cfg.run.progress = run_cfg.run.record_samples = False
+    run_cfg.run.trackers = []
     run_cfg.train.max_steps, run_cfg.train.stop_at_step, run_cfg.train.log_every = total, None, window
     run_cfg.checkpoint.every_steps = 10 * total  # only the final save, after the timed windows
     validate(run_cfg)
