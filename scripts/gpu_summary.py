@@ -57,10 +57,11 @@ def collect(out: Path) -> dict:
     for path in sorted(out.glob("ablation-*.json")):
         report = _json(path)
         for row in (report or {}).get("ablation", []):
-            keep = ("lever", "value", "step_time_s", "tokens_per_s", "mfu", "peak_memory_bytes", "data_wait", "error")
+            keep = ("lever", "value", "step_time_s", "tokens_per_s", "examples_per_s", "mfu", "peak_memory_bytes",
+                    "data_wait", "pad_frac", "error")  # fmt: skip
             summary["ablation"].append(
                 {"shape": path.stem.removeprefix("ablation-"), "micro_batch_size": report["micro_batch_size"],
-                 "pad_frac": report.get("pad_frac"), **{k: row.get(k) for k in keep}}
+                 **{k: row.get(k) for k in keep}}
             )  # fmt: skip
     metrics = out / "pretrain-metrics.jsonl"
     if metrics.exists():
@@ -125,7 +126,8 @@ def markdown(s: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in s["ablation"]:
-            where = f"| {r['shape']} | {r['micro_batch_size']} | {r['pad_frac']:.0%} | {r['lever']} | {r['value']} |"
+            pad = f"{r['pad_frac']:.0%}" if r.get("pad_frac") is not None else "-"
+            where = f"| {r['shape']} | {r['micro_batch_size']} | {pad} | {r['lever']} | {r['value']} |"
             if r.get("error"):
                 lines.append(f"{where} failed: {r['error'][:80]} | | | | |")
                 continue

@@ -17,7 +17,7 @@ TINY = ["--config", "configs/tiny.yaml", "train.micro_batch_size=4", "data.num_w
 def test_bench_reports_every_path(tmp_path):
     out = tmp_path / "bench.json"
     args = ["bench", *TINY, "--steps", "2", "--warmup", "1", "--data-samples", "256", "--block-samples", "8"]
-    args += ["--json-out", str(out)]
+    args += ["--json-out", str(out), "--ablate", "train.unpad=true"]
     proc = run_cli(args)
     report = json.loads(out.read_text())
 
@@ -48,8 +48,14 @@ def test_bench_reports_every_path(tmp_path):
     assert data["samples_per_s"] == pytest.approx(data["tokens_per_s"] / 128)
     assert data["gets"] == 32 and data["bytes_share"] == pytest.approx(1.0, abs=0.01)  # each block once
 
-    for text in ("bare PyTorch loop", "DeepSpeed engine", "electra-scale pretrain", "framework overhead", "data path"):
+    texts = ("bare PyTorch loop", "DeepSpeed engine", "electra-scale pretrain", "framework overhead", "data path")
+    for text in (*texts, "ablation train.unpad=true:"):
         assert text in proc.stdout
+    # The ablation: the real pretrain path once per lever setting, a row each, in real tokens.
+    (row,) = report["ablation"]
+    assert row["lever"] == "train.unpad" and row["value"] == "true" and row["error"] is None
+    assert row["step_time_s"] > 0 and 0 < row["mfu"] < 1 and 0 <= row["pad_frac"] < 0.5
+    assert row["tokens_per_s"] == pytest.approx(row["examples_per_s"] * 4 * 128 * (1 - row["pad_frac"]), rel=1e-6)
 
 
 def test_bench_rejects_bad_input(tmp_path, capsys):

@@ -257,6 +257,7 @@ def bench_pretrain(cfg, shards: str, workdir: Path, device, steps: int, warmup: 
             # What its streamed batches held: real tokens and their FLOPs per step (train.py counts them).
             "real_tokens_per_step": statistics.fmean(r["tokens_per_s"] * r["step_time_s"] for r in records),
             "flops_per_step": statistics.fmean(r["tflops"] * 1e12 * r["step_time_s"] for r in records),
+            "pad_frac": statistics.fmean(r["pad_frac"] for r in records),
         },
     )
     waits = [r["data_wait"] for r in history[1 if warmup else 0 :] if r.get("data_wait") is not None]

@@ -107,6 +107,17 @@ def report_lines(report: dict) -> tuple[list[str], list[str]]:
             f"{data['objects_read']} of {data['shards']} shards = {data['bytes_share']:.3f}x its 1/W share of the "
             f"epoch's {data['bytes_total']:,} bytes (+ {data['manifest_bytes']:,} bytes of manifest)"
         )
+    for row in r.get("ablation", []):
+        setting = f"ablation {row['lever']}={row['value']}:"
+        if row.get("error"):
+            tail.append(f"{setting} failed: {row['error']}")
+            continue
+        tail.append(
+            f"{setting} {row['step_time_s'] * 1e3:.1f} ms per step, {row['examples_per_s']:,.1f} examples/s, "
+            f"{row['tokens_per_s']:,.0f} real tokens/s ({row['pad_frac']:.1%} padding), MFU {row['mfu']:.1%}, "
+            f"peak memory +{row['peak_memory_bytes'] / 2**20:,.0f} MiB"
+            + (f", {row['cpu_time_s'] * 1e3:.1f} ms CPU" if row.get("cpu_time_s") else "")
+        )
     for row in r.get("data_sweep", []):
         tail.append(
             f"  W={row['world_size']:>4}: {row['bytes_fetched']:>13,} bytes ({row['bytes_share']:.3f}x of 1/W), "

@@ -255,6 +255,7 @@ def run_ablation(config, cfg, shards: str, work: Path, device, steps: int, warmu
                     "step_time_s": r.step_time_s,
                     "tokens_per_s": tokens_per_s,
                     "examples_per_s": trial.train.global_batch_size / r.step_time_s,
+                    "pad_frac": r.extra["pad_frac"],
                     "tflops": tflops,
                     "mfu": tflops / peak,
                     "peak_memory_bytes": r.peak_memory_bytes,
