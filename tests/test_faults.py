@@ -360,17 +360,31 @@ def test_skip_policy_in_the_stream(broken_shards, shards):
         _take(_stream(prefix, on_corrupt_shard="skip", micro_batch_size=8), steps)
 
 
-def test_corrupt_shard_error_policy_exits_2(shards, tmp_path):
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated"])
+def test_corrupt_shard_error_policy_exits_2(shards, tmp_path, damage):
+    """A shard that cannot be read in a new run's first step: one line naming the shard and the byte, exit 2, and
+    nothing left behind (no output dir, so no empty metrics.jsonl or tensorboard/)."""
     local, vocab = shards
     copy = tmp_path / "broken"
     shutil.copytree(local, copy)
-    path, offset = _damage(str(copy), _partition_blocks(str(copy), 64, 0)[0])
-    proc = run_cli(pretrain_args((str(copy), vocab), str(tmp_path / "run"), "train.max_steps=4"), check=False)
+    first = _partition_blocks(str(copy), 64, 0)[0]  # the first block rank 0 reads, on 1 rank
+    if damage == "flipped byte":
+        path, offset = _damage(str(copy), first)
+        needle = f"shard {path} is corrupt in its block at bytes {offset}-"
+    else:
+        manifest = load_manifest(str(copy))
+        table = manifest.block_table()
+        path = copy / manifest.shards[table.shard[first]].name
+        cut = int(table.offset[first] + table.length[first] // 2)
+        path.write_bytes(path.read_bytes()[:cut])
+        needle = f"shard {path} is truncated at byte {cut}: its block at "
+    out = tmp_path / "run"
+    proc = run_cli(pretrain_args((str(copy), vocab), str(out), "train.max_steps=4"), check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, proc.stderr[-3000:]
-    assert f"shard {path} is corrupt in its block at bytes {offset}-" in errors[0]
-    assert not Path(tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+    assert needle in errors[0] and "re-run `electra-scale prepare`" in errors[0], errors[0]
+    assert not out.exists(), sorted(str(p.relative_to(out)) for p in out.rglob("*"))
 
 
 def test_corrupt_blocks_skipped_by_two_ranks(broken_shards, tmp_path):

@@ -384,6 +384,26 @@ def test_wrong_s3_credentials(shards, s3_bucket, s3_server, tmp_path):
     assert storage.list_files(out) == []
 
 
+def test_output_dir_that_is_a_file(shards, tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    proc = run_cli(pretrain_args(shards, str(taken)), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert_one_line_error(proc, f"run.output_dir={taken} cannot be a directory: {taken} is a file", "set run.output")
+    assert taken.read_text() == "mine\n"
+    proc = run_cli(pretrain_args(shards, str(taken / "run")), check=False)  # a file above it: the same
+    assert proc.returncode == 2 and f"cannot be a directory: {taken} is a file" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_export_of_a_directory_without_a_checkpoint(shards, tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli(["export", str(tmp_path / "empty"), str(tmp_path / "hf")], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert_one_line_error(proc, f"no complete checkpoint at {tmp_path / 'empty'}", "checkpoints/latest")
+    assert not (tmp_path / "hf").exists()
+
+
 def test_malformed_config_file(shards, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  max_steps: 10\n model: {}\n")

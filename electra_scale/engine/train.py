@@ -114,6 +114,12 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     manifest = load_manifest(cfg.data.shards)
     manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
     special = manifest.special_ids
+    blocker = storage.file_in_the_way(cfg.run.output_dir)
+    if blocker is not None:
+        raise ConfigError(
+            f"run.output_dir={cfg.run.output_dir} cannot be a directory: {blocker} is a file; set run.output_dir "
+            "to a directory (a new one starts a new run, a run's own resumes it)"
+        )
     if main:
         storage.check_writable(cfg.run.output_dir)  # bad endpoint / credentials / bucket: fail now, clearly
 
@@ -169,6 +175,12 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     )
     grad_accum = stream.grad_accum
     extra_files = _checkpoint_extras(cfg) if main else {}
+    # The first step's batches come before anything is written: a shard that cannot be read (truncated, or
+    # corrupt under data.on_corrupt_shard=error) stops a new run with its output dir as it was. No rank writes
+    # until every rank has its batches: one that fails exits, and its launcher ends the others at the barrier.
+    batches = iter(stream)
+    first_batches = next(batches) if start_step < stop_step else None
+    dist.barrier(group=host_group)
     metrics = MetricsLogger(cfg.run.output_dir, cache, start_step, cfg.run.tensorboard) if main else None
     samples = SampleLog(cache, dist_env.rank, world, start_step) if cfg.run.record_samples else None
     tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
@@ -193,7 +205,6 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
 
     # ---------------------------------------------------------------------------------------- train
     done, preempted = start_step, False
-    batches = iter(stream)
     vote = StopVote(host_group)
     history: list[dict] = []
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -201,7 +212,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     sums: dict[str, torch.Tensor | float] = defaultdict(float)
     for step in range(start_step, stop_step):
         waited = time.perf_counter()
-        micro_batches = next(batches)
+        micro_batches, first_batches = first_batches or next(batches), None
         data_wait += time.perf_counter() - waited  # the step blocked on its input for this long
         preempted = vote.cast(stop.requested)  # a rank asked at the previous step: this one is the last
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)

@@ -286,12 +286,36 @@ def iter_lines(url: str) -> Iterator[str]:
         yield from text
 
 
+def file_in_the_way(url: str) -> Path | None:
+    """The file (``url`` itself or a parent) that stops a local directory from being made at ``url``; None if
+    there is none, and always for S3, whose prefixes are no objects."""
+    if is_s3(url):
+        return None
+    target = Path(url)
+    return next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()), None)
+
+
 def check_writable(url: str) -> None:
-    """Fail early, with a clear message, if ``url`` cannot be written (bad endpoint, credentials, bucket)."""
+    """Fail early, with a clear message, if ``url`` cannot be written (bad endpoint, credentials, bucket; a
+    local path that is a file, or unwritable). Leaves ``url`` as it found it: a local directory the probe had to
+    create is removed again, so that a run which then fails on its input leaves nothing behind."""
     probe = join(url, ".electra-scale-write-probe")
-    write_bytes(probe, b"ok")
     if is_s3(probe):
+        write_bytes(probe, b"ok")
         bucket, key = split_s3(probe)
         retry_call(probe, "delete", lambda: s3_client().delete_object(Bucket=bucket, Key=key))
-    else:
+        return
+    target = Path(url)
+    blocker = file_in_the_way(url)
+    if blocker is not None:
+        raise StorageError(f"{url} cannot be a directory: {blocker} is a file")
+    created = [p for p in (target, *target.parents) if not p.exists()]
+    try:
+        write_bytes(probe, b"ok")
         Path(probe).unlink(missing_ok=True)
+    except OSError as err:
+        raise StorageError(f"cannot write to {url}: {err.strerror or err}") from err
+    finally:
+        for path in created:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
