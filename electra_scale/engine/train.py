@@ -8,8 +8,10 @@ objective.py), so a run is the same run on 1 rank or on 64.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -28,7 +30,7 @@ from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
 from electra_scale.engine.model import SHAPE_KEYS, flops_per_token, peak_tflops
 from electra_scale.engine.objective import build_objective, summarize
-from electra_scale.engine.pretrained import check_vocabulary, load_weights
+from electra_scale.engine.pretrained import check_vocabulary, fetch_weights, load_weights
 from electra_scale.engine.step import all_reduce_host, build_engine, train_step
 from electra_scale.infra import launch, storage
 
@@ -146,7 +148,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
             log.info("resuming %s: model.init_from (%s) is not used", cfg.run.output_dir, cfg.model.init_from)
         else:
             check_vocabulary(cfg.model.init_from, cfg.data.shards)
-            load_weights(objective, cfg.model.init_from, cfg.model.init_generator_from)
+            init_weights(cfg, objective, cache, dist_env.local_rank)
     engine = build_engine(cfg, objective, world, device, universal=resume_from is not None and resume_from.universal)
     torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout differs between ranks
     state = checkpointer.load(engine, resume_from) if resume_from is not None else {}
@@ -295,6 +297,26 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         "history": history,
         "world_size": world,
     }
+
+
+def init_weights(cfg: Config, objective: torch.nn.Module, cache: Path, local_rank: int) -> None:
+    """model.init_from's weights (and init_generator_from's) into ``objective`` on every rank. From S3 they are
+    downloaded once per node, into the node-local cache that resuming uses, and removed once every rank has
+    loaded them: a Large model is 1.3 GB, which W ranks would otherwise each read (collective)."""
+    group = dist.new_group(backend="gloo")
+    scratch = cache / "init_from"
+    new_cache = not cache.exists()
+    directories = [d for d in (cfg.model.init_from, cfg.model.init_generator_from) if d]
+    try:
+        files = fetch_weights(directories, scratch, local_rank, group)
+        load_weights(objective, cfg.model.init_from, cfg.model.init_generator_from, files)
+        dist.barrier(group=group)  # the node's ranks have all read the copy
+    finally:
+        if local_rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if new_cache:  # made for the copy alone (a local run.output_dir, say): leave nothing behind
+                with contextlib.suppress(OSError):
+                    cache.rmdir()
 
 
 def check_same_model(cfg: Config, trainer_state: dict) -> None:

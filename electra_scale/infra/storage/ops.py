@@ -53,6 +53,17 @@ def exists(url: str) -> bool:
     return retry_call(url, "check", head)
 
 
+def object_size(url: str) -> int:
+    """Bytes of a local file or S3 object (one HEAD)."""
+    if not is_s3(url):
+        try:
+            return Path(url).stat().st_size
+        except FileNotFoundError as err:
+            raise StorageError(f"{url} does not exist.") from err
+    bucket, key = split_s3(url)
+    return int(retry_call(url, "check", s3_client().head_object, Bucket=bucket, Key=key)["ContentLength"])
+
+
 def open_read(url: str) -> BinaryIO:
     """A streaming, file-like reader: a local file, or an S3 object whose body resumes where it broke."""
     if not is_s3(url):
