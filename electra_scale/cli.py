@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     from electra_scale.config import ConfigError
     from electra_scale.data.shards import DataError
-    from electra_scale.engine.checkpoint import CheckpointError
+    from electra_scale.engine.checkpoint import CheckpointError, NoCheckpointError
     from electra_scale.infra.launch import LaunchError
     from electra_scale.infra.storage import StorageError
 
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             module = dict((name, mod) for name, mod, _ in MODULE_COMMANDS)[args.command]
             return importlib.import_module(module).run(args)
-    except (ConfigError, DataError, LaunchError) as err:
+    except (ConfigError, DataError, LaunchError, NoCheckpointError) as err:
         print(f"electra-scale {args.command}: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except (StorageError, CheckpointError) as err:

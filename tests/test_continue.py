@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from electra_scale.config import ConfigError
-from tests.test_train import metrics, pretrain_args, run_cli
+from tests.test_train import NO_DROPOUT, metrics, pretrain_args, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +129,31 @@ def test_whole_words_and_the_curriculum_give_one_run_on_any_ranks_and_across_a_r
     for a, b in zip(two, one):
         for key in ("loss", "gen_loss", "disc_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+def test_init_from_s3_is_downloaded_once_per_node(shards, original, s3_bucket, s3_server, tmp_path):
+    """2 ranks on one node continue from an export in S3: each weights file is fetched once (by local rank 0, into
+    the node-local cache, removed once loaded), the other rank reads that copy, and the run trains exactly as one
+    rank that reads the export from local disk."""
+    from electra_scale.infra import storage
+    from tests.faultproxy import FaultProxy
+
+    _, hf = original
+    remote = f"{s3_bucket}/hf"
+    for path in sorted(p for p in Path(hf).rglob("*") if p.is_file()):
+        storage.upload_file(path, f"{remote}/{path.relative_to(hf).as_posix()}")
+    common = ("train.max_steps=2", "checkpoint.every_steps=2", "optim.warmup_steps=1", *NO_DROPOUT)
+    cache = tmp_path / "cache"
+    with FaultProxy(s3_server.endpoint) as proxy:  # no faults: it counts the requests
+        args = continue_args(shards, remote, f"{s3_bucket}/run", *common, f"run.cache_dir={cache}")
+        proc = run_cli(args, ranks=2, env={"AWS_ENDPOINT_URL": proxy.endpoint})
+        gets = [r.path for r in proxy.requests if r.method == "GET" and r.path.endswith("/model.safetensors")]
+    bucket = s3_bucket.removeprefix("s3://")
+    assert sorted(gets) == [f"/{bucket}/hf/{part}/model.safetensors" for part in ("discriminator", "generator")]
+    assert "initialised the discriminator from" in proc.stderr and "initialised the generator from" in proc.stderr
+    assert not (cache / "init_from").exists(), "the node's copy is removed once every rank has loaded it"
+
+    local = str(tmp_path / "local")
+    run_cli(continue_args(shards, hf, local, *common))
+    for a, b in zip(metrics(f"{s3_bucket}/run"), metrics(local), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), a["step"]  # 2 ranks sum in another order

@@ -171,20 +171,23 @@ def _write_csv(path: Path, examples: list[tasks.Example]) -> None:
 
 def test_finetuning_on_a_few_hundred_real_examples_learns(rotten_tomatoes, tmp_path):
     """From random init (no pretrained model can be downloaded here): 600 labelled sentences, 10 epochs of the
-    tiny encoder, 2 seeds. Dev accuracy must clear the majority class by a wide margin, not just by noise (seen:
-    +8.0 and +10.0 points on dev, +9.6 and +9.6 on test; a single seed can stall near the majority class)."""
-    from electra_scale.data.tokenizer import load_tokenizer, save_tokenizer
+    tiny encoder, 2 seeds. Dev accuracy must clear the majority class by a wide margin, not just by noise.
 
+    The vocabulary is committed (tests/data/rotten_tomatoes_vocab.txt: train:2000 on this task's train split,
+    once). One trained here on every run broke frequency ties differently each time, which changed the encoding
+    and so the outcome: a vocabulary that stalled a seed near the majority class failed a fresh clone. With it
+    the outcome is the same on every run (single-threaded CPU, fixed seeds; seen twice alike: dev 0.632 and
+    0.660, test 0.646 and 0.662, against a majority class of 0.552)."""
     splits = rotten_tomatoes.splits
     _write_csv(tmp_path / "train.csv", splits["train"][:600])
     _write_csv(tmp_path / "dev.csv", splits["dev"][:500])
     _write_csv(tmp_path / "test.csv", splits["test"][:500])
-    tok = load_tokenizer("train:2000", lambda: (e.text_a for e in splits["train"]))
-    save_tokenizer(tok, str(tmp_path / "tok"))
+    vocab = Path(__file__).parent / "data" / "rotten_tomatoes_vocab.txt"
+    vocab_size = len(vocab.read_text().splitlines())
     out = tmp_path / "results.json"
     run_cli(
         ["finetune", "--init", "random", "--config", "configs/tiny.yaml"]
-        + ["--override", f"model.vocab_size={tok.get_vocab_size()}", "--tokenizer", str(tmp_path / "tok")]
+        + ["--override", f"model.vocab_size={vocab_size}", "--tokenizer", str(vocab)]
         + ["--train", str(tmp_path / "train.csv"), "--dev", str(tmp_path / "dev.csv")]
         + ["--test", str(tmp_path / "test.csv"), "--task", "rt-csv", "--seeds", "2"]
         + ["--lr", "3e-3", "--layer-decay", "1.0", "--epochs", "10", "--batch-size", "16", "--max-seq-len", "64"]

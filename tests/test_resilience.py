@@ -23,7 +23,7 @@ from electra_scale.data.stream import StreamLayout
 from electra_scale.engine.metrics import read_samples
 from electra_scale.infra import storage
 from electra_scale.infra.launch import free_port
-from tests.test_train import NO_DROPOUT, ROOT, metrics, pretrain_args, run_cli
+from tests.test_train import NO_DROPOUT, PATIENCE, ROOT, metrics, pretrain_args, run_cli
 
 STEPS, EVERY, BATCH = 8, 4, 8  # pretrain_args uses a global batch of 8
 
@@ -252,7 +252,7 @@ def test_kill_9_anywhere_then_restart_loses_nothing(shards, s3_bucket, tmp_path)
     for attempt, when in enumerate(["saving", "random", "saving", "random"]):
         log = tmp_path / f"attempt{attempt}.log"
         proc = start_run(args, log)
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + PATIENCE
         since = time.time()
         # "random": after a random number of this attempt's steps, plus a random fraction of a step.
         kill_after, extra = rng.randint(1, 8), rng.uniform(0.0, 0.3)
@@ -272,7 +272,7 @@ def test_kill_9_anywhere_then_restart_loses_nothing(shards, s3_bucket, tmp_path)
         outcomes.append((when, logged_steps(cache), "mid-save" if was_saving else "mid-step"))
     log = tmp_path / "final.log"
     proc = start_run(args, log)
-    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    assert proc.wait(timeout=PATIENCE) == 0, log.read_text()[-3000:]
     final = log.read_text()
     print("kills:", outcomes)
     assert sum(len(o) == 3 for o in outcomes) >= 3, f"the run should have been killed several times: {outcomes}"
@@ -331,7 +331,7 @@ def test_upload_runs_in_the_background_and_the_next_save_waits_for_it(shards, s3
         cmd = [sys.executable, "-m", "electra_scale", *args]
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=open(log, "w"))  # noqa: SIM115
         try:
-            deadline = time.monotonic() + 240
+            deadline = time.monotonic() + PATIENCE
             while "waiting for the upload of step_0000001" not in log.read_text():
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.05)
@@ -340,7 +340,7 @@ def test_upload_runs_in_the_background_and_the_next_save_waits_for_it(shards, s3
             assert "checkpoint step_0000001 complete" not in text
             assert not storage.exists(f"{run}/checkpoints/step_0000001/COMPLETE")
             proxy.release()
-            assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+            assert proc.wait(timeout=PATIENCE) == 0, log.read_text()[-3000:]
         finally:
             proc.kill()
     text = log.read_text()

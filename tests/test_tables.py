@@ -144,7 +144,7 @@ def test_parquet_on_s3_fetches_only_the_text_column(docs, reference, vocab, tmp_
     pq.write_table(table, tmp_path / "big.parquet", row_group_size=40, compression="none")
     url = f"{s3_bucket}/corpus/big.parquet"
     storage.upload_file(tmp_path / "big.parquet", url)
-    size = storage.file_size(url)
+    size = storage.object_size(url)
 
     storage.reset_io_stats()
     texts = iter_texts(url, "content")

@@ -20,12 +20,15 @@ from electra_scale.infra import storage
 from electra_scale.infra.launch import cli_command, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+# How long a test waits for a run (or for it to get going) before calling it hung: a deadline, not a speed check.
+# Generous, so that a loaded machine (two test files at once, or stress-ng) makes a test slower, never fail.
+PATIENCE = 900
 
 
 def run_cli(args: list[str], ranks: int = 1, env: dict | None = None, check: bool = True):
     cmd = cli_command(args, ranks)  # the command line the demo and compare use
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=PATIENCE)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
@@ -223,7 +226,7 @@ def test_two_processes_started_as_slurm_tasks(shards, tmp_path):
     """What srun gives each task: the run must detect SLURM, agree on a master and train as 2 ranks."""
     out = str(tmp_path / "slurm")
     procs = start_slurm_tasks(pretrain_args(shards, out, "train.max_steps=2", "checkpoint.every_steps=100"))
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    errs = [p.communicate(timeout=PATIENCE)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     assert "launch: SLURM, world size 2 (1 node(s) x 2)" in errs[0]
     assert [m["step"] for m in metrics(out)] == [1, 2]
@@ -236,12 +239,12 @@ def test_signal_checkpoints_on_every_rank_and_resume_continues(shards, tmp_path,
     out = tmp_path / "run"
     args = pretrain_args(shards, str(out), "train.max_steps=400", "checkpoint.every_steps=1000")
     procs = start_slurm_tasks(args)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + PATIENCE
     while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "run did not get going"
         time.sleep(0.2)
     procs[to_rank].send_signal(signum)  # only one rank is told: both must still stop at the same step
-    errs = [p.communicate(timeout=120)[1] for p in procs]
+    errs = [p.communicate(timeout=PATIENCE)[1] for p in procs]
     assert [p.returncode for p in procs] == [75, 75], errs[0][-2000:] + errs[1][-2000:]
     latest = (out / "checkpoints" / "latest").read_text().strip()
     stopped = int(latest.removeprefix("step_"))
@@ -251,7 +254,7 @@ def test_signal_checkpoints_on_every_rank_and_resume_continues(shards, tmp_path,
 
     # Re-running the same command resumes there (stop a few steps later to keep the test short).
     procs = start_slurm_tasks([*args, f"train.stop_at_step={stopped + 2}"])
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    errs = [p.communicate(timeout=PATIENCE)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-2000:]
     assert f"at step {stopped}" in errs[0]
     assert [m["step"] for m in metrics(str(out))] == list(range(1, stopped + 3))
@@ -272,12 +275,12 @@ def test_kubernetes_pod_with_two_gpus_spawns_two_ranks_and_stops_on_sigterm(shar
     }
     args = pretrain_args(shards, str(out), "train.max_steps=400", "checkpoint.every_steps=1000")
     (pod,) = start_processes(args, [env])
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + PATIENCE
     while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
         assert time.monotonic() < deadline and pod.poll() is None, "run did not get going"
         time.sleep(0.2)
     pod.send_signal(signal.SIGTERM)
-    err = pod.communicate(timeout=180)[1]
+    err = pod.communicate(timeout=PATIENCE)[1]
     assert pod.returncode == 75, err[-3000:]
     assert "launch: torchrun/deepspeed, world size 2 (1 node(s) x 2)" in err
     latest = (out / "checkpoints" / "latest").read_text().strip()
@@ -297,7 +300,7 @@ def test_two_kubernetes_pods_train_together(shards, tmp_path):
         for index in range(2)
     ]  # fmt: skip
     procs = start_processes(pretrain_args(shards, out, "train.max_steps=2", "checkpoint.every_steps=100"), envs)
-    errs = [p.communicate(timeout=300)[1] for p in procs]
+    errs = [p.communicate(timeout=PATIENCE)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     assert "launch: Kubernetes Indexed Job, world size 2 (2 node(s) x 1)" in errs[0]
     assert [m["step"] for m in metrics(out)] == [1, 2]
@@ -329,7 +332,7 @@ def test_mpirun_two_ranks(shards, tmp_path):
         "electra_scale",
         *pretrain_args(shards, out, "train.max_steps=2", "checkpoint.every_steps=100"),
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=PATIENCE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "launch: OpenMPI, world size 2 (1 node(s) x 2)" in proc.stderr + proc.stdout
     assert [m["step"] for m in metrics(out)] == [1, 2]
@@ -379,6 +382,26 @@ def test_wrong_s3_credentials(shards, s3_bucket, s3_server, tmp_path):
     proc = run_cli(pretrain_args((f"{s3_bucket}/shards", shards[1]), out), env=env, check=False)
     assert_one_line_error(proc, "rejected the credentials", "AWS_SECRET_ACCESS_KEY")
     assert storage.list_files(out) == []
+
+
+def test_output_dir_that_is_a_file(shards, tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    proc = run_cli(pretrain_args(shards, str(taken)), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert_one_line_error(proc, f"run.output_dir={taken} cannot be a directory: {taken} is a file", "set run.output")
+    assert taken.read_text() == "mine\n"
+    proc = run_cli(pretrain_args(shards, str(taken / "run")), check=False)  # a file above it: the same
+    assert proc.returncode == 2 and f"cannot be a directory: {taken} is a file" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_export_of_a_directory_without_a_checkpoint(shards, tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_cli(["export", str(tmp_path / "empty"), str(tmp_path / "hf")], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert_one_line_error(proc, f"no complete checkpoint at {tmp_path / 'empty'}", "checkpoints/latest")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_malformed_config_file(shards, tmp_path):

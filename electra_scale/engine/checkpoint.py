@@ -61,6 +61,11 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class NoCheckpointError(CheckpointError):
+    """No checkpoint where one was named (export, finetune): the user's input is wrong, nothing failed, so the
+    command exits 2 like any other bad input."""
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:07d}"
 

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from electra_scale.config import Config, config_from_saved
-from electra_scale.engine.checkpoint import LATEST, MARKER, CheckpointError, fetch_and_verify
+from electra_scale.engine.checkpoint import LATEST, MARKER, CheckpointError, NoCheckpointError, fetch_and_verify
 from electra_scale.engine.objective import build_objective
 from electra_scale.infra import storage
 
@@ -33,7 +33,7 @@ def locate(checkpoint: str) -> tuple[str, str]:
         latest = storage.join(root, LATEST)
         if storage.exists(latest):
             return root, storage.read_text(latest).strip()
-    raise CheckpointError(
+    raise NoCheckpointError(
         f"no complete checkpoint at {checkpoint}: expected a run's output dir (with checkpoints/latest) "
         f"or a checkpoint dir containing {MARKER}"
     )

@@ -101,21 +101,61 @@ def check_vocabulary(init_from: str, shards: str) -> None:
         )
 
 
-def _state_dict(directory: str) -> dict[str, torch.Tensor]:
-    """The weights of a HF directory (safetensors, or a torch .bin), downloaded first if on S3."""
+def weights_url(directory: str) -> str:
+    """The URL of a HF directory's weights file (safetensors, else a torch .bin)."""
     for name in WEIGHT_FILES:
         url = storage.join(directory, name)
-        if not storage.exists(url):
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp, name)
-            local.write_bytes(storage.read_bytes(url))
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(str(local))
-            return torch.load(local, map_location="cpu", weights_only=True)
+        if storage.exists(url):
+            return url
     raise ConfigError(f"{directory}: no {' or '.join(WEIGHT_FILES)} with the weights")
+
+
+def fetch_weights(directories: list[str], scratch: Path, local_rank: int, group) -> dict[str, str]:
+    """Where each rank reads each directory's weights: a local file as it is; an S3 object once per node, from
+    the node-local ``scratch`` that local rank 0 downloads it into while the node's other ranks wait (as
+    resuming does with a checkpoint). Every rank must call it (collective on ``group``, a gloo group). A failed
+    download stops every rank with the same one line."""
+    import torch.distributed as dist
+
+    from electra_scale.engine.checkpoint import resume_budget
+
+    urls = {d: weights_url(d) for d in dict.fromkeys(directories)}
+    remote = {d: url for d, url in urls.items() if storage.is_s3(url)}
+    if not remote:
+        return urls
+    local = {d: str(scratch / f"{i}-{url.rsplit('/', 1)[1]}") for i, (d, url) in enumerate(remote.items())}
+    # The node's other ranks wait as long as a checkpoint of this size may take to resume: generous for a large
+    # model on a slow store, and longer than a collective's default timeout.
+    size = [sum(storage.object_size(url) for url in remote.values()) if dist.get_rank() == 0 else 0]
+    dist.broadcast_object_list(size, src=0, group=group)
+    problem = None
+    if local_rank == 0:
+        try:
+            for d, url in remote.items():
+                storage.download_file(url, local[d])
+        except storage.StorageError as err:
+            problem = str(err)
+    dist.monitored_barrier(group=group, timeout=resume_budget(size[0]))
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem, group=group)
+    found = next((p for p in problems if p), None)
+    if found:
+        raise storage.StorageError(f"model.init_from: {found}")
+    return {**urls, **local}
+
+
+def _state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The weights in a safetensors or torch .bin file (local, or read whole from S3)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(path)
+        if storage.is_s3(path):
+            local = Path(tmp, path.rsplit("/", 1)[1])
+            local.write_bytes(storage.read_bytes(path))
+        if local.name.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(str(local))
+        return torch.load(local, map_location="cpu", weights_only=True)
 
 
 def _load(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, skip: tuple[str, ...] = ()) -> None:
@@ -136,20 +176,24 @@ def _load(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, 
                 tensor.copy_(state[name].to(tensor.dtype))
 
 
-def load_weights(objective: torch.nn.Module, init_from: str, init_generator_from: str | None) -> None:
+def load_weights(
+    objective: torch.nn.Module, init_from: str, init_generator_from: str | None, files: dict[str, str] | None = None
+) -> None:
     """Start ``objective`` (an ElectraObjective) from released weights. The discriminator's embeddings are the
     shared table (as in pretraining); a generator's own embeddings, when they differ from it, are not used: the
-    discriminator is the model being continued, and one table must serve both (logged)."""
+    discriminator is the model being continued, and one table must serve both (logged). ``files`` maps a
+    directory to the copy of its weights to read (``fetch_weights``); else they are read from the directory."""
+    files = files or {}
     discriminator, generator = objective.discriminator, objective.generator
     # With objective.embedding_sharing=gdes the released table becomes E_G (shared, as always) and the
     # discriminator's E_delta stays at zero: the continued discriminator starts exactly as released.
-    state = _state_dict(init_from)
+    state = _state_dict(files.get(init_from) or weights_url(init_from))
     _load(discriminator, state, init_from)
     log.info("initialised the discriminator from %s", init_from)
     if not init_generator_from:
         log.info("no model.init_generator_from: the generator starts fresh (width %d)", generator.config.hidden_size)
         return
-    gen_state = _state_dict(init_generator_from)
+    gen_state = _state_dict(files.get(init_generator_from) or weights_url(init_generator_from))
     theirs = gen_state.get("electra.embeddings.word_embeddings.weight")
     if theirs is not None:
         ours = discriminator.electra.embeddings.word_embeddings.weight

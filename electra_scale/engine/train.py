@@ -8,8 +8,10 @@ objective.py), so a run is the same run on 1 rank or on 64.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -28,7 +30,7 @@ from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
 from electra_scale.engine.model import SHAPE_KEYS, peak_tflops, training_flops
 from electra_scale.engine.objective import build_objective, summarize
-from electra_scale.engine.pretrained import check_vocabulary, load_weights
+from electra_scale.engine.pretrained import check_vocabulary, fetch_weights, load_weights
 from electra_scale.engine.step import all_reduce_host, build_engine, train_step
 from electra_scale.infra import launch, storage
 
@@ -114,6 +116,12 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     manifest = load_manifest(cfg.data.shards)
     manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
     special = manifest.special_ids
+    blocker = storage.file_in_the_way(cfg.run.output_dir)
+    if blocker is not None:
+        raise ConfigError(
+            f"run.output_dir={cfg.run.output_dir} cannot be a directory: {blocker} is a file; set run.output_dir "
+            "to a directory (a new one starts a new run, a run's own resumes it)"
+        )
     if main:
         storage.check_writable(cfg.run.output_dir)  # bad endpoint / credentials / bucket: fail now, clearly
 
@@ -140,7 +148,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
             log.info("resuming %s: model.init_from (%s) is not used", cfg.run.output_dir, cfg.model.init_from)
         else:
             check_vocabulary(cfg.model.init_from, cfg.data.shards)
-            load_weights(objective, cfg.model.init_from, cfg.model.init_generator_from)
+            init_weights(cfg, objective, cache, dist_env.local_rank)
     engine = build_engine(cfg, objective, world, device, universal=resume_from is not None and resume_from.universal)
     torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout differs between ranks
     state = checkpointer.load(engine, resume_from) if resume_from is not None else {}
@@ -169,6 +177,12 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     )
     grad_accum = stream.grad_accum
     extra_files = _checkpoint_extras(cfg) if main else {}
+    # The first step's batches come before anything is written: a shard that cannot be read (truncated, or
+    # corrupt under data.on_corrupt_shard=error) stops a new run with its output dir as it was. No rank writes
+    # until every rank has its batches: one that fails exits, and its launcher ends the others at the barrier.
+    batches = iter(stream)
+    first_batches = next(batches) if start_step < stop_step else None
+    dist.barrier(group=host_group)
     metrics = None
     if main:
         metrics = MetricsLogger(
@@ -203,7 +217,6 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
 
     # ---------------------------------------------------------------------------------------- train
     done, preempted = start_step, False
-    batches = iter(stream)
     vote = StopVote(host_group)
     history: list[dict] = []
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
@@ -212,7 +225,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     sums: dict[str, torch.Tensor | float] = defaultdict(float)
     for step in range(start_step, stop_step):
         waited = time.perf_counter()
-        micro_batches = next(batches)
+        micro_batches, first_batches = first_batches or next(batches), None
         data_wait += time.perf_counter() - waited  # the step blocked on its input for this long
         for mb in micro_batches:  # host numbers the data path already has
             real_tokens += int(mb.lengths.sum())
@@ -302,6 +315,26 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         "history": history,
         "world_size": world,
     }
+
+
+def init_weights(cfg: Config, objective: torch.nn.Module, cache: Path, local_rank: int) -> None:
+    """model.init_from's weights (and init_generator_from's) into ``objective`` on every rank. From S3 they are
+    downloaded once per node, into the node-local cache that resuming uses, and removed once every rank has
+    loaded them: a Large model is 1.3 GB, which W ranks would otherwise each read (collective)."""
+    group = dist.new_group(backend="gloo")
+    scratch = cache / "init_from"
+    new_cache = not cache.exists()
+    directories = [d for d in (cfg.model.init_from, cfg.model.init_generator_from) if d]
+    try:
+        files = fetch_weights(directories, scratch, local_rank, group)
+        load_weights(objective, cfg.model.init_from, cfg.model.init_generator_from, files)
+        dist.barrier(group=group)  # the node's ranks have all read the copy
+    finally:
+        if local_rank == 0:
+            shutil.rmtree(scratch, ignore_errors=True)
+            if new_cache:  # made for the copy alone (a local run.output_dir, say): leave nothing behind
+                with contextlib.suppress(OSError):
+                    cache.rmdir()
 
 
 def check_same_model(cfg: Config, trainer_state: dict) -> None:

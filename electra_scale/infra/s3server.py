@@ -159,7 +159,7 @@ class SeaweedS3:
                 time.sleep(1)
         raise AssertionError("unreachable")
 
-    def create_bucket(self, name: str) -> None:
+    def create_bucket(self, name: str, timeout: float = 60.0) -> None:
         import boto3
 
         client = boto3.client(
@@ -169,15 +169,17 @@ class SeaweedS3:
             aws_secret_access_key=self.secret_key,
             region_name="us-east-1",
         )
-        # Right after start the filer can still be settling; retry briefly.
-        for attempt in range(50):
+        # Right after a start the filer can still be settling, for longer on a loaded machine: retry until a
+        # deadline rather than a number of times.
+        deadline = time.monotonic() + timeout
+        while True:
             try:
                 client.create_bucket(Bucket=name)
                 return
             except client.exceptions.BucketAlreadyOwnedByYou:
                 return
             except Exception:
-                if attempt == 49:
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
 

@@ -53,6 +53,17 @@ def exists(url: str) -> bool:
     return retry_call(url, "check", head)
 
 
+def object_size(url: str) -> int:
+    """Bytes of a local file or S3 object (one HEAD)."""
+    if not is_s3(url):
+        try:
+            return Path(url).stat().st_size
+        except FileNotFoundError as err:
+            raise StorageError(f"{url} does not exist.") from err
+    bucket, key = split_s3(url)
+    return int(retry_call(url, "check", s3_client().head_object, Bucket=bucket, Key=key)["ContentLength"])
+
+
 def open_read(url: str) -> BinaryIO:
     """A streaming, file-like reader: a local file, or an S3 object whose body resumes where it broke."""
     if not is_s3(url):
@@ -63,17 +74,6 @@ def open_read(url: str) -> BinaryIO:
     return io.BufferedReader(S3Reader(url), buffer_size=1 << 20)  # type: ignore[return-value]
 
 
-def file_size(url: str) -> int:
-    """The size in bytes of a local file or S3 object (one HEAD)."""
-    if not is_s3(url):
-        try:
-            return Path(url).stat().st_size
-        except FileNotFoundError as err:
-            raise StorageError(f"{url} does not exist.") from err
-    bucket, key = split_s3(url)
-    return int(retry_call(url, "check", lambda: s3_client().head_object(Bucket=bucket, Key=key))["ContentLength"])
-
-
 class RangedReader(io.RawIOBase):
     """A seekable reader of an S3 object in which every read is one ranged GET (``read_range``: retried, and
     resumed if a body breaks). For formats read by offset rather than front to back, such as Parquet (its
@@ -81,7 +81,7 @@ class RangedReader(io.RawIOBase):
 
     def __init__(self, url: str):
         super().__init__()
-        self.url, self.pos, self.length = url, 0, file_size(url)
+        self.url, self.pos, self.length = url, 0, object_size(url)
 
     def readable(self) -> bool:
         return True
@@ -345,12 +345,36 @@ def iter_lines(url: str) -> Iterator[str]:
         yield from text
 
 
+def file_in_the_way(url: str) -> Path | None:
+    """The file (``url`` itself or a parent) that stops a local directory from being made at ``url``; None if
+    there is none, and always for S3, whose prefixes are no objects."""
+    if is_s3(url):
+        return None
+    target = Path(url)
+    return next((p for p in (target, *target.parents) if p.exists() and not p.is_dir()), None)
+
+
 def check_writable(url: str) -> None:
-    """Fail early, with a clear message, if ``url`` cannot be written (bad endpoint, credentials, bucket)."""
+    """Fail early, with a clear message, if ``url`` cannot be written (bad endpoint, credentials, bucket; a
+    local path that is a file, or unwritable). Leaves ``url`` as it found it: a local directory the probe had to
+    create is removed again, so that a run which then fails on its input leaves nothing behind."""
     probe = join(url, ".electra-scale-write-probe")
-    write_bytes(probe, b"ok")
     if is_s3(probe):
+        write_bytes(probe, b"ok")
         bucket, key = split_s3(probe)
         retry_call(probe, "delete", lambda: s3_client().delete_object(Bucket=bucket, Key=key))
-    else:
+        return
+    target = Path(url)
+    blocker = file_in_the_way(url)
+    if blocker is not None:
+        raise StorageError(f"{url} cannot be a directory: {blocker} is a file")
+    created = [p for p in (target, *target.parents) if not p.exists()]
+    try:
+        write_bytes(probe, b"ok")
         Path(probe).unlink(missing_ok=True)
+    except OSError as err:
+        raise StorageError(f"cannot write to {url}: {err.strerror or err}") from err
+    finally:
+        for path in created:  # deepest first
+            with contextlib.suppress(OSError):
+                path.rmdir()
