@@ -14,6 +14,9 @@ Follows google-research/electra (``run_pretraining.py``, ``pretrain/pretrain_hel
    non-padding tokens.
 5. total = gen_loss + disc_weight (50) x disc_loss.
 
+The forward passes are written against a layout (engine/packing.py): the padded [B, L] batch, or with
+``train.unpad`` one flat row of its real tokens, where only those are computed. The losses are the same.
+
 Options beyond the paper (all off by default; the presets keep the paper's settings):
 - ``whole_word_mask``: whole words are masked (``whole_word_positions``), as BERT's later release did.
 - ``temperature_start`` / ``temperature_warmup_steps``: a generator curriculum (``sampling_temperature``).
@@ -381,9 +384,7 @@ class ElectraObjective(_Masking):
         disc_inputs = lay.encoder_inputs(disc_ids, token_type_ids)
         if self.cfg.embedding_sharing == "gdes":
             disc_inputs["inputs_embeds"] = self.discriminator_embeddings(disc_inputs.pop("input_ids"))
-        disc_logits = self.discriminator(**disc_inputs).logits.float()
-        if packing is not None:
-            disc_logits = disc_logits[0]  # [T]: per token, in the layout's order
+        disc_logits = lay.encoder_output(self.discriminator(**disc_inputs).logits.float())
         labels, real = lay.tokens(labels), lay.tokens(attention_mask).float()
         disc_nll = F.binary_cross_entropy_with_logits(disc_logits, labels.float(), reduction="none")
         predicted = disc_logits > 0

@@ -99,6 +99,10 @@ class PaddedLayout:
         """A per-token [B, L] tensor in this layout's token order."""
         return x
 
+    def encoder_output(self, x: torch.Tensor) -> torch.Tensor:
+        """An encoder's per-token output ([B, L, ...]) in this layout's token order."""
+        return x
+
     def slots(self, x: torch.Tensor) -> torch.Tensor:
         """A per-slot [B, N] tensor as the layout's slot list [S]."""
         return x.flatten(0, 1)
@@ -130,6 +134,9 @@ class PackedLayout:
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten()[self.p.tokens]
+
+    def encoder_output(self, x: torch.Tensor) -> torch.Tensor:
+        return x[0]  # the one row
 
     def slots(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten()[self.p.slots]
