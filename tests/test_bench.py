@@ -55,7 +55,7 @@ def test_bench_reports_every_path(tmp_path):
     (row,) = report["ablation"]
     assert row["lever"] == "train.unpad" and row["value"] == "true" and row["error"] is None
     assert row["step_time_s"] > 0 and 0 < row["mfu"] < 1 and 0 <= row["pad_frac"] < 0.5
-    assert row["tokens_per_s"] == pytest.approx(row["examples_per_s"] * 4 * 128 * (1 - row["pad_frac"]), rel=1e-6)
+    assert row["tokens_per_s"] == pytest.approx(row["examples_per_s"] * 128 * (1 - row["pad_frac"]), rel=1e-6)
 
 
 def test_bench_rejects_bad_input(tmp_path, capsys):
