@@ -58,7 +58,7 @@ def test_health_warns_once_after_warmup_on_chance_auc_or_no_margin(caplog, stuck
         health.check(120, stuck)
     assert len(caplog.records) == 1
     text = caplog.text
-    assert "not learning at step 110" in text and why in text and "base rate of 0.4227" in text
+    assert "little sign of learning at step 110" in text and why in text and "base rate of 0.4227" in text
     for lever in ("optim.lr", "objective.temperature_start", "temperature_warmup_steps", "embedding_sharing=gdes"):
         assert lever in text
 
