@@ -66,7 +66,8 @@ def test_health_warns_once_after_warmup_on_chance_auc_or_no_margin(caplog, stuck
 def test_the_demo_says_what_to_expect_from_its_auc():
     from electra_scale.tools.demo import expectation
 
-    assert "ranks replaced tokens above originals" in expectation(0.61) and "not yet" not in expectation(0.61)
-    for stuck in (0.51, None):
-        assert "does not yet rank" in expectation(stuck)
+    assert "shows it ranks replaced tokens above originals" in expectation(0.61)
+    assert "only begun to rank" in expectation(0.532)  # the demo's own AUC at 300 steps
+    for stuck in (0.49, None):
+        assert "does not yet tell" in expectation(stuck)
     assert "recall near 0" in expectation(0.61) and "AUC 0.68, recall 0.048" in expectation(None)
