@@ -106,7 +106,7 @@ def test_resume_is_exact_on_local_disk(shards, straight_run, tmp_path):
     assert [m["step"] for m in resumed] == list(range(1, 9))  # no step logged twice
     for a, b in zip(straight, resumed):
         assert a["loss"] == b["loss"], f"step {a['step']}: {a['loss']} != {b['loss']}"
-        assert a["lr"] == b["lr"]
+        assert a["lr"] == b["lr"] and a["disc_auc"] == b["disc_auc"]
     state = json.loads(Path(out, "checkpoints", "step_0000008", "trainer_state.json").read_text())
     assert state["step"] == 8 and state["data_position"]["samples_seen"] == 64 and state["world_size"] == 2
     marker = json.loads(Path(out, "checkpoints", "step_0000008", "COMPLETE").read_text())

@@ -65,13 +65,14 @@ def _auc(record: dict) -> str:
 
 
 def expectation(auc: float | None) -> str:
-    """What a user should read into the discriminator's numbers at the demo's scale (~2.5M tokens), in one line."""
+    """What a user should read into the discriminator's numbers at the demo's scale (1.2M token positions), in one
+    line."""
     if auc is not None and auc >= DiscriminatorHealth.MIN_AUC:
         seen = "AUC above 0.5 shows it ranks replaced tokens above originals"
     elif auc is not None and auc > 0.5:
         seen = "AUC just above 0.5 says it has only begun to rank replaced tokens above originals"
     else:
-        seen = "AUC at 0.5 says it does not yet tell replaced tokens from originals"
+        seen = "AUC at or below 0.5 says it does not yet tell replaced tokens from originals"
     return (
         f"recall near 0 at the 0.5 threshold is normal this early; {seen} (the reference at step 5,000, ~82M "
         "tokens: AUC 0.68, recall 0.048; google-research/electra #81)"
