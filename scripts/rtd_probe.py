@@ -117,19 +117,19 @@ def main() -> int:
         )
         for out in train_step(engine, [mb], cfg, device, 1):
             for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
+                sums[k] = sums.get(k, 0.0) + (v.detach() if v.numel() > 1 else float(v.detach()))  # AUC histograms
         if step % args.log == 0:
             m = objective.summarize(sums, cfg.objective.disc_weight)
             r = m["replaced_frac"]
             base = -(r * math.log(r) + (1 - r) * math.log(1 - r))
             print(
                 f"step {step:5d} {time.perf_counter() - started:6.0f}s  gen_acc {m['gen_acc']:.3f}  replaced {r:.3f}  "
-                f"disc_loss {m['disc_loss']:.4f} (base rate {base:.4f})  recall {m['disc_recall']:.3f}  "
-                f"precision {m['disc_precision']:.3f}",
+                f"disc_loss {m['disc_loss']:.4f} (base rate {base:.4f})  auc {m['disc_auc']:.3f}  "
+                f"recall {m['disc_recall']:.3f}  precision {m['disc_precision']:.3f}",
                 flush=True,
             )
             last = {"step": step, "disc_loss": m["disc_loss"], "base_rate": base, "margin": base - m["disc_loss"]}
-            last.update({k: m[k] for k in ("disc_recall", "disc_precision", "gen_acc", "replaced_frac")})
+            last.update({k: m[k] for k in ("disc_auc", "disc_recall", "disc_precision", "gen_acc", "replaced_frac")})
             sums = {}
     if args.save:
         from transformers import ElectraTokenizer

@@ -56,6 +56,8 @@ def test_compare_end_to_end_on_the_miniature_preset(shards, tmp_path):
     assert all(r["disc_recall"] is None and not r["flagged"] for r in rows if r["model"] != "electra")
     recall = [m["disc_recall"] for m in map(json.loads, (work / "runs/electra/metrics.jsonl").read_text().splitlines())]
     assert electra_rows[-1]["flagged"] == (max(recall[-max(1, len(recall) // 4) :]) < 0.02)
+    assert all(0.0 <= r["disc_auc"] <= 1.0 for r in electra_rows)
+    assert all(r["disc_auc"] is None for r in rows if r["model"] != "electra")
 
     # Table (markdown, one line per row), verdict, plots.
     table = (work / "compare.md").read_text()
@@ -86,6 +88,26 @@ def test_health_check_flags_a_discriminator_stuck_at_original():
     learning = [*stuck[:4], {"step": 50, "disc_recall": 0.15}]
     assert not disc_health(learning, 50, 0.02)["stuck"]
     assert disc_health(learning, 40, 0.02)["stuck"]  # judged on the logs up to that checkpoint only
+
+
+def test_the_table_shows_the_discriminators_auc_at_each_checkpoint():
+    from electra_scale.tools.compare.report import markdown, report_row
+
+    records = [{"step": 10, "disc_recall": 0.0, "disc_auc": 0.61}, {"step": 20, "disc_recall": 0.01, "disc_auc": 0.66}]
+    assert disc_health(records, 10, 0.02)["auc"] == 0.61 and disc_health(records, 20, 0.02)["auc"] == 0.66
+    scores = {"summary": {"test": {"accuracy": {"mean": 0.6, "std": 0.01, "n": 2}}}}
+    scores["runs"] = [{"test": {"accuracy": 0.59}}, {"test": {"accuracy": 0.61}}]
+    result = {"report_split": "test", "main_metric": "accuracy", "probe": scores}
+    rows = [report_row("random", 0, 0.0, 0, result, {})]
+    rows += [report_row("electra", s, 1e9 * s, 100 * s, result, disc_health(records, s, 0.02)) for s in (10, 20)]
+    report = {"task": "t", "metric": "accuracy", "report_split": "test", "budget_flops": 2e10, "flop_convention": "x"}
+    report |= {"rows": rows, "verdict": "", "cost_ratio": {"flops_per_token": 2.0}}
+    report["runs"] = {"electra": {"steps": 20, "flops_per_token": 1.0, "tokens_per_s": None, "wall_s": 1.0}}
+    lines = markdown(report).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model"))
+    column = [c.strip() for c in lines[start].split("|")].index("disc AUC")
+    table = lines[start + 2 : start + 2 + len(rows)]  # the rows' table, not the runs' one after it
+    assert [[c.strip() for c in line.split("|")][column] for line in table] == ["", "0.610", "0.660"]
 
 
 def test_bad_presets_fail_with_the_key_named(tmp_path):

@@ -155,7 +155,9 @@ def _padded_and_unpadded(objective, mb, cfg, device):
         out = objective(**objective_inputs(mb, cfg, device))
         (out["gen_loss"] / out["n_masked"] + 50 * out["disc_loss"] / out["n_tokens"]).backward()
         grads = torch.cat([p.grad.float().flatten() for p in objective.parameters() if p.grad is not None])
-        results.append(({k: float(v.detach()) for k, v in out.items()}, grads))
+        results.append(({k: float(v.detach()) for k, v in out.items() if v.numel() == 1}, grads))
+        results[-1][0]["hist_replaced"] = float(out["disc_hist"].view(2, -1)[1].sum())  # the AUC's, per class
+        results[-1][0]["hist_original"] = float(out["disc_hist"].view(2, -1)[0].sum())
     return results
 
 
@@ -176,7 +178,7 @@ def test_padding_free_batches_match_padded_ones_on_the_device(device, dropout):
     mb.lengths = torch.tensor([128, 20, 64, 9, 100, 33, 50, 12])
     (padded, g_padded), (unpadded, g_unpadded) = _padded_and_unpadded(objective, mb, cfg, device)
     assert all(torch.isfinite(torch.tensor(list(unpadded.values())))) and torch.isfinite(g_unpadded).all()
-    for key in ("n_masked", "n_tokens", "n_replaced"):
+    for key in ("n_masked", "n_tokens", "n_replaced", "hist_replaced", "hist_original"):
         if dropout == 0.0:
             assert unpadded[key] == padded[key], key
     if dropout == 0.0:

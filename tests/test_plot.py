@@ -46,6 +46,8 @@ def test_plot_a_real_run_on_s3_and_overlay_a_second(shards, s3_bucket, tmp_path)
     one = plot_runs([run], str(tmp_path / "one"))
     assert {p.name for p in one} == ALL  # ELECTRA has every figure
     single = {p.name: assert_valid_png(p) for p in one}
+    # The discriminator's figure has its three panels, AUC among them: 5 inches each at 100 dpi.
+    assert single["disc_precision_recall.png"].shape[1] == 3 * 500
 
     mlm = mlm_run(tmp_path / "mlm")
     two = plot_runs([run, mlm], str(tmp_path / "two"), labels=["ELECTRA (S3)", "MLM (local)"])

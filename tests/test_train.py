@@ -60,9 +60,10 @@ NO_DROPOUT = ("model.dropout=0", "model.attention_dropout=0")
 
 
 def test_two_ranks_match_one_rank(shards, tmp_path):
-    """2 ranks x micro-batch 4 == 1 rank x micro-batch 8 == 1 rank x 4 x accumulation 2 (dropout off)."""
+    """2 ranks x micro-batch 4 == 1 rank x micro-batch 8 == 1 rank x 4 x accumulation 2 (dropout off): losses,
+    accuracies and the discriminator's AUC."""
     common = ("train.max_steps=5", "checkpoint.every_steps=100", *NO_DROPOUT)
-    run_cli(pretrain_args(shards, str(tmp_path / "w2"), *common), ranks=2)
+    logged = run_cli(pretrain_args(shards, str(tmp_path / "w2"), *common), ranks=2)
     run_cli(pretrain_args(shards, str(tmp_path / "w1"), *common, "train.micro_batch_size=8"))
     run_cli(pretrain_args(shards, str(tmp_path / "acc"), *common, "train.micro_batch_size=4"))
     two, one, acc = (
@@ -76,6 +77,14 @@ def test_two_ranks_match_one_rank(shards, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (a["step"], key)
             assert c[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (c["step"], key)
     assert two[-1]["loss"] < two[0]["loss"]  # and it learns
+    # The discriminator's AUC (engine/auc.py) is logged, and its histograms are whole counts summed exactly over
+    # micro-batches and ranks: the three runs agreed to the last digit where this was written (1e-3 leaves room
+    # for a token on a bin edge to round into its neighbour on another CPU; half the tokens would be ~0.02 off).
+    for a, b, c in zip(two, one, acc):
+        assert 0.0 <= a["disc_auc"] <= 1.0
+        assert a["disc_auc"] == pytest.approx(b["disc_auc"], abs=1e-3), a["step"]
+        assert a["disc_auc"] == pytest.approx(c["disc_auc"], abs=1e-3), a["step"]
+    assert f"| auc {two[-1]['disc_auc']:.3f} |" in logged.stderr
     for m in two:  # the share of the step each rank spent waiting for its next batch, and no bad block
         assert 0 <= m["data_wait"] < 1 and m["skipped_blocks"] == 0
 
@@ -100,7 +109,7 @@ def test_resume_is_exact_on_local_disk(shards, straight_run, tmp_path):
     assert [m["step"] for m in resumed] == list(range(1, 9))  # no step logged twice
     for a, b in zip(straight, resumed):
         assert a["loss"] == b["loss"], f"step {a['step']}: {a['loss']} != {b['loss']}"
-        assert a["lr"] == b["lr"]
+        assert a["lr"] == b["lr"] and a["disc_auc"] == b["disc_auc"]
     state = json.loads(Path(out, "checkpoints", "step_0000008", "trainer_state.json").read_text())
     assert state["step"] == 8 and state["data_position"]["samples_seen"] == 64 and state["world_size"] == 2
     marker = json.loads(Path(out, "checkpoints", "step_0000008", "COMPLETE").read_text())

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from electra_scale.config import ObjectiveConfig
+from electra_scale.engine.auc import auc, probability_histograms
 from electra_scale.engine.packing import layout
 
 # ------------------------------------------------------------------------------------------ randomness
@@ -398,6 +399,7 @@ class ElectraObjective(_Masking):
             "disc_tp": (predicted & labels).sum().float().detach(),
             "disc_pred_pos": (predicted & real.bool()).sum().float().detach(),
             "n_replaced": labels.sum().float(),
+            "disc_hist": probability_histograms(disc_logits, labels, real),  # for the AUC (engine/auc.py)
         }
 
 
@@ -437,8 +439,9 @@ def training_loss(sums: dict[str, torch.Tensor], totals: dict, disc_weight: floa
     return loss
 
 
-def summarize(sums: dict[str, float], disc_weight: float) -> dict[str, float]:
-    """Loggable metrics from sums accumulated over a global batch (and all ranks)."""
+def summarize(sums: dict, disc_weight: float) -> dict[str, float]:
+    """Loggable metrics from sums accumulated over a global batch (and all ranks): numbers, and the AUC's
+    histograms as a list or tensor."""
     n_masked, n_tokens = max(sums["n_masked"], 1.0), max(sums["n_tokens"], 1.0)
     out = {"gen_loss": sums["gen_loss"] / n_masked, "gen_acc": sums["gen_correct"] / n_masked}
     if "disc_loss" in sums:
@@ -447,6 +450,8 @@ def summarize(sums: dict[str, float], disc_weight: float) -> dict[str, float]:
         out["disc_precision"] = sums["disc_tp"] / max(sums["disc_pred_pos"], 1.0)
         out["disc_recall"] = sums["disc_tp"] / max(sums["n_replaced"], 1.0)
         out["replaced_frac"] = sums["n_replaced"] / n_tokens
+        if "disc_hist" in sums:
+            out["disc_auc"] = auc(sums["disc_hist"])
         out["loss"] = out["gen_loss"] + disc_weight * out["disc_loss"]
     else:
         out["loss"] = out["gen_loss"]

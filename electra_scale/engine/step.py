@@ -60,12 +60,29 @@ def global_counts(
     return {"n_masked": t[0], "n_tokens": t[1]}
 
 
-def all_reduce_host(values: list[float], group=None) -> list[float]:
-    """Sum host numbers over the ranks (logging steps only): on GPUs over a gloo group, since NCCL has no CPU
-    tensors."""
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, group=group)
-    return t.tolist()
+def all_reduce_host(values: list[float | torch.Tensor], group=None) -> list[float | list[float]]:
+    """Sum numbers and device tensors (the metric sums, the AUC's histograms) over the ranks in one all-reduce
+    (logging steps only): the tensors are joined on the device and copied to the host at once, one sync however
+    many metrics there are, and summed with the host numbers over ``group`` (gloo on GPUs, since NCCL has no CPU
+    tensors). A number or a one-element tensor comes back a float, any other tensor a flat list of floats."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    device_part = torch.zeros(0, dtype=torch.float64)
+    if tensors:
+        on = tensors[0].device
+        device_part = torch.cat([t.detach().to(on, torch.float64).flatten() for t in tensors]).cpu()
+    numbers = torch.tensor([float(v) for v in values if not isinstance(v, torch.Tensor)], dtype=torch.float64)
+    flat = torch.cat([device_part, numbers])
+    dist.all_reduce(flat, group=group)
+    summed = iter(flat[: device_part.numel()].split([t.numel() for t in tensors]))
+    plain = iter(flat[device_part.numel() :].tolist())
+    out: list[float | list[float]] = []
+    for v in values:
+        if not isinstance(v, torch.Tensor):
+            out.append(next(plain))
+        else:
+            part = next(summed)
+            out.append(float(part[0]) if v.numel() == 1 else part.tolist())
+    return out
 
 
 def objective_inputs(mb, cfg: Config, device: torch.device, non_blocking: bool = True) -> dict:

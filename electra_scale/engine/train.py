@@ -246,7 +246,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
 
         if done % cfg.train.log_every == 0 or done == stop_step or preempted:
             keys = sorted(sums)
-            values = [float(sums[k]) for k in keys]
+            values = [sums[k] for k in keys]  # device tensors, the AUC's histograms among them
             values += [float(len(stream.skipped) - skipped_logged), data_wait, float(real_tokens), float(real_pairs)]
             *reduced_values, skipped_new, wait_sum, tokens, pairs = all_reduce_host(values, host_group)
             reduced = dict(zip(keys, reduced_values))
@@ -420,6 +420,8 @@ class _Progress:
         parts = [f"step {step}/{self.stop}", f"loss {rec['loss']:.4f}", f"gen {rec['gen_loss']:.3f}"]
         if "disc_loss" in rec:
             parts += [f"disc {rec['disc_loss']:.4f}", f"disc_acc {rec['disc_acc']:.3f}"]
+            if rec.get("disc_auc") is not None:  # None while a window has no replaced token
+                parts.append(f"auc {rec['disc_auc']:.3f}")
         parts += [f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:.0f} tok/s", f"eta {eta:.0f}s"]
         log.info(" | ".join(parts))
 

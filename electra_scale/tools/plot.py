@@ -4,7 +4,7 @@ Figures (one PNG each, x = optimizer step):
 
     loss.png                    total, generator (MLM) and discriminator loss
     accuracy.png                generator MLM accuracy and discriminator accuracy
-    disc_precision_recall.png   discriminator precision and recall on replaced tokens
+    disc_precision_recall.png   discriminator AUC (the reference's metric), precision and recall on replaced tokens
     throughput.png              tokens/s (and MFU when the run knew its device's peak)
     lr.png                      learning rate
 
@@ -36,7 +36,7 @@ FIGURES: dict[str, tuple[str, list[tuple[str, str]]]] = {
     ),
     "disc_precision_recall": (
         "Discriminator on replaced tokens",
-        [("disc_precision", "precision"), ("disc_recall", "recall")],
+        [("disc_auc", "AUC (0.5 = chance)"), ("disc_precision", "precision"), ("disc_recall", "recall")],
     ),
     "throughput": ("Throughput", [("tokens_per_s", "tokens/s"), ("mfu", "MFU")]),
     "lr": ("Learning rate", [("lr", "learning rate")]),

@@ -75,13 +75,20 @@ def pretrain_run(spec: CompareSpec, cfg, run_dir: Path) -> dict:
 
 def disc_health(records: list[dict], step: int, min_recall: float) -> dict:
     """Recall on replaced tokens up to ``step``: its last value, its best over the last quarter of the logged
-    steps, and whether that best stayed below ``min_recall`` (stuck predicting "original")."""
+    steps, and whether that best stayed below ``min_recall`` (stuck predicting "original"); and the last AUC
+    (None for runs logged before it was)."""
     upto = [r for r in records if r["step"] <= step and "disc_recall" in r]
     if not upto:
-        return {"recall": None, "stuck": False}
+        return {"recall": None, "auc": None, "stuck": False}
     tail = upto[-max(1, len(upto) // 4) :]
     best = max(r["disc_recall"] for r in tail)
-    return {"recall": upto[-1]["disc_recall"], "recall_tail_max": best, "stuck": best < min_recall}
+    last = upto[-1]
+    return {
+        "recall": last["disc_recall"],
+        "auc": last.get("disc_auc"),
+        "recall_tail_max": best,
+        "stuck": best < min_recall,
+    }
 
 
 def throughput(records: list[dict]) -> float | None:

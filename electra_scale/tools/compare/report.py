@@ -15,6 +15,7 @@ def report_row(kind: str, step: int, flops: float, tokens: int, result: dict, he
             summ = result[mode]["summary"][split][result["main_metric"]]
             row[mode] = {"mean": summ["mean"], "std": summ["std"], "n": summ["n"]}
             row[f"{mode}_per_seed"] = [r[split][result["main_metric"]] for r in result[mode]["runs"]]
+    row["disc_auc"] = health.get("auc")
     row["disc_recall"] = health.get("recall")
     row["flagged"] = bool(health.get("stuck"))
     return row
@@ -74,7 +75,7 @@ def markdown(report: dict) -> str:
     metric, split = report["metric"], report["report_split"]
     modes = [m for m in ("finetune", "probe") if any(m in r for r in report["rows"])]
     head = "| model | step | pretrain FLOPs | tokens | " + " | ".join(f"{m} {split} {metric}" for m in modes)
-    head += " | disc recall | note |"
+    head += " | disc AUC | disc recall | note |"
     lines = [
         f"# ELECTRA vs MLM at equal pretraining FLOPs: {report['task']}",
         "",
@@ -89,6 +90,7 @@ def markdown(report: dict) -> str:
         cells = [r["model"], str(r["step"]), f"{r['flops']:.3g}", f"{r['tokens']:,}"]
         for m in modes:
             cells.append(f"{100 * r[m]['mean']:.1f} +- {100 * r[m]['std']:.1f}" if m in r else "")
+        cells.append("" if r.get("disc_auc") is None else f"{r['disc_auc']:.3f}")  # .get: a report made before it
         cells.append("" if r["disc_recall"] is None else f"{r['disc_recall']:.3f}")
         cells.append("FLAGGED: disc recall ~0" if r["flagged"] else "")
         lines.append("| " + " | ".join(cells) + " |")
