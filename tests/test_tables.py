@@ -54,6 +54,12 @@ def vocab(reference) -> str:
     return str(reference[0] / "tokenizer.json")
 
 
+def _prepare_as_reference(inputs: list[str], out, vocab: str, reference, text_column: str = "text") -> None:
+    """Prepare ``inputs`` as the reference was prepared, and check that the shards are the reference's."""
+    prepare(inputs, str(out), vocab, SEQ_LEN, samples_per_block=8, progress=False, text_column=text_column)
+    _same_shards(out, reference)
+
+
 def _table(texts: list[str | None]) -> pa.Table:
     """A text column with the other kinds of columns a corpus has (ids, a URL, a score)."""
     return pa.table(
@@ -109,31 +115,13 @@ def test_parquet_files_and_directories_make_the_jsonl_shards(docs, reference, vo
     table = _table(texts)
     pq.write_table(table, tmp_path / "one.parquet", row_group_size=25)
     assert pq.ParquetFile(tmp_path / "one.parquet").metadata.num_row_groups == 10
-    prepare(
-        [str(tmp_path / "one.parquet")],
-        str(tmp_path / "a"),
-        vocab,
-        SEQ_LEN,
-        samples_per_block=8,
-        progress=False,
-        text_column="content",
-    )
-    _same_shards(tmp_path / "a", reference)
+    _prepare_as_reference([str(tmp_path / "one.parquet")], str(tmp_path / "a"), vocab, reference, text_column="content")
 
     hub = tmp_path / "hub" / "data"
     hub.mkdir(parents=True)
     pq.write_table(table.slice(0, 100), hub / "train-00000-of-00002.parquet", row_group_size=30)
     pq.write_table(table.slice(100), hub / "train-00001-of-00002.parquet", row_group_size=30)
-    prepare(
-        [str(tmp_path / "hub")],
-        str(tmp_path / "b"),
-        vocab,
-        SEQ_LEN,
-        samples_per_block=8,
-        progress=False,
-        text_column="content",
-    )
-    _same_shards(tmp_path / "b", reference)
+    _prepare_as_reference([str(tmp_path / "hub")], str(tmp_path / "b"), vocab, reference, text_column="content")
 
 
 def test_parquet_on_s3_fetches_only_the_text_column(docs, reference, vocab, tmp_path, s3_bucket):
@@ -153,30 +141,12 @@ def test_parquet_on_s3_fetches_only_the_text_column(docs, reference, vocab, tmp_
     assert list(texts) == docs[1:]
     assert storage.IO.bytes < size / 5, (storage.IO.bytes, size)
 
-    prepare(
-        [f"{s3_bucket}/corpus"],
-        f"{s3_bucket}/shards",
-        vocab,
-        SEQ_LEN,
-        samples_per_block=8,
-        progress=False,
-        text_column="content",
-    )
-    _same_shards(f"{s3_bucket}/shards", reference)
+    _prepare_as_reference([f"{s3_bucket}/corpus"], f"{s3_bucket}/shards", vocab, reference, text_column="content")
 
 
 def test_text_column_names_the_jsonl_field_too(docs, reference, vocab, tmp_path):
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)))
-    prepare(
-        [str(tmp_path / "docs.jsonl")],
-        str(tmp_path / "a"),
-        vocab,
-        SEQ_LEN,
-        samples_per_block=8,
-        progress=False,
-        text_column="body",
-    )
-    _same_shards(tmp_path / "a", reference)
+    _prepare_as_reference([str(tmp_path / "docs.jsonl")], str(tmp_path / "a"), vocab, reference, text_column="body")
 
 
 # --------------------------------------------------------------------------------------------- save_to_disk
@@ -185,13 +155,11 @@ def test_save_to_disk_directories_make_the_jsonl_shards(docs, reference, vocab, 
     table = _table(_with_nulls(docs)).rename_columns(["id", "url", "text", "score"])
     saved = tmp_path / "saved"
     _save_to_disk(saved, table, files=3, batch_rows=16)
-    prepare([str(saved)], str(tmp_path / "a"), vocab, SEQ_LEN, samples_per_block=8, progress=False)
-    _same_shards(tmp_path / "a", reference)
+    _prepare_as_reference([str(saved)], str(tmp_path / "a"), vocab, reference)
 
     for f in sorted(saved.iterdir()):
         storage.upload_file(f, f"{s3_bucket}/saved/{f.name}")
-    prepare([f"{s3_bucket}/saved"], str(tmp_path / "b"), vocab, SEQ_LEN, samples_per_block=8, progress=False)
-    _same_shards(tmp_path / "b", reference)
+    _prepare_as_reference([f"{s3_bucket}/saved"], str(tmp_path / "b"), vocab, reference)
 
 
 def test_a_directory_written_by_datasets_itself(tmp_path):

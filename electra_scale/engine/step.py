@@ -85,6 +85,13 @@ def all_reduce_host(values: list[float | torch.Tensor], group=None) -> list[floa
     return out
 
 
+def real_counts(micro_batches: list) -> tuple[int, int]:
+    """The real (non-padding) tokens of data/stream.py micro-batches, and their attended query-key pairs (the sum
+    of squared lengths): what model.training_flops counts. Host numbers the data path already has."""
+    lengths = [mb.lengths.long() for mb in micro_batches]
+    return sum(int(x.sum()) for x in lengths), sum(int((x * x).sum()) for x in lengths)
+
+
 def objective_inputs(mb, cfg: Config, device: torch.device, non_blocking: bool = True) -> dict:
     """The objective's keyword arguments for a data/stream.py ``MicroBatch`` on ``device``; with train.unpad, its
     packing too (engine/packing.py), built on the host from the example counts: the masked slots in use per

@@ -31,7 +31,7 @@ from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, Sam
 from electra_scale.engine.model import SHAPE_KEYS, peak_tflops, training_flops
 from electra_scale.engine.objective import build_objective, summarize
 from electra_scale.engine.pretrained import check_vocabulary, fetch_weights, load_weights
-from electra_scale.engine.step import all_reduce_host, build_engine, train_step
+from electra_scale.engine.step import all_reduce_host, build_engine, real_counts, train_step
 from electra_scale.infra import launch, storage
 
 log = logging.getLogger("electra_scale")
@@ -227,9 +227,8 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         waited = time.perf_counter()
         micro_batches, first_batches = first_batches or next(batches), None
         data_wait += time.perf_counter() - waited  # the step blocked on its input for this long
-        for mb in micro_batches:  # host numbers the data path already has
-            real_tokens += int(mb.lengths.sum())
-            real_pairs += int((mb.lengths * mb.lengths).sum())
+        tokens, pairs = real_counts(micro_batches)
+        real_tokens, real_pairs = real_tokens + tokens, real_pairs + pairs
         preempted = vote.cast(stop.requested)  # a rank asked at the previous step: this one is the last
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)
         for out in train_step(engine, micro_batches, cfg, device, world):

@@ -64,13 +64,17 @@ def object_size(url: str) -> int:
     return int(retry_call(url, "check", s3_client().head_object, Bucket=bucket, Key=key)["ContentLength"])
 
 
+def _open_local(url: str) -> BinaryIO:
+    try:
+        return open(url, "rb")  # noqa: SIM115 - the caller closes it
+    except FileNotFoundError as err:
+        raise StorageError(f"{url} does not exist.") from err
+
+
 def open_read(url: str) -> BinaryIO:
     """A streaming, file-like reader: a local file, or an S3 object whose body resumes where it broke."""
     if not is_s3(url):
-        try:
-            return open(url, "rb")  # noqa: SIM115 - the caller closes it
-        except FileNotFoundError as err:
-            raise StorageError(f"{url} does not exist.") from err
+        return _open_local(url)
     return io.BufferedReader(S3Reader(url), buffer_size=1 << 20)  # type: ignore[return-value]
 
 
@@ -115,10 +119,7 @@ class RangedReader(io.RawIOBase):
 def open_seekable(url: str) -> BinaryIO:
     """A seekable, file-like reader: a local file, or an S3 object read by ranged GETs (``RangedReader``)."""
     if not is_s3(url):
-        try:
-            return open(url, "rb")  # noqa: SIM115 - the caller closes it
-        except FileNotFoundError as err:
-            raise StorageError(f"{url} does not exist.") from err
+        return _open_local(url)
     return RangedReader(url)  # type: ignore[return-value]
 
 

@@ -83,6 +83,7 @@ def run_bench(
     from electra_scale.config import load_config
     from electra_scale.data import load_manifest
     from electra_scale.engine.model import flops_per_token, paper_flops_per_token, param_counts, training_flops
+    from electra_scale.engine.step import real_counts
     from electra_scale.infra import launch, storage
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -187,16 +188,11 @@ def run_bench(
                 if bare is not None:
                     bare.close()
         if ablate:
-            report["ablation"] = run_ablation(config, cfg, shards, work, device, steps, warmup, ablate, peak)
+            report["ablation"] = run_ablation(cfg, shards, work, device, steps, warmup, ablate, peak)
 
     if batches is not None:  # the fixed batch's real tokens (not padding) and the FLOPs they need
-        real = [mb.lengths.double() for mb in batches]
-        fixed = {
-            "real_tokens_per_step": float(sum(x.sum() for x in real)),
-            "flops_per_step": training_flops(
-                cfg, float(sum(x.sum() for x in real)), float(sum((x * x).sum() for x in real))
-            ),
-        }
+        tokens, pairs = real_counts(batches)
+        fixed = {"real_tokens_per_step": float(tokens), "flops_per_step": training_flops(cfg, tokens, pairs)}
         report.update(real_tokens_per_step=fixed["real_tokens_per_step"])
         report.update(pad_frac=1.0 - fixed["real_tokens_per_step"] / tokens_per_step)
     for name in ("bare", "engine", "pretrain"):
@@ -226,7 +222,7 @@ def run_bench(
     return report
 
 
-def run_ablation(config, cfg, shards: str, work: Path, device, steps: int, warmup: int, levers, peak) -> list[dict]:
+def run_ablation(cfg, shards: str, work: Path, device, steps: int, warmup: int, levers, peak) -> list[dict]:
     """One lever at a time, in the same process and on the same data: for each ``KEY=V1,V2,...``, the real
     pretrain path with the bench's config and ``KEY=V`` for each value, one row each (step time, real tokens/s,
     MFU, peak memory, data wait). A setting that fails (out of memory, a kernel missing here) is a row with its
