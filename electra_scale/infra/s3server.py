@@ -96,7 +96,7 @@ class SeaweedS3:
             try:
                 return self._launch(timeout, self._command(s3_json, free_ports(("s3", "master", "volume", "filer"))))
             except RuntimeError as err:
-                if attempt == 2 or "port" not in str(err).lower():
+                if attempt == 2 or not any(w in str(err).lower() for w in ("port", "address already in use")):
                     raise
         raise AssertionError("unreachable")
 
@@ -113,6 +113,10 @@ class SeaweedS3:
             f"-volume.port={ports['volume']}",
             f"-filer.port={ports['filer']}",
             f"-s3.config={s3_json}",
+            # Listeners with fixed default ports (Iceberg 8181, Lance 9101): two servers on one machine raced for
+            # them and the second one exited ("bind: address already in use"). Nothing here uses them.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",
