@@ -94,11 +94,34 @@ class ObjectiveConfig:
     embedding_sharing: Literal["shared", "gdes"] = "shared"
 
 
+def source_name(prefix: str) -> str:
+    """A source's default name: the last part of its prefix (``s3://bucket/contracts`` -> ``contracts``)."""
+    return prefix.rstrip("/").rsplit("/", 1)[-1] or prefix
+
+
+@dataclass
+class SourceConfig:
+    """One shard set of a mix (``data.sources``): where it is and its share of every global batch."""
+
+    shards: str = ""  # local dir or s3://bucket/prefix written by `electra-scale prepare`
+    weight: float = 1.0  # relative: the weights are divided by their sum
+    name: str | None = None  # in metrics and the sample log; null = the last part of shards
+
+    @property
+    def label(self) -> str:
+        return self.name or source_name(self.shards)
+
+
 @dataclass
 class DataConfig:
     shards: str = ""  # local dir or s3://bucket/prefix written by `electra-scale prepare`
+    # Or several shard sets, mixed in every global batch by weight (docs/data.md), instead of shards:
+    # [{shards: s3://bucket/general, weight: 0.3}, {shards: s3://bucket/contracts, weight: 0.7}]. They must share
+    # the tokenizer and seq_len; each runs through its own epochs.
+    sources: list[SourceConfig] = field(default_factory=list)
     seq_len: int = 128
-    # Dataloader worker processes per rank, and windows each one reads ahead of the step that needs them.
+    # Dataloader worker processes per rank (per source, with data.sources), and windows each one reads ahead of
+    # the step that needs them.
     num_workers: int = 2
     prefetch: int = 2
     # The stream is cut into this many partitions when a run starts (saved in its checkpoints); a rank of W
@@ -112,6 +135,15 @@ class DataConfig:
     # leaves it out and fills its slots with other examples of the same partition, so every rank keeps its
     # share of every step; each rank logs the blocks it left out (docs/faults.md).
     on_corrupt_shard: Literal["error", "skip"] = "error"
+
+    def resolved_sources(self) -> list[SourceConfig]:
+        """The run's sources: data.sources, or data.shards as the only one (weight 1)."""
+        return self.sources or [SourceConfig(shards=self.shards)]
+
+    @property
+    def tokenizer_prefix(self) -> str:
+        """Where the run's tokenizer is: every source has the same one, so the first's."""
+        return self.resolved_sources()[0].shards
 
 
 @dataclass
@@ -336,7 +368,10 @@ def build_dataclass(cls: type, raw: Any, prefix: str, source: str):
             raise ConfigError(f"{source} sets {prefix}{key}, {RETIRED_KEYS[prefix + key]}")
         if key not in names:
             full = f"{prefix}{key}"
-            guess = difflib.get_close_matches(full, all_keys(), n=1, cutoff=0.6)
+            here = [f"{prefix}{n}" for n in sorted(names)]  # this section's keys first (a list's items have no others)
+            guess = difflib.get_close_matches(full, here, n=1, cutoff=0.6) or difflib.get_close_matches(
+                full, all_keys(), n=1, cutoff=0.6
+            )
             hint = f"; did you mean {guess[0]!r}?" if guess else f"; known keys here: {', '.join(sorted(names))}"
             raise ConfigError(f"unknown config key {full!r} in {source}{hint}")
     kwargs = {}
@@ -345,11 +380,11 @@ def build_dataclass(cls: type, raw: Any, prefix: str, source: str):
         if dataclasses.is_dataclass(hint):
             kwargs[name] = build_dataclass(hint, raw[name], f"{prefix}{name}.", source)
         else:
-            kwargs[name] = _coerce(f"{prefix}{name}", raw[name], hint)
+            kwargs[name] = _coerce(f"{prefix}{name}", raw[name], hint, source)
     return cls(**kwargs)
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
+def _coerce(key: str, value: Any, hint: Any, source: str = "<dict>") -> Any:
     """Check ``value`` against a field's type; ints are accepted where floats are expected."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -365,7 +400,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}={value!r} must be a list, e.g. [0.9, 0.999]")
-        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+        if dataclasses.is_dataclass(args[0]):  # a list of sections, e.g. data.sources
+            return [build_dataclass(args[0], v, f"{key}[{i}].", source) for i, v in enumerate(value)]
+        return [_coerce(f"{key}[{i}]", v, args[0], source) for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}={value!r} must be true or false")
@@ -431,6 +468,7 @@ def validate(cfg: Config) -> None:
     need(cfg.data.prefetch >= 1, "data.prefetch", cfg.data.prefetch, ">= 1")
     need(cfg.data.partitions is None or cfg.data.partitions >= 1, "data.partitions", cfg.data.partitions, ">= 1")
     need(cfg.data.shuffle_blocks >= 1, "data.shuffle_blocks", cfg.data.shuffle_blocks, ">= 1")
+    validate_sources(cfg.data)
 
     o = cfg.objective
     need(0.0 < o.mask_prob < 1.0, "objective.mask_prob", o.mask_prob, "in (0, 1)")
@@ -506,6 +544,29 @@ def validate(cfg: Config) -> None:
         cfg.run.output_dir,
         "a local directory or s3://bucket/prefix",
     )
+
+
+def validate_sources(data: DataConfig) -> None:
+    """data.sources: one way to name the data, every source with a place and a positive weight, names unique."""
+    if not data.sources:
+        return
+    if data.shards:
+        raise ConfigError(
+            f"data.shards={data.shards!r} and data.sources are both set; use one: to mix data.sources, clear "
+            "data.shards (the override `data.shards=`, as presets set it), or drop data.sources"
+        )
+    seen: dict[str, int] = {}
+    for i, s in enumerate(data.sources):
+        if not s.shards:
+            raise ConfigError(f"data.sources[{i}].shards is empty; give the prefix prepare wrote (local or s3://)")
+        if not s.weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight={s.weight!r} is not allowed; it must be > 0")
+        if s.label in seen:
+            raise ConfigError(
+                f"data.sources[{seen[s.label]}] and data.sources[{i}] are both named {s.label!r}; give each its "
+                "own name (data.sources[i].name)"
+            )
+        seen[s.label] = i
 
 
 # ------------------------------------------------------------------------------------------------ DeepSpeed

@@ -188,3 +188,22 @@ def test_config_files_layer_later_wins(tmp_path):
     bad.write_text("run:\n  output_dri: x\n")
     with pytest.raises(ConfigError, match=r"did you mean 'run.output_dir'"):
         load_config(["configs/large.yaml", bad])
+
+
+def test_data_sources_are_typed_and_checked_at_load():
+    mix = "data.sources=[{shards: s3://b/general, weight: 0.3}, {shards: s3://b/contracts, weight: 0.7, name: law}]"
+    cfg = load_config("configs/tiny.yaml", ["data.shards=", mix])
+    assert [(s.label, s.weight) for s in cfg.data.resolved_sources()] == [("general", 0.3), ("law", 0.7)]
+    assert cfg.data.tokenizer_prefix == "s3://b/general"
+    assert [s.shards for s in load_config("configs/tiny.yaml").data.resolved_sources()] == ["runs/tiny/shards"]
+    bad = {
+        mix: r"data.shards='runs/tiny/shards' and data.sources are both set; use one: .*`data.shards=`",
+        "data.sources=[{shards: a, weight: 0}]": r"data.sources\[0\].weight=0.0 is not allowed; it must be > 0",
+        "data.sources=[{weight: 1}]": r"data.sources\[0\].shards is empty",
+        "data.sources=[{shards: x/a}, {shards: y/a}]": r"data.sources\[0\] and data.sources\[1\] are both named 'a'",
+        "data.sources=[{shards: a, wieght: 1}]": r"key 'data.sources\[0\].wieght'.*mean 'data.sources\[0\].weight'",
+        "data.sources=[{shards: a, weight: heavy}]": r"data.sources\[0\].weight='heavy' must be a number",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config("configs/tiny.yaml", [override] if override == mix else ["data.shards=", override])

@@ -29,6 +29,8 @@ from electra_scale.data import (
     special_ids,
     tokenizer_sha256,
 )
+from electra_scale.data.mix import LaneCursor
+from electra_scale.data.stream import Source, check_same_mix, check_sources
 from electra_scale.infra import storage
 
 SEQ_LEN = 64
@@ -144,9 +146,13 @@ def all_shard_samples(prefix: str, manifest) -> list[np.ndarray]:
     return [x for i in range(len(manifest.shards)) for x in read_shard(prefix, manifest, i)]
 
 
-def expected_examples(manifest, corpus: list[np.ndarray], seed: int, partitions: int, shuffle_blocks: int, n: int):
+def expected_examples(
+    manifest, corpus: list[np.ndarray], seed: int, partitions: int, shuffle_blocks: int, n: int, key: tuple = ()
+):
     """The corpus index of the examples at stream positions 0..n-1, straight from the definition in
-    data/stream.py's docstring, with plain lists (independent of stream.py's arrays and pools)."""
+    data/stream.py's docstring, with plain lists (independent of stream.py's arrays and pools). ``key``: what
+    seeds the shuffles, ``(seed,)`` unless given (a mix's source k: ``(seed, k)``)."""
+    key = key or (seed,)
     blocks, first = [], 0  # each block's corpus indices, in prepare's order
     for shard in manifest.shards:
         for b in shard.blocks:
@@ -159,7 +165,7 @@ def expected_examples(manifest, corpus: list[np.ndarray], seed: int, partitions:
     for g in range(n):
         e, i = divmod(g, epoch_size)
         p, j = i % partitions, i // partitions
-        order = list(np.random.default_rng([seed, e]).permutation(len(blocks)))
+        order = list(np.random.default_rng([*key, e]).permutation(len(blocks)))
         seq_blocks = order + order  # the sequence runs on into its own first blocks (padding)
         bounds, pos = [], 0  # (block index in the sequence, its [start, end) in the sequence)
         for k, b in enumerate(seq_blocks):
@@ -172,29 +178,31 @@ def expected_examples(manifest, corpus: list[np.ndarray], seed: int, partitions:
             members = [blocks[seq_blocks[k]][x - a] for k, a, z in group for x in range(max(a, lo), min(z, hi))]
             j0 = max(group[0][1], lo) - lo
             if j0 <= j < j0 + len(members):
-                perm = np.random.default_rng([seed, e, p, w]).permutation(len(members))
+                perm = np.random.default_rng([*key, e, p, w]).permutation(len(members))
                 out.append(members[perm[j - j0]])
                 break
     return out
 
 
 def take(stream: PretrainStream, steps: int) -> list[list]:
-    """``steps`` steps: per step, [(positions, input_ids, attention_mask, token_type_ids, samples) per
+    """``steps`` steps: per step, [(positions, input_ids, attention_mask, token_type_ids, samples, sources) per
     micro-batch]."""
     out = []
     for step in stream:
-        out.append([(mb.positions, mb.input_ids, mb.attention_mask, mb.token_type_ids, mb.samples) for mb in step])
+        out.append(
+            [(mb.positions, mb.input_ids, mb.attention_mask, mb.token_type_ids, mb.samples, mb.sources) for mb in step]
+        )
         if len(out) == steps:
             return out
     raise AssertionError("stream ended")
 
 
 def global_batches(streams_steps: list[list[list]]) -> list[tuple[np.ndarray, ...]]:
-    """Merge several ranks' steps into per-step (positions, input_ids, attention_mask, token types, samples)
-    sorted by position."""
+    """Merge several ranks' steps into per-step (positions, input_ids, attention_mask, token types, samples,
+    sources) sorted by position."""
     merged = []
     for per_rank in zip(*streams_steps):
-        fields = [np.concatenate([mb[f].numpy() for rank_step in per_rank for mb in rank_step]) for f in range(5)]
+        fields = [np.concatenate([mb[f].numpy() for rank_step in per_rank for mb in rank_step]) for f in range(6)]
         order = np.argsort(fields[0])
         merged.append(tuple(x[order] for x in fields))
     return merged
@@ -366,7 +374,7 @@ def test_token_types_attention_mask_and_padding(prepared):
     steps = take(make_stream(out, manifest, global_batch_size=32, micro_batch_size=16), 6)
     short = 0
     for step in steps:
-        for _, input_ids, mask, types, _ in step:
+        for _, input_ids, mask, types, _, _ in step:
             assert input_ids.shape == mask.shape == types.shape == (16, SEQ_LEN)
             for row, m, t in zip(input_ids.tolist(), mask.tolist(), types.tolist()):
                 length = next((i for i, v in enumerate(m) if v == 0), SEQ_LEN)
@@ -475,6 +483,164 @@ def test_a_rank_reads_only_its_own_blocks(prepared):
     shared = set.union(*[a & b for i, a in enumerate(blocks_read) for b in blocks_read[i + 1 :]])
     assert len(shared) <= 8  # at most one block straddles each partition boundary
     assert set.union(*blocks_read) == set(range(len(table)))
+
+
+# --------------------------------------------------------------------------------------------- mixing
+WEIGHTS = (0.3, 0.7)
+
+
+@pytest.fixture(scope="module")
+def mixed(prepared, tmp_path_factory) -> list[Source]:
+    """Two sources with one tokenizer: the module's shard set ("general", 0.3) and a small one ("contracts",
+    0.7) written by prepare with the first's tokenizer.json, which runs through many epochs meanwhile."""
+    out, manifest = prepared
+    root = tmp_path_factory.mktemp("contracts")
+    docs = _make_documents(30, random.Random(1))
+    (root / "c.txt").write_text("\n\n".join("\n".join(" ".join(p) for p in d) for d in docs) + "\n")
+    tokenizer = os.path.join(out, "tokenizer.json")
+    small = prepare(
+        [str(root / "c.txt")],
+        str(root / "contracts"),
+        tokenizer,
+        seq_len=SEQ_LEN,
+        samples_per_block=4,
+        seed=SEED,
+        progress=False,
+    )
+    return [
+        Source("general", out, manifest, WEIGHTS[0]),
+        Source("contracts", str(root / "contracts"), small, WEIGHTS[1]),
+    ]
+
+
+def mixed_stream(sources, **kw) -> PretrainStream:
+    args = dict(seed=SEED, global_batch_size=16, micro_batch_size=8, rank=0, world_size=1, partitions=4, num_workers=0)
+    return PretrainStream(sources, **{**args, **kw})
+
+
+def test_mix_draws_its_sources_in_proportion_each_through_its_own_epochs(mixed):
+    """Every global batch takes each source within 2 examples of its share, the whole run within 2 examples at
+    every step; the draws of source k in partition p are, in order, source k's own stream of partition p (its
+    epochs, its reshuffles), and the small source repeats evenly."""
+    steps, gb, partitions = 300, 16, 4
+    stream = mixed_stream(mixed, partitions=partitions)
+    batches = global_batches([take(stream, steps)])
+    per_step = np.stack([np.bincount(b[5], minlength=2) for b in batches])
+    assert np.abs(per_step - gb * np.array(WEIGHTS)).max() <= 2
+    drawn = np.cumsum(per_step, axis=0)
+    assert np.abs(drawn - np.outer(np.arange(1, steps + 1) * gb, WEIGHTS)).max() <= 2
+    assert stream.source_examples(steps) == drawn[-1].tolist()
+    share = drawn[-1] / drawn[-1].sum()
+    deviation = np.abs(per_step - gb * np.array(WEIGHTS)).max()
+    print(
+        f"mix over {steps} steps of {gb}: {dict(zip(stream.source_names, drawn[-1].tolist()))} = {share.round(4)}, "
+        f"per-step deviation <= {deviation:.1f}"
+    )
+    assert np.allclose(share, WEIGHTS, atol=2 / (steps * gb))
+
+    pos, ids, mask, _, samples, src = (np.concatenate([b[f] for b in batches]) for f in range(6))
+    for k, source in enumerate(mixed):
+        mine = np.flatnonzero(src == k)  # in position order
+        lane = pos[mine] % partitions
+        index = np.zeros(len(mine), dtype=np.int64)  # the i-th draw of source k in its lane
+        for p in range(partitions):
+            index[lane == p] = np.arange(int((lane == p).sum()))
+        local = stream.layouts[k].lane_position(lane, index)
+        corpus = all_shard_samples(source.prefix, source.manifest)
+        n = min(int(local.max()) + 1, 700)
+        expected = np.array(expected_examples(source.manifest, corpus, SEED, partitions, 1, n, key=(SEED, k)))
+        first = local < n
+        assert samples[mine[first]].tolist() == expected[local[first]].tolist()
+        for row in mine[:: max(1, len(mine) // 200)]:  # the ids are those of the example named
+            assert unpad(ids[row], int(mask[row].sum())) == tuple(corpus[samples[row]].tolist())
+    # The small source's stream positions [0, c E) are its first c epochs, trained whole: every example c times,
+    # plus the fewer than P that pad each epoch (its partitions' lanes stand a few examples apart).
+    epoch_size, n_small = stream.layouts[1].epoch_size, mixed[1].manifest.num_samples
+    full = int(local.max()) // epoch_size - 1
+    counts = np.bincount(samples[mine[local < full * epoch_size]], minlength=n_small)
+    assert full > 20 and counts.min() == full and counts.sum() == full * epoch_size
+    general = stream.position(steps)["sources"][0]
+    assert general["examples"] == drawn[-1][0] and 1 < general["epochs"] < 2
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # workers on a 2-core machine
+def test_mix_is_the_same_on_any_world_size_and_when_resumed(mixed):
+    """The union of the ranks' batches is the 1-rank global batch, on 2 and 4 ranks, and a stream started at a
+    saved step (on 1 or 2 ranks) continues the uninterrupted one exactly."""
+    steps, start = 60, 37  # the small source is in its 8th epoch at the resumed step
+    reference = global_batches([take(mixed_stream(mixed), steps)])
+    configs = {
+        "2 ranks x micro 4, 2 workers": [
+            dict(micro_batch_size=4, rank=r, world_size=2, num_workers=2) for r in range(2)
+        ],
+        "4 ranks x micro 2 x accum 2": [dict(micro_batch_size=2, rank=r, world_size=4) for r in range(4)],
+        "resumed at step 37 on 1 rank": [dict(start_step=start)],
+        "resumed at step 37 on 2 ranks": [
+            dict(micro_batch_size=4, rank=r, world_size=2, start_step=start) for r in range(2)
+        ],
+    }
+    for name, ranks in configs.items():
+        first = ranks[0].get("start_step", 0)
+        got = global_batches([take(mixed_stream(mixed, **kw), steps - first) for kw in ranks])
+        for step, (ref, new) in enumerate(zip(reference[first:], got), first):
+            assert all(np.array_equal(a, b) for a, b in zip(ref, new)), f"{name}: step {step} differs"
+    assert set(np.concatenate([b[5] for b in reference[start:]]).tolist()) == {0, 1}
+
+
+def test_mix_rank_reads_only_its_own_partitions_of_each_source(mixed):
+    """Counted at the storage layer: rank r of 2 fetches the blocks of its own partitions of each source that its
+    steps reach (one ranged GET each, its block cache holding them across epochs), and the two ranks' blocks in
+    an epoch of a source overlap only where a block straddles two partitions."""
+    steps, partitions = 60, 4
+    read = []
+    for rank in range(2):
+        stream = mixed_stream(mixed, micro_batch_size=4, rank=rank, world_size=2, partitions=partitions)
+        cursor = LaneCursor(stream.mix, rank, 2, steps * stream.global_batch_size)  # the draws after the steps
+        storage.reset_io_stats()
+        for _ in zip(range(steps), stream):
+            pass
+        io = storage.reset_io_stats()
+        mine = []  # (source, block) of the windows this rank's lanes reached
+        for k, layout in enumerate(stream.layouts):
+            for p in cursor.lanes.tolist():
+                reached = int(cursor.next[k, p])  # lane indices [0, reached) were trained
+                for e in range(-(-reached // layout.span)):
+                    for w in layout.windows(e, p):
+                        if e * layout.span + w.j0 < reached:
+                            mine += [(k, e, b) for b, _, _ in w.blocks]
+        read.append(set(mine))
+        mine = {(k, b) for k, _, b in mine}
+        # Each of those once, and at most one window more per partition and source: the one read ahead, because
+        # the windows come in the order partitions first need them, and a mix's partitions move at slightly
+        # different paces. Nothing of another rank's partitions.
+        ahead = len(cursor.lanes) * len(mixed)
+        largest = max(int(layout.table.length.max()) for layout in stream.layouts)
+        assert len(mine) <= io.gets <= len(mine) + ahead
+        least = sum(int(stream.layouts[k].table.length[b]) for k, b in mine)
+        assert least <= io.bytes <= least + ahead * largest
+    for k, e in {(k, e) for k, e, _ in read[0]}:  # each epoch of each source: the ranks' blocks barely overlap
+        a, b = ({blk for src, epoch, blk in r if (src, epoch) == (k, e)} for r in read)
+        assert a and b and len(a & b) <= partitions  # at most one block straddles each partition boundary
+
+
+def test_mix_sources_must_share_tokenizer_and_seq_len(mixed, corpus, tmp_path):
+    """Checked before any shard is read, in one line naming both sources; so is a resume with another mix."""
+    files, _ = corpus
+    tokenizer = os.path.join(mixed[0].prefix, "tokenizer.json")
+    other = prepare(files[:1], str(tmp_path / "other"), "train:300", seq_len=SEQ_LEN, seed=SEED, progress=False)
+    shorter = prepare(files[:1], str(tmp_path / "short"), tokenizer, seq_len=32, seed=SEED, progress=False)
+    with pytest.raises(
+        DataError, match=r"^data.sources 'general' \(.*\) and 'other' \(.*\) were tokenized with different tokenizers"
+    ):
+        mixed_stream([mixed[0], Source("other", str(tmp_path / "other"), other)])
+    with pytest.raises(DataError, match=r"^data.sources 'general' .* were built with seq_len 64 and 32; re-run"):
+        check_sources([mixed[0], Source("short", str(tmp_path / "short"), shorter)])
+    saved = mixed_stream(mixed).position(10)
+    check_same_mix(saved, [Source(s.name, s.prefix, s.manifest, 10 * s.weight) for s in mixed])  # same shares
+    with pytest.raises(DataError, match=r"trained on general \(weight 0.3\), contracts \(weight 0.7\), and the config"):
+        check_same_mix(saved, [Source(s.name, s.prefix, s.manifest, 0.5) for s in mixed])
+    with pytest.raises(DataError, match=r"trained on one shard set \(data.shards\), and the config now gives general"):
+        check_same_mix(mixed_stream(mixed[:1]).position(10), mixed)
 
 
 # --------------------------------------------------------------------------------------------- S3

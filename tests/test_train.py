@@ -357,6 +357,51 @@ def assert_nothing_complete(output: Path) -> None:
     assert not list(output.rglob("COMPLETE")) and not (output / "checkpoints" / "latest").exists()
 
 
+def test_a_mix_of_two_sources_on_two_ranks(shards, corpus, tmp_path):
+    """data.sources on 2 ranks: metrics.jsonl counts each source's examples and epochs, the sample log names
+    each example's source, both as the mix defines them; a resume with other weights is refused in one line."""
+    import numpy as np
+
+    from electra_scale.data import prepare
+    from electra_scale.data.mix import SourceMix
+    from electra_scale.engine.metrics import read_samples
+
+    prefix, _ = shards
+    small_docs = tmp_path / "contracts.jsonl"
+    small_docs.write_text("".join(Path(corpus).read_text().splitlines(keepends=True)[:20]))
+    small = str(tmp_path / "contracts")
+    tokenizer = os.path.join(prefix, "tokenizer.json")
+    manifest = prepare([str(small_docs)], small, tokenizer, seq_len=128, samples_per_block=4, progress=False)
+    out = str(tmp_path / "run")
+
+    def mix(w: float) -> str:
+        return f"data.sources=[{{shards: {prefix}, weight: {w}, name: general}}, {{shards: {small}, weight: 0.75}}]"
+
+    common = ("data.shards=", "train.max_steps=6", "train.log_every=3", "run.record_samples=true", "data.partitions=4")
+    logged = run_cli(pretrain_args(shards, out, *common, mix(0.25)), ranks=2)
+    assert "data mixed from 2 sources: general 0.25" in logged.stderr and "contracts 0.75" in logged.stderr
+    expected = SourceMix([0.25, 0.75], 4, seed=12345)  # tiny.yaml's train.seed
+    records = metrics(out)
+    assert [m["step"] for m in records] == [3, 6]
+    for m in records:
+        general, contracts = expected.totals(m["step"] * 8)
+        assert m["source_examples"] == {"general": general, "contracts": contracts}
+        epoch = 4 * -(-manifest.num_samples // 4)  # the small source's epoch: P spans of ceil(N / P)
+        assert m["source_epochs"]["contracts"] == pytest.approx(contracts / epoch, abs=1e-4)
+    assert "contracts 36 (ep " in logged.stderr  # the log line: 48 examples x 0.75
+    sources = read_samples(out, "sources")
+    for step, positions in read_samples(out).items():
+        assert positions == list(range((step - 1) * 8, step * 8))
+        names = np.array(["general", "contracts"])[expected.sources(np.array(positions))]
+        assert sources[step] == sorted(names.tolist())
+    for path in Path(out, "samples").glob("rank_*.jsonl"):  # each rank's line pairs an example with its source
+        for rec in map(json.loads, path.read_text().splitlines()):
+            assert all(i < manifest.num_samples for i, k in zip(rec["samples"], rec["sources"]) if k == "contracts")
+    proc = run_cli(pretrain_args(shards, out, *common, "train.max_steps=8", mix(0.5)), check=False)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "trained on general (weight 0.25), contracts (weight 0.75)", "set data.sources back")
+
+
 def test_shards_without_manifest(shards, tmp_path):
     (tmp_path / "empty").mkdir()
     out = tmp_path / "run"

@@ -4,6 +4,7 @@ a partitioned stream (each rank reads only its share).
 prepare(inputs, output, tokenizer, seq_len)        write shards (``electra-scale prepare``)
 load_manifest(prefix).check_compatible(V, L)       what a run reads first
 PretrainStream(prefix, manifest, ...)              per-step lists of MicroBatch, resumable by step
+PretrainStream(load_sources(cfg.data.resolved_sources()), ...)   the same, mixing several shard sets by weight
 """
 
 from electra_scale.data.prepare import ExampleBuilder, prepare

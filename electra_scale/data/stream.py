@@ -24,6 +24,11 @@ needs them. Dataloader worker ``w`` of ``nw`` reads items ``w, w + nw, ...`` and
 them round-robin, so the main process receives them in that order whatever ``nw`` is, ``prefetch_factor``
 items per worker ahead of the step that needs them.
 
+**Several sources** (``data.sources``): each shard set has its own layout (the same ``P``, its own epochs and
+shuffles), and lane ``p`` of the run's stream merges partition ``p`` of every source in the weights'
+proportions (data/mix.py). Position ``g`` is still trained by rank ``g % W``, which reads only its own
+partitions of each source; one source is exactly the stream above.
+
 **Corrupt blocks** (``data.on_corrupt_shard=skip``): a block that fails its size, CRC-32 or structure check
 is left out, and its examples' slots in the window are filled with other examples of the same window (drawn
 by ``default_rng([seed, e, p, k, 1])``; from the partition's next good block if the whole window is bad).
@@ -37,14 +42,16 @@ import heapq
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from electra_scale.data.shards import BlockInfo, BlockTable, DataError, Manifest, decode_block
+from electra_scale.config import source_name
+from electra_scale.data.mix import LaneCursor, SourceMix
+from electra_scale.data.shards import BlockInfo, BlockTable, DataError, Manifest, decode_block, load_manifest
 from electra_scale.infra import storage
 
 log = logging.getLogger("electra_scale")
@@ -64,7 +71,8 @@ class MicroBatch:
     first_sep: torch.Tensor  # [m] int64, index of its first [SEP]: token type 0 up to it, 1 after it
     candidates: torch.Tensor  # [m] int64, tokens that may be masked (not [CLS], [SEP], [MASK] or [PAD])
     positions: torch.Tensor  # [m] int64, the global stream position of each example
-    samples: torch.Tensor  # [m] int64, each example's index in the shard set (prepare's order)
+    samples: torch.Tensor  # [m] int64, each example's index in its shard set (prepare's order)
+    sources: torch.Tensor | None = None  # [m] int64, which of the run's sources it is from (data.sources' order)
 
     @staticmethod
     def _masks(tokens, lengths, first_sep) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,9 +154,12 @@ class Window:
 
 
 class StreamLayout:
-    """Where every stream position lives, computed from the manifest, the seed and ``P`` alone."""
+    """Where every stream position lives, computed from the manifest, the seed and ``P`` alone. ``key``: what
+    seeds its shuffles, ``(seed,)`` unless set; each source of a mix has its own, ``(seed, k)``."""
 
-    def __init__(self, manifest: Manifest, seed: int, partitions: int, shuffle_blocks: int = 1):
+    def __init__(
+        self, manifest: Manifest, seed: int, partitions: int, shuffle_blocks: int = 1, key: tuple[int, ...] = ()
+    ):
         if partitions < 1 or partitions > manifest.num_samples:
             raise DataError(f"partitions={partitions} must be in [1, {manifest.num_samples}] (the set's examples)")
         if shuffle_blocks < 1:
@@ -156,6 +167,7 @@ class StreamLayout:
         self.table: BlockTable = manifest.block_table()
         self.num_samples = manifest.num_samples
         self.partitions, self.seed, self.shuffle_blocks = partitions, seed, shuffle_blocks
+        self.key = key or (seed,)
         self.span = -(-self.num_samples // partitions)  # Q
         self.epoch_size = self.span * partitions  # E
         self._orders: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -166,7 +178,7 @@ class StreamLayout:
         """(block ids, start of each in the epoch's sequence, with one more entry for the end) for epoch
         ``e``; the sequence runs on into its own first blocks to cover the ``E - N`` padding examples."""
         if e not in self._orders:
-            order = np.random.default_rng([self.seed, e]).permutation(len(self.table))
+            order = np.random.default_rng([*self.key, e]).permutation(len(self.table))
             extra = self.epoch_size - self.num_samples
             if extra:
                 head = np.cumsum(self.table.samples[order])
@@ -214,15 +226,26 @@ class StreamLayout:
     def last_position(self, w: Window) -> int:
         return w.epoch * self.epoch_size + (w.j1 - 1) * self.partitions + w.partition
 
-    def rank_windows(self, rank: int, world_size: int, first_position: int) -> Iterator[Window]:
-        """A rank's work items from ``first_position`` on, endlessly, in the order training first needs them."""
-        for e in itertools.count(first_position // self.epoch_size):
+    def rank_windows(self, rank: int, world_size: int, first_positions: np.ndarray) -> Iterator[Window]:
+        """A rank's work items, endlessly, in the order training first needs them, from ``first_positions[p]``
+        on in each of its partitions ``p`` (one number for all: the partitions' positions from there)."""
+        first = np.broadcast_to(np.asarray(first_positions, dtype=np.int64), (self.partitions,))
+        for e in itertools.count(int(first[rank::world_size].min()) // self.epoch_size):
             mine = [w for p in range(rank, self.partitions, world_size) for w in self.windows(e, p)]
             mine.sort(key=self.first_position)
-            yield from (w for w in mine if self.last_position(w) >= first_position)
+            yield from (w for w in mine if self.last_position(w) >= first[w.partition])
 
     def window_order(self, w: Window) -> np.ndarray:
-        return np.random.default_rng([self.seed, w.epoch, w.partition, w.index]).permutation(w.j1 - w.j0)
+        return np.random.default_rng([*self.key, w.epoch, w.partition, w.index]).permutation(w.j1 - w.j0)
+
+    def lane_position(self, partitions: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """The stream position of example ``index`` of each partition (counted across epochs)."""
+        e, j = np.divmod(index, self.span)
+        return e * self.epoch_size + j * self.partitions + partitions
+
+    def lane_index(self, w: Window) -> int:
+        """The index, counted across epochs, of the window's last example in its partition."""
+        return w.epoch * self.span + w.j1 - 1
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(epoch, partition, span offset) of each stream position."""
@@ -259,12 +282,12 @@ class _WindowReader(IterableDataset):
         layout: StreamLayout,
         rank: int,
         world_size: int,
-        first_position: int,
+        first_positions: np.ndarray,
         on_corrupt_shard: str,
     ):
         super().__init__()
         self.prefix, self.layout = prefix, layout
-        self.rank, self.world_size, self.first_position = rank, world_size, first_position
+        self.rank, self.world_size, self.first_positions = rank, world_size, first_positions
         self.urls = [storage.join(prefix, s.name) for s in manifest.shards]
         self.seq_len, self.pad_id, self.dtype = manifest.seq_len, manifest.special_ids["pad"], manifest.dtype
         self.sep_id = manifest.special_ids["sep"]
@@ -279,7 +302,7 @@ class _WindowReader(IterableDataset):
         if info is not None:
             # A forked worker must not share the parent's pooled S3 connections: build its own client.
             storage.reset_client()
-        items = self.layout.rank_windows(self.rank, self.world_size, self.first_position)
+        items = self.layout.rank_windows(self.rank, self.world_size, self.first_positions)
         for w in itertools.islice(items, worker, None, num_workers):
             try:
                 yield self.read_window(w)
@@ -360,7 +383,7 @@ class _WindowReader(IterableDataset):
     def _fill_bad_slots(self, w: Window, ids: np.ndarray, meta: np.ndarray, good: np.ndarray) -> None:
         """Slots of bad blocks take examples of the window's good blocks, or else of the partition's next good
         block (wrapping around the span): all drawn from this partition, so no other rank is involved."""
-        rng = np.random.default_rng([self.layout.seed, w.epoch, w.partition, w.index, 1])
+        rng = np.random.default_rng([*self.layout.key, w.epoch, w.partition, w.index, 1])
         bad = np.flatnonzero(~good)
         if good.any():
             src = rng.choice(np.flatnonzero(good), size=len(bad))
@@ -436,18 +459,135 @@ class _Pool:
         self.free.append(slot)
 
 
+@dataclass(frozen=True)
+class Source:
+    """One shard set of a run's data (``data.sources``, or ``data.shards`` as the only one, weight 1)."""
+
+    name: str
+    prefix: str
+    manifest: Manifest
+    weight: float = 1.0
+
+
+def check_sources(sources: Sequence[Source]) -> None:
+    """Every source of a mix must be read by the same model: the same tokenizer and the same seq_len. Refused
+    in one line naming the sources that differ."""
+    first = sources[0]
+    for other in sources[1:]:
+        a, b = first.manifest, other.manifest
+        if a.tokenizer_sha256 != b.tokenizer_sha256 or a.vocab_size != b.vocab_size:
+            raise DataError(
+                f"data.sources {first.name!r} ({first.prefix}) and {other.name!r} ({other.prefix}) were tokenized "
+                f"with different tokenizers (vocab {a.vocab_size}, sha256 {a.tokenizer_sha256[:12]} vs vocab "
+                f"{b.vocab_size}, sha256 {b.tokenizer_sha256[:12]}); re-run prepare on one with --tokenizer "
+                f"{storage.join(first.prefix, 'tokenizer.json')}"
+            )
+        if a.seq_len != b.seq_len:
+            raise DataError(
+                f"data.sources {first.name!r} ({first.prefix}) and {other.name!r} ({other.prefix}) were built with "
+                f"seq_len {a.seq_len} and {b.seq_len}; re-run prepare on one with --seq-len {a.seq_len}"
+            )
+
+
+def load_sources(specs: Sequence) -> list[Source]:
+    """The run's sources (config.SourceConfig: shards, weight, label) with their manifests, checked together."""
+    sources = [Source(spec.label, spec.shards, load_manifest(spec.shards), spec.weight) for spec in specs]
+    check_sources(sources)
+    return sources
+
+
+def check_same_mix(saved_position: dict, sources: Sequence[Source]) -> None:
+    """A checkpoint continues only the mix it was trained on: the same sources, in the same order, with the same
+    weights (else every later position would draw from elsewhere). Refused in one line before anything loads."""
+    saved = saved_position.get("sources")
+    now = [(s.name, s.weight) for s in sources]
+    then = [(s["name"], s["weight"]) for s in saved] if saved else None
+    if then is None and len(now) == 1:
+        return  # one shard set then and now: the stream of data.shards
+    same = then is not None and [n for n, _ in then] == [n for n, _ in now]
+    if same:  # the same shares of the lattice: weights equal up to rounding (0.3 / 0.7 and 3 / 7 agree)
+        same = SourceMix([w for _, w in then], 1, 0).bounds == SourceMix([w for _, w in now], 1, 0).bounds
+    if not same:
+
+        def describe(mix: list[tuple[str, float]] | None) -> str:
+            return ", ".join(f"{n} (weight {w:g})" for n, w in mix) if mix else "one shard set (data.shards)"
+
+        raise DataError(
+            f"this run's checkpoint was trained on {describe(then)}, and the config now gives {describe(now)}; set "
+            "data.sources back to continue the same data order, or start a new run (a new run.output_dir)"
+        )
+
+
+class _Feed:
+    """One source's windows on one rank as they arrive, in one pool (a slot each), and the gather that cuts
+    its examples of a step from them: array arithmetic, however many partitions the rank has."""
+
+    def __init__(self, layout: StreamLayout, manifest: Manifest, items: Iterator, rank: int, world_size: int, note):
+        self.layout, self.items, self.rank, self.world_size, self.note = layout, items, rank, world_size, note
+        self.tables: dict[int, _RankTable] = {}
+        rows_per_window = layout.shuffle_blocks * int(layout.table.samples.max())
+        # About one open window per partition of this rank, two while one ends and the next begins.
+        slots = 2 * (layout.partitions // world_size) + 2
+        self.pool = _Pool(rows_per_window, manifest.seq_len, np.dtype(manifest.dtype), slots)
+        self.expiry: list[tuple[int, int, int, int]] = []  # heap of (last lane index, epoch, window id, slot)
+
+    def table(self, e: int) -> _RankTable:
+        if e not in self.tables:
+            self.tables[e] = _RankTable(self.layout, e, self.rank, self.world_size)
+        return self.tables[e]
+
+    def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, meta) of the examples at these stream positions of the source, fetching windows until each
+        has arrived."""
+        pool, n = self.pool, len(positions)
+        e, p, j = self.layout.locate(positions)
+        slots = np.empty(n, dtype=np.int64)
+        rows = np.empty(n, dtype=np.int64)
+        one = e.min() == e.max()  # (a mix's partitions may stand in different epochs: e need not be sorted)
+        for epoch in [int(e[0])] if one else np.unique(e).tolist():
+            sel = slice(None) if one else e == epoch
+            tab = self.table(epoch)
+            wid = tab.lookup(p[sel], j[sel])
+            while (tab.slot[wid] < 0).any():  # a window this step needs has not arrived yet
+                item = next(self.items)
+                if isinstance(item, _Failure):
+                    raise item.error
+                w = item.window
+                slot = pool.put(item)
+                owner = self.table(w.epoch)
+                owner.slot[owner.wid(w)] = slot
+                heapq.heappush(self.expiry, (self.layout.lane_index(w), w.epoch, owner.wid(w), slot))
+                self.note(item)
+            slots[sel] = tab.slot[wid]
+            rows[sel] = pool.order[tab.slot[wid], j[sel] - tab.j0[wid]]
+        return pool.ids[slots, rows], pool.meta[slots, rows]
+
+    def release(self, done: int) -> None:
+        """Every partition of this rank has trained its examples before lane index ``done``: free the windows
+        that end before it, and the tables of epochs left behind."""
+        while self.expiry and self.expiry[0][0] < done:
+            _, epoch, wid, slot = heapq.heappop(self.expiry)
+            self.tables[epoch].slot[wid] = -1
+            self.pool.release(slot)
+        if len(self.tables) > 1:  # an epoch behind: drop its table once none of its windows is open
+            behind = done // self.layout.span
+            for epoch in [k for k in self.tables if k < behind and not (self.tables[k].slot >= 0).any()]:
+                del self.tables[epoch]
+
+
 class PretrainStream:
     """Yields, per optimizer step from ``start_step`` on (endlessly), this rank's ``grad_accum``
     micro-batches.
 
+    ``shards``: a shard prefix (with its ``manifest``), or several ``Source``s mixed by weight (data/mix.py).
     ``partitions``: ``P`` (see the module docstring); ``world_size`` must divide it. ``on_corrupt_shard``:
     "error" (a corrupt block raises its DataError) or "skip" (see the module docstring).
     """
 
     def __init__(
         self,
-        shards: str,
-        manifest: Manifest,
+        shards: str | Sequence[Source],
+        manifest: Manifest | None = None,
         *,
         seed: int,
         global_batch_size: int,
@@ -478,27 +618,66 @@ class PretrainStream:
             raise ValueError(f"on_corrupt_shard={on_corrupt_shard!r}: choose error or skip")
         if partitions % world_size:
             raise DataError(f"world size {world_size} does not divide partitions={partitions}")
-        self.shards, self.manifest, self.seed = shards, manifest, seed
+        if isinstance(shards, str):
+            if manifest is None:
+                raise ValueError("a shard prefix needs its manifest")
+            shards = [Source(source_name(shards), shards, manifest)]
+        self.sources = list(shards)
+        check_sources(self.sources)
+        self.manifest, self.seed = self.sources[0].manifest, seed
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.rank, self.world_size = rank, world_size
         self.num_workers, self.prefetch_factor, self.start_step = num_workers, prefetch_factor, start_step
         self.on_corrupt_shard, self.pin_memory = on_corrupt_shard, pin_memory
         self.grad_accum = global_batch_size // (micro_batch_size * world_size)
-        self.layout = StreamLayout(manifest, seed, partitions, shuffle_blocks)
-        self.sep_id = manifest.special_ids["sep"]
+        # One source keeps the seeds of a run on data.shards, so that it is that run exactly; in a mix each
+        # source shuffles with its own.
+        several = len(self.sources) > 1
+        self.layouts = [
+            StreamLayout(s.manifest, seed, partitions, shuffle_blocks, key=(seed, k) if several else ())
+            for k, s in enumerate(self.sources)
+        ]
+        self.layout = self.layouts[0]
+        self.mix = SourceMix([s.weight for s in self.sources], partitions, seed)
+        self.sep_id = self.manifest.special_ids["sep"]
         self.skipped: list[str] = []  # bad blocks this rank left out so far ("skip"), once per window
         self._warned: set[str] = set()
+
+    @property
+    def source_names(self) -> list[str]:
+        return [s.name for s in self.sources]
+
+    def source_examples(self, step: int) -> list[int]:
+        """How many examples each source has given the run in its first ``step`` steps (all ranks)."""
+        return self.mix.totals(step * self.global_batch_size)
 
     def position(self, step: int) -> dict:
         """Where the stream stands after ``step`` optimizer steps, for the trainer's saved state."""
         g = step * self.global_batch_size
+        if len(self.sources) == 1:
+            return {
+                "samples_seen": g,
+                "stream_position": g,
+                "epoch": g // self.layout.epoch_size,
+                "offset_in_epoch": g % self.layout.epoch_size,
+                "partitions": self.layout.partitions,
+                "epoch_size": self.layout.epoch_size,
+            }
         return {
             "samples_seen": g,
             "stream_position": g,
-            "epoch": g // self.layout.epoch_size,
-            "offset_in_epoch": g % self.layout.epoch_size,
             "partitions": self.layout.partitions,
-            "epoch_size": self.layout.epoch_size,
+            "sources": [
+                {
+                    "name": s.name,
+                    "shards": s.prefix,
+                    "weight": w,
+                    "examples": n,
+                    "epochs": n / layout.epoch_size,  # each partition runs through its own epochs at about this
+                    "epoch_size": layout.epoch_size,
+                }
+                for s, w, n, layout in zip(self.sources, self.mix.weights, self.source_examples(step), self.layouts)
+            ],
         }
 
     def rank_positions(self, step: int) -> np.ndarray:
@@ -507,77 +686,54 @@ class PretrainStream:
         return base + self.world_size * np.arange(self.global_batch_size // self.world_size, dtype=np.int64)
 
     def __iter__(self) -> Iterator[list[MicroBatch]]:
-        first = self.start_step * self.global_batch_size
-        reader = _WindowReader(
-            self.shards, self.manifest, self.layout, self.rank, self.world_size, first, self.on_corrupt_shard
-        )
-        if self.num_workers > 0:
-            # The loader gets its own generator: by default it draws its workers' base seed from torch's global
-            # RNG, which also drives dropout, and a resumed run would then see a shifted dropout stream.
-            items = iter(
-                DataLoader(
-                    reader,
-                    batch_size=None,
-                    num_workers=self.num_workers,
-                    prefetch_factor=self.prefetch_factor,
-                    generator=torch.Generator().manual_seed(self.seed),
-                    persistent_workers=False,
-                )
+        cursor = LaneCursor(self.mix, self.rank, self.world_size, self.start_step * self.global_batch_size)
+        feeds = []
+        for k, (source, layout) in enumerate(zip(self.sources, self.layouts)):
+            first = np.zeros(layout.partitions, dtype=np.int64)  # where each of this rank's partitions resumes
+            first[cursor.lanes] = layout.lane_position(cursor.lanes, cursor.next[k, cursor.lanes])
+            reader = _WindowReader(
+                source.prefix, source.manifest, layout, self.rank, self.world_size, first, self.on_corrupt_shard
             )
-        else:
-            items = iter(reader)
-        return self._steps(items)
+            if self.num_workers > 0:
+                # The loader gets its own generator: by default it draws its workers' base seed from torch's
+                # global RNG, which also drives dropout, and a resumed run would then see a shifted dropout stream.
+                items = iter(
+                    DataLoader(
+                        reader,
+                        batch_size=None,
+                        num_workers=self.num_workers,
+                        prefetch_factor=self.prefetch_factor,
+                        generator=torch.Generator().manual_seed(self.seed),
+                        persistent_workers=False,
+                    )
+                )
+            else:
+                items = iter(reader)
+            feeds.append(_Feed(layout, source.manifest, items, self.rank, self.world_size, self._note_skips))
+        return self._steps(cursor, feeds)
 
-    def _steps(self, items: Iterator[_Decoded | _Failure]) -> Iterator[list[MicroBatch]]:
-        """Cut this rank's steps from the windows as they arrive. All of it is array arithmetic: the windows sit
-        in one pool (a slot each), and a step is one gather from it, however many partitions the rank has."""
-        layout, n = self.layout, self.global_batch_size // self.world_size
-        tables: dict[int, _RankTable] = {}
-        rows_per_window = layout.shuffle_blocks * int(layout.table.samples.max())
-        # About one open window per partition of this rank, two while one ends and the next begins.
-        slots = 2 * (layout.partitions // self.world_size) + 2
-        pool = _Pool(rows_per_window, self.manifest.seq_len, np.dtype(self.manifest.dtype), slots)
-        expiry: list[tuple[int, int, int, int]] = []  # heap of (last position, epoch, window id, slot)
-
-        def table(e: int) -> _RankTable:
-            if e not in tables:
-                tables[e] = _RankTable(layout, e, self.rank, self.world_size)
-            return tables[e]
-
+    def _steps(self, cursor: LaneCursor, feeds: list[_Feed]) -> Iterator[list[MicroBatch]]:
+        """Cut this rank's steps: each position's source and its index there (the cursor), then each source's
+        examples gathered from its windows."""
+        n, seq_len = self.global_batch_size // self.world_size, self.manifest.seq_len
         for step in itertools.count(self.start_step):
             pos = self.rank_positions(step)
-            e, p, j = layout.locate(pos)
-            slots = np.empty(n, dtype=np.int64)
-            rows = np.empty(n, dtype=np.int64)
-            for epoch in [int(e[0])] if e[0] == e[-1] else np.unique(e).tolist():
-                sel = slice(None) if e[0] == e[-1] else e == epoch
-                tab = table(epoch)
-                wid = tab.lookup(p[sel], j[sel])
-                while (tab.slot[wid] < 0).any():  # a window this step needs has not arrived yet
-                    item = next(items)
-                    if isinstance(item, _Failure):
-                        raise item.error
-                    w = item.window
-                    slot = pool.put(item)
-                    owner = table(w.epoch)
-                    owner.slot[owner.wid(w)] = slot
-                    heapq.heappush(expiry, (layout.last_position(w), w.epoch, owner.wid(w), slot))
-                    self._note_skips(item)
-                slots[sel] = tab.slot[wid]
-                rows[sel] = pool.order[tab.slot[wid], j[sel] - tab.j0[wid]]
-            ids = pool.ids[slots, rows]
-            meta = pool.meta[slots, rows]
-            end = (step + 1) * self.global_batch_size
-            while expiry and expiry[0][0] < end:  # windows this rank has taken every example of
-                _, epoch, wid, slot = heapq.heappop(expiry)
-                tables[epoch].slot[wid] = -1
-                pool.release(slot)
-            if len(tables) > 1:  # an epoch behind: drop its table once none of its windows is open
-                for epoch in [k for k in tables if k < int(e[-1]) and not (tables[k].slot >= 0).any()]:
-                    del tables[epoch]
-            yield self._micro_batches(pos, ids, meta)
+            src, index = cursor.advance(pos)
+            if len(feeds) == 1:  # the source's positions are the run's
+                ids, meta = feeds[0].take(pos)
+            else:
+                ids = np.empty((n, seq_len), dtype=np.dtype(self.manifest.dtype))
+                meta = np.empty((n, 4), dtype=np.int64)
+                for k, feed in enumerate(feeds):
+                    sel = np.flatnonzero(src == k)
+                    if len(sel):
+                        lane = pos[sel] % feed.layout.partitions
+                        ids[sel], meta[sel] = feed.take(feed.layout.lane_position(lane, index[sel]))
+            for k, feed in enumerate(feeds):
+                feed.release(cursor.done(k))
+            yield self._micro_batches(pos, ids, meta, src)
 
-    def _micro_batches(self, pos: np.ndarray, ids: np.ndarray, meta: np.ndarray) -> list[MicroBatch]:
+    def _micro_batches(self, pos: np.ndarray, ids: np.ndarray, meta: np.ndarray, src: np.ndarray) -> list[MicroBatch]:
         # Slices of contiguous arrays, each wrapped once: no copies, and no per-tensor split calls.
         m, columns = self.micro_batch_size, np.ascontiguousarray(meta.T)  # [4, n]: one row per field
         out = []
@@ -596,6 +752,7 @@ class PretrainStream:
                     candidates=candidates,
                     positions=positions,
                     samples=samples,
+                    sources=torch.from_numpy(src[k : k + m]),
                 )
             )
         return out

@@ -84,7 +84,7 @@ class MetricsLogger:
 
 class SampleLog:
     """``samples/rank_<r>.jsonl``: one line per optimizer step with the stream positions this rank trained on,
-    and which examples of the shard set they were.
+    and which examples of the shard set they were (with data.sources, also the name of each one's source).
 
     Stream positions identify each draw exactly (see data/stream.py) and example indices say what was drawn,
     so the union of all ranks' files says which samples a run consumed, and how often in each epoch. Like
@@ -104,10 +104,14 @@ class SampleLog:
                 path.write_text("".join(f"{line}\n" for line in lines if json.loads(line)["step"] <= start_step))
         self.file = open(self.path, "a")  # noqa: SIM115 - closed in close()
 
-    def log(self, step: int, positions: list[int], samples: list[int] | None = None) -> None:
+    def log(
+        self, step: int, positions: list[int], samples: list[int] | None = None, sources: list[str] | None = None
+    ) -> None:
         rec = {"step": step, "positions": positions}
         if samples is not None:
             rec["samples"] = samples  # which examples of the shard set those positions are
+        if sources is not None:
+            rec["sources"] = sources  # with data.sources: the source each example is from (samples index into it)
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
 

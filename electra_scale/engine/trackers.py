@@ -50,15 +50,20 @@ def check_installed(names: Iterable[str]) -> None:
 
 
 def numbers(record: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in record.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    """A record's numbers; a dict of them (a mix's ``source_examples``) as ``key/name``."""
+    out = {}
+    for key, value in flatten(record, sep="/").items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = float(value)
+    return out
 
 
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(config: dict[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
     """``{"model": {"hidden_size": 256}}`` -> ``{"model.hidden_size": 256}``: MLflow's params are flat."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}{sep}", sep))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

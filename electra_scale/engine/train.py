@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 
 from electra_scale.config import Config, ConfigError, deepspeed_config
-from electra_scale.data.shards import DataError, load_manifest
-from electra_scale.data.stream import PretrainStream, resolve_partitions
+from electra_scale.data.shards import DataError
+from electra_scale.data.stream import PretrainStream, check_same_mix, load_sources, resolve_partitions
 from electra_scale.data.tokenizer import continuation_ids, load_tokenizer, model_dir_tokenizer
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
@@ -113,9 +113,11 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # collective: every rank
     world, main = dist_env.world_size, dist_env.is_main
     # The inputs first, so that a run that cannot start leaves nothing behind; then the output.
-    manifest = load_manifest(cfg.data.shards)
-    manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
-    special = manifest.special_ids
+    sources = load_sources(cfg.data.resolved_sources())  # one tokenizer and seq_len for all, or refused
+    for source in sources:
+        source.manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
+    special = sources[0].manifest.special_ids
+    fewest = min(s.manifest.num_samples for s in sources)  # every source is cut into the same P partitions
     blocker = storage.file_in_the_way(cfg.run.output_dir)
     if blocker is not None:
         raise ConfigError(
@@ -140,14 +142,15 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
 
     def check_data(saved: dict) -> None:  # before converting anything: refuse what cannot continue this run
         check_same_model(cfg, saved)
-        resolve_partitions(cfg.data.partitions, world, manifest.num_samples, saved_partitions(saved))
+        resolve_partitions(cfg.data.partitions, world, fewest, saved_partitions(saved))
+        check_same_mix(saved.get("data_position", {}), sources)
 
     resume_from = checkpointer.select(zero_stage, check_state=check_data)
     if cfg.model.init_from:
         if resume_from is not None:  # the run's own checkpoint is newer than where it started
             log.info("resuming %s: model.init_from (%s) is not used", cfg.run.output_dir, cfg.model.init_from)
         else:
-            check_vocabulary(cfg.model.init_from, cfg.data.shards)
+            check_vocabulary(cfg.model.init_from, cfg.data.tokenizer_prefix)
             init_weights(cfg, objective, cache, dist_env.local_rank)
     engine = build_engine(cfg, objective, world, device, universal=resume_from is not None and resume_from.universal)
     torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout differs between ranks
@@ -160,14 +163,13 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         )
 
     stream = PretrainStream(
-        cfg.data.shards,
-        manifest,
+        sources,
         seed=cfg.train.seed,
         global_batch_size=cfg.train.global_batch_size,
         micro_batch_size=cfg.train.micro_batch_size,
         rank=dist_env.rank,
         world_size=world,
-        partitions=resolve_partitions(cfg.data.partitions, world, manifest.num_samples, saved_partitions(state)),
+        partitions=resolve_partitions(cfg.data.partitions, world, fewest, saved_partitions(state)),
         shuffle_blocks=cfg.data.shuffle_blocks,
         num_workers=cfg.data.num_workers,
         prefetch_factor=cfg.data.prefetch,
@@ -212,6 +214,15 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
             stream.layout.partitions,
             stream.layout.partitions // world,
         )
+        if len(sources) > 1:
+            log.info(
+                "data mixed from %d sources: %s",
+                len(sources),
+                ", ".join(
+                    f"{s.name} {w:.3g} ({s.manifest.num_samples:,} examples, {s.prefix})"
+                    for s, w in zip(sources, stream.mix.weights)
+                ),
+            )
     progress = _progress(cfg, main, start_step, stop_step)
     health = DiscriminatorHealth(cfg.optim.warmup_steps, total_steps)
 
@@ -222,6 +233,9 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     real_tokens, real_pairs = 0, 0  # this rank's, in the window: throughput and FLOPs count what is not padding
     skipped_logged = 0
+    mixed = len(sources) > 1
+    source_examples = stream.source_examples(start_step)  # all ranks' draws of each source so far
+    source_window = [0] * len(sources)  # this rank's, in the window
     sums: dict[str, torch.Tensor | float] = defaultdict(float)
     for step in range(start_step, stop_step):
         waited = time.perf_counter()
@@ -229,6 +243,9 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         data_wait += time.perf_counter() - waited  # the step blocked on its input for this long
         tokens, pairs = real_counts(micro_batches)
         real_tokens, real_pairs = real_tokens + tokens, real_pairs + pairs
+        if mixed:
+            drawn = torch.bincount(torch.cat([mb.sources for mb in micro_batches]), minlength=len(sources))
+            source_window = [a + b for a, b in zip(source_window, drawn.tolist())]
         preempted = vote.cast(stop.requested)  # a rank asked at the previous step: this one is the last
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)
         for out in train_step(engine, micro_batches, cfg, device, world):
@@ -241,14 +258,20 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
                 done,
                 [int(p) for mb in micro_batches for p in mb.positions],
                 [int(x) for mb in micro_batches for x in mb.samples],
+                [stream.source_names[int(k)] for mb in micro_batches for k in mb.sources] if mixed else None,
             )
 
         if done % cfg.train.log_every == 0 or done == stop_step or preempted:
             keys = sorted(sums)
             values = [sums[k] for k in keys]  # device tensors, the AUC's histograms among them
             values += [float(len(stream.skipped) - skipped_logged), data_wait, float(real_tokens), float(real_pairs)]
-            *reduced_values, skipped_new, wait_sum, tokens, pairs = all_reduce_host(values, host_group)
+            values += [float(n) for n in source_window]  # rides along: no collective of its own
+            summed = all_reduce_host(values, host_group)
+            *reduced_values, skipped_new, wait_sum, tokens, pairs = summed[: len(summed) - len(sources)]
+            drawn = summed[len(summed) - len(sources) :]
             reduced = dict(zip(keys, reduced_values))
+            source_examples = [n + round(d) for n, d in zip(source_examples, drawn)]
+            source_window = [0] * len(sources)
             skipped_logged = len(stream.skipped)
             elapsed = time.perf_counter() - window_start
             record = summarize(reduced, cfg.objective.disc_weight)
@@ -266,6 +289,12 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
                 data_wait=wait_sum / world / elapsed,
                 skipped_blocks=skipped_new,  # bad blocks left out in this window, all ranks (data.on_corrupt_shard)
             )
+            if mixed:  # each source's examples so far, and the epochs of it they make (each source has its own)
+                record["source_examples"] = dict(zip(stream.source_names, source_examples))
+                record["source_epochs"] = {
+                    s.name: round(n / layout.epoch_size, 4)
+                    for s, n, layout in zip(sources, source_examples, stream.layouts)
+                }
             if main:
                 metrics.log(done, record)
                 history.append({"step": done, **record})
@@ -361,12 +390,12 @@ def check_same_model(cfg: Config, trainer_state: dict) -> None:
 def word_pieces(cfg: Config) -> list[int]:
     """The shards' WordPiece continuation ids (``##...``), for objective.whole_word_mask."""
     try:
-        spec, _ = model_dir_tokenizer(cfg.data.shards, lowercase=True)
+        spec, _ = model_dir_tokenizer(cfg.data.tokenizer_prefix, lowercase=True)
     except ValueError as err:
         raise ConfigError(
-            f"objective.whole_word_mask needs the shards' tokenizer to find word pieces, and {cfg.data.shards} "
-            "has no tokenizer.json or vocab.txt; re-make the shards with electra-scale prepare, or set "
-            "whole_word_mask=false"
+            "objective.whole_word_mask needs the shards' tokenizer to find word pieces, and "
+            f"{cfg.data.tokenizer_prefix} has no tokenizer.json or vocab.txt; re-make the shards with electra-scale "
+            "prepare, or set whole_word_mask=false"
         ) from err
     return continuation_ids(load_tokenizer(spec))
 
@@ -388,8 +417,8 @@ def saved_partitions(trainer_state: dict) -> int | None:
 def _checkpoint_extras(cfg: Config) -> dict[str, bytes]:
     """Small files that make a checkpoint self-contained for export: config and tokenizer."""
     extras = {"config.yaml": cfg.to_yaml().encode()}
-    for name in ("tokenizer.json", "vocab.txt", "manifest.json"):
-        url = storage.join(cfg.data.shards, name)
+    for name in ("tokenizer.json", "vocab.txt", "manifest.json"):  # the first source's (all share the tokenizer)
+        url = storage.join(cfg.data.tokenizer_prefix, name)
         if storage.exists(url):
             extras[f"tokenizer/{name}" if name != "manifest.json" else "data_manifest.json"] = storage.read_bytes(url)
     return extras
@@ -422,6 +451,9 @@ class _Progress:
             if rec.get("disc_auc") is not None:  # None while a window has no replaced token
                 parts.append(f"auc {rec['disc_auc']:.3f}")
         parts += [f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:.0f} tok/s", f"eta {eta:.0f}s"]
+        if "source_examples" in rec:  # a mix: each source's examples so far and its epochs
+            epochs = rec["source_epochs"]
+            parts.append(", ".join(f"{k} {n:,} (ep {epochs[k]:.2f})" for k, n in rec["source_examples"].items()))
         log.info(" | ".join(parts))
 
     def close(self) -> None:
