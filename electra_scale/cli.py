@@ -68,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
         "--samples-per-block", type=int, default=None, help="examples per block, the unit of a GET (default: ~1 MiB)"
     )
     pr.add_argument("--seed", type=int, default=12345)
+    pr.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this share of the documents (chosen by a hash of each) as a shard set for eval.shards",
+    )
+    pr.add_argument("--eval-out", default=None, help="where the held-out set goes (default: OUTPUT/eval)")
     pr.add_argument("--cased", action="store_true", help="keep case (default: lowercase, as uncased BERT)")
 
     pt = sub.add_parser("pretrain", help="pretrain with DeepSpeed (run under torchrun/deepspeed for >1 rank)")
@@ -165,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 lowercase=not args.cased,
                 text_column=args.text_column,
+                eval_fraction=args.eval_fraction,
+                eval_output=args.eval_out,
             )
         elif args.command == "pretrain":
             from electra_scale.config import load_config

@@ -203,6 +203,24 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during pretraining (engine/evaluate.py), as the reference's ``--do_eval``: the same
+    objective, its metrics and no update, on a fixed set of examples the run never trains on."""
+
+    # A shard set of the training tokenizer and seq_len, local or s3://: ``electra-scale prepare --eval-fraction``
+    # writes one from held-out documents (into <output>/eval). Empty: no evaluation.
+    shards: str = ""
+    # Evaluate after every this many optimizer steps, and after the last (train.max_steps).
+    every_steps: int = 1000
+    # The first this many examples of the set (all of them if it has fewer), the same ones every time, spread
+    # over the ranks.
+    examples: int = 1024
+    # Keys the evaluation's masks and generator samples in place of train.seed, so that runs of any seed are
+    # scored on the same masked tokens.
+    seed: int = 0
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"  # local dir or s3://bucket/prefix
     # Node-local staging for checkpoints/metrics when output_dir is on S3 (default: ~/.cache/electra-scale).
@@ -227,6 +245,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -537,6 +556,8 @@ def validate(cfg: Config) -> None:
         cfg.checkpoint.keep_every,
         "> 0 or null",
     )
+    need(cfg.eval.every_steps > 0, "eval.every_steps", cfg.eval.every_steps, "> 0")
+    need(cfg.eval.examples > 0, "eval.examples", cfg.eval.examples, "> 0")
     need(cfg.checkpoint.upload_timeout_s > 0, "checkpoint.upload_timeout_s", cfg.checkpoint.upload_timeout_s, "> 0")
     need(
         bool(cfg.run.output_dir),

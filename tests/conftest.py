@@ -68,6 +68,23 @@ def shards(corpus, tmp_path_factory) -> tuple[str, int]:
     return out, manifest.vocab_size
 
 
+@pytest.fixture(scope="session")
+def eval_shards(corpus, shards, tmp_path_factory) -> str:
+    """A held-out set for ``eval.shards``, in the training shards' tokenizer: ``prepare --eval-fraction``'s."""
+    out = str(tmp_path_factory.mktemp("eval-shards") / "tiny")
+    prepare(
+        [str(corpus)],
+        out,
+        f"{shards[0]}/tokenizer.json",
+        seq_len=128,
+        samples_per_shard=64,
+        samples_per_block=16,
+        progress=False,
+        eval_fraction=0.1,
+    )
+    return f"{out}/eval"
+
+
 # ------------------------------------------------------------------------------------------------ gpu checks
 def pytest_configure(config):
     config.addinivalue_line(

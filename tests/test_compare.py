@@ -12,12 +12,12 @@ from electra_scale.tools.compare import disc_health, load_spec
 from tests.test_train import run_cli
 
 
-def test_compare_end_to_end_on_the_miniature_preset(shards, tmp_path):
+def test_compare_end_to_end_on_the_miniature_preset(shards, eval_shards, tmp_path):
     prefix, _ = shards
     work = tmp_path / "cmp"
-    proc = run_cli(
-        ["compare", "--preset", "configs/compare/mini.yaml", "--workdir", str(work), f"corpus.shards={prefix}"]
-    )
+    command = ["compare", "--preset", "configs/compare/mini.yaml", "--workdir", str(work), f"corpus.shards={prefix}"]
+    command.append(f"corpus.eval_shards={eval_shards}")  # a held-out evaluation at every point
+    proc = run_cli(command)
     report = json.loads((work / "compare.json").read_text())
 
     # Both objectives pretrained through the CLI to the same budget (within one evaluation interval's rounding).
@@ -54,13 +54,25 @@ def test_compare_end_to_end_on_the_miniature_preset(shards, tmp_path):
     electra_rows = [r for r in rows if r["model"] == "electra"]
     assert all(r["disc_recall"] is not None for r in electra_rows)
     assert all(r["disc_recall"] is None and not r["flagged"] for r in rows if r["model"] != "electra")
-    recall = [m["disc_recall"] for m in map(json.loads, (work / "runs/electra/metrics.jsonl").read_text().splitlines())]
+    logged = list(map(json.loads, (work / "runs/electra/metrics.jsonl").read_text().splitlines()))
+    recall = [m["disc_recall"] for m in logged if "split" not in m]
     assert electra_rows[-1]["flagged"] == (max(recall[-max(1, len(recall) // 4) :]) < 0.02)
     assert all(0.0 <= r["disc_auc"] <= 1.0 for r in electra_rows)
     assert all(r["disc_auc"] is None for r in rows if r["model"] != "electra")
 
+    # The held-out evaluations at each point: the MLM loss (the generator's for ELECTRA) and ELECTRA's AUC.
+    evals = {m["step"]: m for m in logged if m.get("split") == "eval"}
+    assert sorted(evals) == [r["step"] for r in electra_rows]
+    for r in rows:
+        assert (r.get("eval") is None) == (r["model"] == "random")
+        if r["model"] == "electra":
+            assert r["eval"]["gen_loss"] == evals[r["step"]]["gen_loss"] and 0 < r["eval"]["disc_auc"] < 1
+        if r["model"] == "mlm":
+            assert r["eval"]["gen_loss"] > 0 and r["eval"]["disc_auc"] is None
+
     # Table (markdown, one line per row), verdict, plots.
     table = (work / "compare.md").read_text()
+    assert "| eval MLM loss | eval disc AUC |" in table
     assert sum(line.startswith(("| random", "| electra", "| mlm")) for line in table.splitlines()) == 5 + 2
     assert "ELECTRA / MLM cost per token" in table and report["verdict"] in table
     assert "finetune: at" in report["verdict"] and "probe: at" in report["verdict"]
@@ -74,9 +86,7 @@ def test_compare_end_to_end_on_the_miniature_preset(shards, tmp_path):
     assert "| model | step | pretrain FLOPs" in proc.stdout
 
     # A second run reuses everything: no pretraining step, no fine-tuning redone.
-    again = run_cli(
-        ["compare", "--preset", "configs/compare/mini.yaml", "--workdir", str(work), f"corpus.shards={prefix}"]
-    )
+    again = run_cli(command)
     assert "compare: pretrain --config" not in again.stderr and "the mlm run is complete" in again.stderr
     assert "finetune random init seed" not in again.stderr
     assert json.loads((work / "compare.json").read_text())["rows"] == rows

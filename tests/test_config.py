@@ -83,6 +83,10 @@ def test_wrong_type_and_range_name_key_and_value(tmp_path):
         load_config("configs/tiny.yaml", ["objective.mask_prob=1.5"])
     with pytest.raises(ConfigError, match=r"train.precision"):
         load_config("configs/tiny.yaml", ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match=r"eval.every_steps=0 is not allowed; it must be > 0"):
+        load_config("configs/tiny.yaml", ["eval.every_steps=0"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'eval.example'.*did you mean 'eval.examples'"):
+        load_config("configs/tiny.yaml", ["eval.example=10"])
 
 
 def test_deepspeed_config_is_filled_from_the_run_config():

@@ -64,6 +64,23 @@ def test_mlm_runs_have_no_discriminator_figure(tmp_path):
         assert_valid_png(path)
 
 
+def test_eval_records_are_drawn_on_the_same_panels(tmp_path):
+    """A run's held-out evaluations ("split": "eval") join the panels of the metrics they have (loss, accuracy),
+    and leave the others as they were: they are not mixed into the training curves."""
+    plain = mlm_run(tmp_path / "plain")
+    evaluated = mlm_run(tmp_path / "evaluated")
+    with open(Path(evaluated, "metrics.jsonl"), "a") as f:
+        for step in (2, 4):
+            sums = {"gen_loss": 120.0 * (9 - step), "gen_correct": 1.5 * step, "n_masked": 100.0, "n_tokens": 700.0}
+            f.write(json.dumps({"step": step, "split": "eval", **summarize(sums, 50.0), "examples": 64}) + "\n")
+    without = {p.name: assert_valid_png(p) for p in plot_runs([plain], str(tmp_path / "a"), labels=["run"])}
+    with_eval = {p.name: assert_valid_png(p) for p in plot_runs([evaluated], str(tmp_path / "b"), labels=["run"])}
+    for name in ("loss.png", "accuracy.png"):
+        assert (with_eval[name] != without[name]).any(), name
+    for name in ("throughput.png", "lr.png"):
+        assert (with_eval[name] == without[name]).all(), name
+
+
 def test_plot_cli(tmp_path, capsys):
     run = mlm_run(tmp_path / "run")
     proc = run_cli(["plot", run])

@@ -52,11 +52,16 @@ def pretrain_args(shards: tuple[str, int], output: str, *overrides: str) -> list
     ]
 
 
-def metrics(output: str) -> list[dict]:
-    return [json.loads(line) for line in storage.read_text(storage.join(output, "metrics.jsonl")).splitlines()]
+def metrics(output: str, split: str = "train") -> list[dict]:
+    """A run's records of one split: training's (which have no "split") or a held-out evaluation's ("eval")."""
+    lines = storage.read_text(storage.join(output, "metrics.jsonl")).splitlines()
+    return [rec for rec in map(json.loads, lines) if rec.get("split", "train") == split]
 
 
 NO_DROPOUT = ("model.dropout=0", "model.attention_dropout=0")
+# Keys of a training record that an evaluation's record has no use for (it has no update, no data stream).
+TRAIN_ONLY = ("lr", "grad_norm", "step_time_s", "tokens_per_s", "pad_frac", "tflops", "mfu", "samples_seen",
+              "data_wait", "skipped_blocks")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +105,13 @@ def straight_run(shards, tmp_path_factory) -> str:
     return out
 
 
-def test_resume_is_exact_on_local_disk(shards, straight_run, tmp_path):
+def test_resume_is_exact_on_local_disk(shards, eval_shards, straight_run, tmp_path):
+    """Stopped at step 4 and resumed, with a held-out evaluation every 3 steps (engine/evaluate.py), the run logs
+    the very losses of the straight run, which evaluates nothing: resuming is exact, and evaluating (dropout off,
+    then on again; its own keyed masks; torch's RNG restored) changes nothing in training."""
     out = str(tmp_path / "resumed")
-    args = pretrain_args(shards, out, "train.max_steps=8", "checkpoint.every_steps=4")
+    evaluation = (f"eval.shards={eval_shards}", "eval.every_steps=3", "eval.examples=24")
+    args = pretrain_args(shards, out, "train.max_steps=8", "checkpoint.every_steps=4", *evaluation)
     run_cli([*args, "train.stop_at_step=4"], ranks=2)
     assert storage.read_text(f"{out}/checkpoints/latest").strip() == "step_0000004"
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
@@ -113,6 +122,13 @@ def test_resume_is_exact_on_local_disk(shards, straight_run, tmp_path):
     for a, b in zip(straight, resumed):
         assert a["loss"] == b["loss"], f"step {a['step']}: {a['loss']} != {b['loss']}"
         assert a["lr"] == b["lr"] and a["disc_auc"] == b["disc_auc"]
+    # One record per evaluation (steps 3, 6 and the last, 8), none repeated by the resume, with the training
+    # records' metrics; the log line says it.
+    evals = metrics(out, "eval")
+    assert [m["step"] for m in evals] == [3, 6, 8] and all(m["examples"] == 24 for m in evals)
+    assert all(set(straight[0]) - set(TRAIN_ONLY) <= set(m) for m in evals)  # gen_*, disc_* (auc too), loss
+    assert all(0.0 < m["disc_auc"] < 1.0 and m["loss"] > 0 for m in evals)
+    assert "eval at step 8 | loss" in second.stderr
     state = json.loads(Path(out, "checkpoints", "step_0000008", "trainer_state.json").read_text())
     assert state["step"] == 8 and state["data_position"]["samples_seen"] == 64 and state["world_size"] == 2
     marker = json.loads(Path(out, "checkpoints", "step_0000008", "COMPLETE").read_text())

@@ -19,6 +19,7 @@ sentence by sentence. Examples are built exactly as the reference's ``ExampleBui
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import random
@@ -318,13 +319,23 @@ def prepare(
     progress: bool = True,
     samples_per_block: int | None = None,
     text_column: str = "text",
+    eval_fraction: float = 0.0,
+    eval_output: str | None = None,
 ) -> Manifest:
     """Tokenize ``inputs`` into ELECTRA examples of at most ``seq_len`` tokens, write shards, the tokenizer
     and ``manifest.json`` (last) under ``output``; return the manifest. Blocks default to ~1 MiB of ids
-    (``shards.BLOCK_BYTES``), shards to 64 blocks."""
+    (``shards.BLOCK_BYTES``), shards to 64 blocks.
+
+    ``eval_fraction`` > 0 holds out about that share of the *documents* (``held_out``) as a shard set of its own
+    at ``eval_output`` (default ``<output>/eval``), for ``eval.shards``: no example of a held-out document is
+    in the training set, and a trained vocabulary (``train:N``) sees only the training documents. The held-out
+    set is complete (its manifest written) before the training set's manifest is."""
     output = str(output)
     if seq_len < 8:
         raise ValueError(f"seq_len must be at least 8, got {seq_len}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise DataError(f"--eval-fraction {eval_fraction} must be in [0, 1): the share of documents held out")
+    eval_output = str(eval_output or storage.join(output, "eval")) if eval_fraction > 0 else None
     if (samples_per_shard is not None and samples_per_shard < 1) or (
         samples_per_block is not None and samples_per_block < 1
     ):
@@ -332,15 +343,21 @@ def prepare(
             f"samples_per_shard/samples_per_block must be positive, got {samples_per_shard}/{samples_per_block}"
         )
     files = resolve_inputs(inputs, text_column)
-    if storage.exists(storage.join(output, MANIFEST)):
-        # Overwriting shards under a live manifest would hand readers a mix of two runs.
-        raise DataError(
-            f"{output} already holds a prepared shard set (manifest.json); choose a new output or delete it first"
-        )
+    for where in filter(None, (output, eval_output)):
+        if storage.exists(storage.join(where, MANIFEST)):
+            # Overwriting shards under a live manifest would hand readers a mix of two runs.
+            raise DataError(
+                f"{where} already holds a prepared shard set (manifest.json); choose a new output or delete it first"
+            )
+
+    def documents() -> Iterator[tuple[bool, Document]]:  # (held out?, the document's sentences)
+        for doc in iter_corpus(files, text_column):
+            yield (eval_fraction > 0 and held_out(doc, eval_fraction)), doc
 
     def texts() -> Iterator[str]:
-        for doc in iter_corpus(files, text_column):
-            yield from doc
+        for is_eval, doc in documents():
+            if not is_eval:
+                yield from doc
 
     tokenizer, lowercase = resolve_spec(tokenizer, lowercase)  # a model directory: its file and lowercasing
     tok = load_tokenizer(tokenizer, texts=texts, lowercase=lowercase)
@@ -355,18 +372,33 @@ def prepare(
     enc.no_truncation()
     enc.encode_special_tokens = True
 
-    builder = ExampleBuilder(seq_len, ids["cls"], ids["sep"], random.Random(seed))
     if not storage.is_s3(output):
         os.makedirs(output, exist_ok=True)
+    if eval_output and not storage.is_s3(eval_output):
+        os.makedirs(eval_output, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="electra-prepare-") as workdir:
         per_block = samples_per_block or default_samples_per_block(seq_len, dtype.itemsize)
-        writer = ShardWriter(output, samples_per_shard or 64 * per_block, per_block, dtype, workdir)
+
+        def split(where: str | None, name: str, rng_seed: int) -> tuple[ShardWriter, ExampleBuilder] | None:
+            if where is None:
+                return None
+            scratch = os.path.join(workdir, name)  # each set stages its own files (on S3 the names are the same)
+            os.makedirs(scratch)
+            writer = ShardWriter(where, samples_per_shard or 64 * per_block, per_block, dtype, scratch)
+            return writer, ExampleBuilder(seq_len, ids["cls"], ids["sep"], random.Random(rng_seed))
+
+        train = split(output, "train", seed)
+        # The held-out set's builder draws from its own generator, so the training set is exactly what a
+        # prepare of the training documents alone would write.
+        held = split(eval_output, "eval", seed + 1)
+        sets = [s for s in (train, held) if s is not None]
         bar = tqdm(desc="prepare", unit="doc", disable=not progress)
         try:
-            for docs in _batches(iter_corpus(files, text_column), _DOCS_PER_BATCH):
-                flat = [s for doc in docs for s in doc]
+            for docs in _batches(documents(), _DOCS_PER_BATCH):
+                flat = [s for _, doc in docs for s in doc]
                 encoded = iter(e.ids for e in enc.encode_batch(flat, add_special_tokens=False))
-                for doc in docs:
+                for is_eval, doc in docs:
+                    writer, builder = held if is_eval else train
                     for _ in doc:
                         example = builder.add_sentence(next(encoded))
                         if example is not None:
@@ -375,18 +407,19 @@ def prepare(
                     if example is not None:
                         writer.write(example)
                 bar.update(len(docs))
-                bar.set_postfix(samples=writer.num_samples, shards=len(writer.shards), refresh=False)
-            writer.close()
+                bar.set_postfix(samples=train[0].num_samples, shards=len(train[0].shards), refresh=False)
+            for writer, _ in sets:
+                writer.close()
         except BaseException:
-            writer.abort()
+            for writer, _ in sets:
+                writer.abort()
             raise
         finally:
             bar.close()
+    writer = train[0]
     if writer.num_samples == 0:
         raise DataError(f"inputs {files} produced no examples (are they empty?)")
-
-    save_tokenizer(tok, output)
-    return writer.publish(
+    fields = dict(
         seq_len=seq_len,
         vocab_size=vocab_size,
         special_ids=ids,
@@ -394,6 +427,24 @@ def prepare(
         lowercase=lowercase,
         seed=seed,
     )
+    if held is not None:
+        if held[0].num_samples == 0:
+            raise DataError(
+                f"--eval-fraction {eval_fraction} held out none of the documents of {files}; raise it, or leave "
+                "it out for no held-out set"
+            )
+        save_tokenizer(tok, eval_output)
+        held[0].publish(**fields)
+    save_tokenizer(tok, output)
+    return writer.publish(**fields)
+
+
+def held_out(doc: Document, fraction: float) -> bool:
+    """Whether ``prepare --eval-fraction`` holds this document out: a hash of its text below ``fraction``. The
+    choice depends on the document alone, not on its place in the corpus or the seed, so the same text is held
+    out in every prepare of any corpus that has it, and a duplicate of a held-out document is held out with it."""
+    digest = hashlib.sha256("\n".join(doc).encode()).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2.0**64
 
 
 def _batches(it: Iterator[Document], n: int) -> Iterator[list[Document]]:

@@ -193,3 +193,8 @@ def read_metrics(url: str) -> list[dict]:
             raise ConfigError(f"{url} line {n} has no 'step'; is this an electra-scale metrics.jsonl?")
         records.append(rec)
     return sorted(records, key=lambda r: r["step"])
+
+
+def of_split(records: list[dict], split: str = "train") -> list[dict]:
+    """The records of one split: training's (no "split" key) or a held-out evaluation's (``"eval"``)."""
+    return [r for r in records if r.get("split", "train") == split]

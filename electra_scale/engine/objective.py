@@ -295,11 +295,14 @@ def masked_lm_logits(mlm, lay, m: Masked, token_type_ids) -> torch.Tensor:
         return F.linear(picked.float(), head.weight.float(), bias)
 
 
-def draw_and_mask(objective, input_ids, attention_mask, positions, vocab_size: int) -> tuple[Draws, Masked]:
-    """The micro-batch's random numbers (keyed by ``objective.seed`` and each example's stream position) and
-    its masking, as both objectives start."""
+def draw_and_mask(
+    objective, input_ids, attention_mask, positions, vocab_size: int, seed: int | None = None
+) -> tuple[Draws, Masked]:
+    """The micro-batch's random numbers (keyed by ``objective.seed``, or ``seed`` when given, and each example's
+    stream position) and its masking, as both objectives start."""
     L, N = input_ids.shape[1], max_predictions(objective.cfg.mask_prob, input_ids.shape[1])
-    draws = draw(objective.seed, positions.to(input_ids.device), L, N)
+    key = objective.seed if seed is None else seed
+    draws = draw(key, positions.to(input_ids.device), L, N)
     continuation = objective.continuation if objective.cfg.whole_word_mask else None
     return draws, mask_tokens(
         input_ids, attention_mask, objective.special, objective.cfg, vocab_size, draws, continuation
@@ -368,18 +371,21 @@ class ElectraObjective(_Masking):
         return folded
 
     def forward(
-        self, input_ids, attention_mask, token_type_ids, positions, padded=True, packing=None
+        self, input_ids, attention_mask, token_type_ids, positions, padded=True, packing=None, eval_seed=None
     ) -> dict[str, torch.Tensor]:
         """``padded``: whether any example is padded (known on the host); ``packing``: an engine/packing.py
-        ``Packing`` to run padding-free (train.unpad), else None."""
-        draws, m = draw_and_mask(self, input_ids, attention_mask, positions, self.vocab_size)
+        ``Packing`` to run padding-free (train.unpad), else None. ``eval_seed``: a held-out evaluation's
+        (engine/evaluate.py): it keys the masks and samples in place of the train seed (``positions`` are then
+        indices in the eval set), and samples at ``temperature``, the curriculum's end."""
+        draws, m = draw_and_mask(self, input_ids, attention_mask, positions, self.vocab_size, eval_seed)
         lay = layout(attention_mask, padded, packing)
+        temperature = sampling_temperature(self.cfg, self.step) if eval_seed is None else self.cfg.temperature
 
         gen_logits = masked_lm_logits(self.generator, lay, m, token_type_ids)  # [S, V] at the masked slots
         targets, weights = lay.slots(m.targets), lay.slots(m.weights)
         gen_nll = F.cross_entropy(gen_logits, targets, reduction="none")
 
-        sampled = sample_tokens(gen_logits, sampling_temperature(self.cfg, self.step), lay.slots(draws.sample))
+        sampled = sample_tokens(gen_logits, temperature, lay.slots(draws.sample))
         disc_ids, labels = replace_tokens(input_ids, attention_mask, m, lay.unslot(sampled, m.targets))
 
         disc_inputs = lay.encoder_inputs(disc_ids, token_type_ids)
@@ -411,9 +417,9 @@ class MLMObjective(_Masking):
         self.mlm = mlm
 
     def forward(
-        self, input_ids, attention_mask, token_type_ids, positions, padded=True, packing=None
+        self, input_ids, attention_mask, token_type_ids, positions, padded=True, packing=None, eval_seed=None
     ) -> dict[str, torch.Tensor]:
-        _, m = draw_and_mask(self, input_ids, attention_mask, positions, self.vocab_size)
+        _, m = draw_and_mask(self, input_ids, attention_mask, positions, self.vocab_size, eval_seed)
         lay = layout(attention_mask, padded, packing)
         logits = masked_lm_logits(self.mlm, lay, m, token_type_ids)
         targets, weights = lay.slots(m.targets), lay.slots(m.weights)

@@ -64,7 +64,8 @@ def all_reduce_host(values: list[float | torch.Tensor], group=None) -> list[floa
     """Sum numbers and device tensors (the metric sums, the AUC's histograms) over the ranks in one all-reduce
     (logging steps only): the tensors are joined on the device and copied to the host at once, one sync however
     many metrics there are, and summed with the host numbers over ``group`` (gloo on GPUs, since NCCL has no CPU
-    tensors). A number or a one-element tensor comes back a float, any other tensor a flat list of floats."""
+    tensors). A number or a one-element tensor comes back a float, any other tensor a flat list of floats. With no
+    process group (one process outside a launcher: a tool, a unit test) the sums are this process's."""
     tensors = [v for v in values if isinstance(v, torch.Tensor)]
     device_part = torch.zeros(0, dtype=torch.float64)
     if tensors:
@@ -72,7 +73,8 @@ def all_reduce_host(values: list[float | torch.Tensor], group=None) -> list[floa
         device_part = torch.cat([t.detach().to(on, torch.float64).flatten() for t in tensors]).cpu()
     numbers = torch.tensor([float(v) for v in values if not isinstance(v, torch.Tensor)], dtype=torch.float64)
     flat = torch.cat([device_part, numbers])
-    dist.all_reduce(flat, group=group)
+    if dist.is_initialized():
+        dist.all_reduce(flat, group=group)
     summed = iter(flat[: device_part.numel()].split([t.numel() for t in tensors]))
     plain = iter(flat[device_part.numel() :].tolist())
     out: list[float | list[float]] = []

@@ -27,6 +27,7 @@ from electra_scale.data.shards import DataError
 from electra_scale.data.stream import PretrainStream, check_same_mix, load_sources, resolve_partitions
 from electra_scale.data.tokenizer import continuation_ids, load_tokenizer, model_dir_tokenizer
 from electra_scale.engine.checkpoint import Checkpointer
+from electra_scale.engine.evaluate import Evaluator, describe
 from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
 from electra_scale.engine.model import SHAPE_KEYS, peak_tflops, training_flops
 from electra_scale.engine.objective import build_objective, summarize
@@ -178,6 +179,8 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         pin_memory=device.type == "cuda",  # copied to the GPU without blocking the host
     )
     grad_accum = stream.grad_accum
+    # The held-out set is read now, with the other inputs: a bad one stops the run before anything is written.
+    evaluator = Evaluator(cfg, manifest, dist_env.rank, world, device) if cfg.eval.shards else None
     extra_files = _checkpoint_extras(cfg) if main else {}
     # The first step's batches come before anything is written: a shard that cannot be read (truncated, or
     # corrupt under data.on_corrupt_shard=error) stops a new run with its output dir as it was. No rank writes
@@ -230,6 +233,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     done, preempted = start_step, False
     vote = StopVote(host_group)
     history: list[dict] = []
+    evaluations: list[dict] = []
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     real_tokens, real_pairs = 0, 0  # this rank's, in the window: throughput and FLOPs count what is not padding
     skipped_logged = 0
@@ -306,6 +310,16 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
             window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
             real_tokens, real_pairs = 0, 0
 
+        # Held-out evaluation, before the checkpoint of the same step (a resume from it does not evaluate again);
+        # skipped on the step a signal stops at, which should save and exit quickly.
+        if evaluator is not None and evaluator.due(done) and not preempted:
+            evaluation = evaluator.run(engine, done, host_group)
+            if main:
+                metrics.log(done, evaluation, split="eval")
+                evaluations.append({"step": done, **evaluation})
+                log.info(describe(done, evaluation))
+            window_start += evaluation["eval_time_s"]  # the next training record's throughput leaves it out
+
         if done % cfg.checkpoint.every_steps == 0 or done == stop_step or preempted:
             trainer_state = {
                 "step": done,
@@ -341,6 +355,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         "end_step": done,
         "preempted": preempted,
         "history": history,
+        "evaluations": evaluations,
         "world_size": world,
     }
 

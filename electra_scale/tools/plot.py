@@ -8,6 +8,9 @@ Figures (one PNG each, x = optimizer step):
     throughput.png              tokens/s (and MFU when the run knew its device's peak)
     lr.png                      learning rate
 
+A run's held-out evaluations (``eval.*``: records with ``"split": "eval"``) are drawn on the same panels, in
+the run's colour, dashed with square markers and labelled "(eval)".
+
 A run dir is a local path or ``s3://`` prefix (the run's ``run.output_dir``), or the ``metrics.jsonl`` itself.
 MLM runs have no discriminator: its panels show the ELECTRA runs only, and a figure no run has data for is
 not drawn. Drawn with matplotlib's Agg canvas directly (no pyplot), so it needs no display and leaves the
@@ -21,7 +24,7 @@ import math
 from pathlib import Path
 
 from electra_scale.config import ConfigError
-from electra_scale.engine.metrics import read_metrics
+from electra_scale.engine.metrics import of_split, read_metrics
 from electra_scale.infra import storage
 
 # figure file stem -> (title, [(metric key, panel title)])
@@ -101,10 +104,15 @@ def plot_runs(run_dirs: list[str], outdir: str, labels: list[str] | None = None)
         fig = Figure(figsize=(5.0 * len(panels), 3.8), layout="constrained")
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for ax, (key, panel_title) in zip(axes, panels):
-            for records, label in zip(runs, labels):
-                xs, ys = _series(records, key)
+            for n, (records, label) in enumerate(zip(runs, labels)):
+                color = f"C{n % 10}"  # a run's training and eval curves share its colour
+                xs, ys = _series(of_split(records), key)
                 if xs:
-                    ax.plot(xs, ys, label=label, linewidth=1.4, marker="o" if len(xs) < 12 else None, markersize=3)
+                    ax.plot(xs, ys, label=label, color=color, linewidth=1.4, marker="o" if len(xs) < 12 else None,
+                            markersize=3)  # fmt: skip
+                xs, ys = _series(of_split(records, "eval"), key)
+                if xs:
+                    ax.plot(xs, ys, label=f"{label} (eval)", color=color, linestyle="--", marker="s", markersize=4)
             ax.set_title(panel_title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)

@@ -25,6 +25,11 @@ def prepare_data(spec: CompareSpec, work: Path) -> str:
 
     out = str(work / "shards")
     if storage.exists(storage.join(out, "manifest.json")):
+        if spec.corpus.eval_fraction > 0 and not storage.exists(storage.join(out, "eval", "manifest.json")):
+            raise ConfigError(
+                f"{out} was prepared without held-out documents, and corpus.eval_fraction asks for them: use a new "
+                "--workdir, or delete its shards/ to prepare them again"
+            )
         return out
     inputs = []
     for item in spec.corpus.inputs:
@@ -36,7 +41,12 @@ def prepare_data(spec: CompareSpec, work: Path) -> str:
             inputs.append(item)
     log.info("compare: preparing shards from %s", ", ".join(inputs))
     prepare(
-        inputs, out, spec.corpus.tokenizer, seq_len=spec.corpus.seq_len, samples_per_shard=spec.corpus.samples_per_shard
+        inputs,
+        out,
+        spec.corpus.tokenizer,
+        seq_len=spec.corpus.seq_len,
+        samples_per_shard=spec.corpus.samples_per_shard,
+        eval_fraction=spec.corpus.eval_fraction,
     )
     return out
 

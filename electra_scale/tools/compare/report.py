@@ -21,6 +21,15 @@ def report_row(kind: str, step: int, flops: float, tokens: int, result: dict, he
     return row
 
 
+def held_out_scores(record: dict | None) -> dict | None:
+    """What the table shows of a held-out evaluation at a row's step (``eval.*``): the MLM loss and accuracy on
+    the eval set (ELECTRA's generator, or the MLM baseline itself) and ELECTRA's discriminator AUC. None when
+    the run did not evaluate there."""
+    if record is None:
+        return None
+    return {key: record.get(key) for key in ("gen_loss", "gen_acc", "disc_loss", "disc_auc")}
+
+
 def majority(task, split: str) -> float | None:
     from electra_scale.eval.tasks import majority_baseline
 
@@ -75,7 +84,8 @@ def markdown(report: dict) -> str:
     metric, split = report["metric"], report["report_split"]
     modes = [m for m in ("finetune", "probe") if any(m in r for r in report["rows"])]
     head = "| model | step | pretrain FLOPs | tokens | " + " | ".join(f"{m} {split} {metric}" for m in modes)
-    head += " | disc AUC | disc recall | note |"
+    held_out = any(r.get("eval") for r in report["rows"])  # .get: a report made before evaluations
+    head += " | disc AUC | disc recall |" + (" eval MLM loss | eval disc AUC |" if held_out else "") + " note |"
     lines = [
         f"# ELECTRA vs MLM at equal pretraining FLOPs: {report['task']}",
         "",
@@ -92,6 +102,10 @@ def markdown(report: dict) -> str:
             cells.append(f"{100 * r[m]['mean']:.1f} +- {100 * r[m]['std']:.1f}" if m in r else "")
         cells.append("" if r.get("disc_auc") is None else f"{r['disc_auc']:.3f}")  # .get: a report made before it
         cells.append("" if r["disc_recall"] is None else f"{r['disc_recall']:.3f}")
+        if held_out:
+            e = r.get("eval") or {}
+            cells.append("" if e.get("gen_loss") is None else f"{e['gen_loss']:.3f}")
+            cells.append("" if e.get("disc_auc") is None else f"{e['disc_auc']:.3f}")
         cells.append("FLAGGED: disc recall ~0" if r["flagged"] else "")
         lines.append("| " + " | ".join(cells) + " |")
     runs, cost = report["runs"], report["cost_ratio"]

@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from electra_scale.engine.metrics import read_metrics
+from electra_scale.engine.metrics import of_split, read_metrics
 from electra_scale.tools.compare.plan import (
     disc_health,
     evaluate,
@@ -43,7 +43,15 @@ from electra_scale.tools.compare.plan import (
     pretrain_run,
     throughput,
 )
-from electra_scale.tools.compare.report import cost_ratio, majority, markdown, plot_compare, report_row, verdict
+from electra_scale.tools.compare.report import (
+    cost_ratio,
+    held_out_scores,
+    majority,
+    markdown,
+    plot_compare,
+    report_row,
+    verdict,
+)
 from electra_scale.tools.compare.spec import KINDS, CompareError, CompareSpec, load_spec, run_config
 
 log = logging.getLogger("electra_scale")
@@ -72,7 +80,8 @@ def compare(spec: CompareSpec, workdir: str, cache_dir: Path) -> dict:
         fpt = flops_per_token(cfg)
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
         info = pretrain_run(spec, cfg, run_dir)
-        records = read_metrics(str(run_dir / "metrics.jsonl"))
+        logged = read_metrics(str(run_dir / "metrics.jsonl"))
+        records, evaluations = of_split(logged), {r["step"]: r for r in of_split(logged, "eval")}
         info.update(
             steps=cfg.train.max_steps,
             flops_per_token=fpt,
@@ -104,7 +113,8 @@ def compare(spec: CompareSpec, workdir: str, cache_dir: Path) -> dict:
                     spec.health.min_recall,
                     health["recall"],
                 )
-            rows.append(report_row(kind, step, fpt * tokens_per_step * step, step * tokens_per_step, result, health))
+            row = report_row(kind, step, fpt * tokens_per_step * step, step * tokens_per_step, result, health)
+            rows.append(row | {"eval": held_out_scores(evaluations.get(step))})
 
     if spec.include_random:
         cfg = run_config(spec, "electra", shards, str(work / "runs" / "electra"), manifest.vocab_size)

@@ -23,6 +23,10 @@ class CorpusSpec:
     tokenizer: str = "train:8192"
     seq_len: int = 128
     samples_per_shard: int = 2048
+    # Held-out evaluation during pretraining (the run config's eval.*, every evaluation point): prepare holds out
+    # this share of the documents (into <shards>/eval), or eval_shards names a held-out set of the given shards.
+    eval_fraction: float = 0.0
+    eval_shards: str = ""
 
 
 @dataclass
@@ -98,6 +102,13 @@ def _check(spec: CompareSpec) -> None:
         raise ConfigError(f"pretrain.ranks={spec.pretrain.ranks} must be >= 1")
     if not 0 <= spec.pretrain.warmup_frac < 1:
         raise ConfigError(f"pretrain.warmup_frac={spec.pretrain.warmup_frac} must be in [0, 1)")
+    if not 0 <= spec.corpus.eval_fraction < 1:
+        raise ConfigError(f"corpus.eval_fraction={spec.corpus.eval_fraction} must be in [0, 1)")
+    if spec.corpus.eval_fraction > 0 and spec.corpus.shards:
+        raise ConfigError(
+            "corpus.eval_fraction holds documents out when compare prepares the shards, and corpus.shards are "
+            "prepared already: name their held-out set with corpus.eval_shards instead"
+        )
     if not spec.corpus.shards and not spec.corpus.inputs:
         raise ConfigError("corpus: give inputs (files, or wiki) or prepared shards")
     spec.finetune.check()
@@ -109,6 +120,9 @@ def run_config(spec: CompareSpec, kind: str, shards: str, output: str, vocab_siz
     from electra_scale.engine.model import flops_per_token
 
     fixed = {"data.shards": shards, "data.seq_len": spec.corpus.seq_len, "run.output_dir": output}
+    held_out = spec.corpus.eval_shards or (f"{shards}/eval" if spec.corpus.eval_fraction > 0 else "")
+    if held_out:
+        fixed["eval.shards"] = held_out
     if vocab_size is not None:
         fixed["model.vocab_size"] = vocab_size
     overrides = {"objective.kind": kind, **getattr(spec.pretrain, kind), **fixed}
@@ -121,6 +135,7 @@ def run_config(spec: CompareSpec, kind: str, shards: str, output: str, vocab_siz
     cfg.train.stop_at_step = None
     cfg.optim.warmup_steps = int(spec.pretrain.warmup_frac * max_steps)
     cfg.checkpoint.every_steps = per_point
+    cfg.eval.every_steps = per_point  # evaluated where the checkpoints that are fine-tuned are
     cfg.checkpoint.keep_last = spec.budget.points + 1  # every evaluation point survives retention
     validate(cfg)  # once, with the budget's values filled in
     return cfg
