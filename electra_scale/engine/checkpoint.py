@@ -240,7 +240,9 @@ class Checkpointer:
         if failed is not None:
             raise failed
         if flag[0] > 0:
-            raise CheckpointError("another rank's checkpoint upload failed (its error says why); stopping with it")
+            raise CheckpointError(
+                "another rank's checkpoint failed (its error says why: an upload, or a lost lease); this rank stops too"
+            )
 
     def _check_lease(self) -> None:
         if self.lease is not None:
