@@ -235,6 +235,11 @@ class RunConfig:
     # Each rank appends the stream positions it trained on to samples/rank_<r>.jsonl (next to metrics.jsonl,
     # or in cache_dir when output_dir is on S3): the audit trail for "every sample exactly once".
     record_samples: bool = False
+    # One writer per run (engine/lease.py): rank 0 holds a lease in output_dir and refreshes it every
+    # lease_timeout_s / 5 seconds; another run refuses to start while it is live. take_over=true takes it now
+    # (the other run then stops writing); a lease without a heartbeat for lease_timeout_s is taken anyway.
+    take_over: bool = False
+    lease_timeout_s: float = 600.0
 
 
 @dataclass
@@ -559,6 +564,7 @@ def validate(cfg: Config) -> None:
     need(cfg.eval.every_steps > 0, "eval.every_steps", cfg.eval.every_steps, "> 0")
     need(cfg.eval.examples > 0, "eval.examples", cfg.eval.examples, "> 0")
     need(cfg.checkpoint.upload_timeout_s > 0, "checkpoint.upload_timeout_s", cfg.checkpoint.upload_timeout_s, "> 0")
+    need(cfg.run.lease_timeout_s > 0, "run.lease_timeout_s", cfg.run.lease_timeout_s, "> 0 (seconds)")
     need(
         bool(cfg.run.output_dir),
         "run.output_dir",

@@ -152,13 +152,18 @@ class Resumable:
 
 
 class Checkpointer:
-    def __init__(self, output_dir: str, cache_dir: Path, dist_env: DistEnv, cfg: CheckpointConfig):
+    def __init__(self, output_dir: str, cache_dir: Path, dist_env: DistEnv, cfg: CheckpointConfig, lease=None):
         self.remote = storage.join(output_dir, "checkpoints")
         self.on_s3 = storage.is_s3(output_dir)
         # Where DeepSpeed writes and reads: the output dir itself, or node-local staging for S3.
         self.local = Path(cache_dir, "checkpoints") if self.on_s3 else Path(self.remote)
         self.env = dist_env
         self.cfg = cfg
+        # The run's lease (engine/lease.py): its token names this run's parts and markers, and rank 0 checks it
+        # before every write that only the run's one writer may make (COMPLETE, latest, pruning).
+        self.lease = lease
+        # Waits and agreements on the host, apart from the training's collectives (collective to create).
+        self.control = dist.new_group(backend="gloo")
         self._upload: threading.Thread | None = None
         self._upload_tag: str | None = None
         self._upload_error: BaseException | None = None
@@ -172,10 +177,11 @@ class Checkpointer:
     def save(self, engine, step: int, trainer_state: dict, extra_files: dict[str, bytes]) -> str:
         """Write ``step``'s checkpoint locally on every rank, then hash/upload/mark it in the background."""
         tag = tag_for(step)
-        self.wait()  # at most one upload in flight
+        # At most one upload in flight; every rank's is done: its staging files may go. Rank 0 also checks the
+        # lease: the save first deletes what an earlier attempt left of this step.
+        self._wait_all(check_lease=True)
         started = time.monotonic()
         local_dir = self.local / tag
-        dist.barrier()  # every rank's previous upload is done: its staging files may go
         if self.on_s3 and self.env.is_main:
             storage.delete_prefix(storage.join(self.remote, tag))  # debris of a crashed save of this step
         if self._fs_leader:
@@ -199,12 +205,11 @@ class Checkpointer:
         log.debug("checkpoint %s saved locally in %.1fs", tag, time.monotonic() - started)
 
         args = (tag, step, trainer_state.get("world_size"), trainer_state.get("zero_stage"))
-        if self.cfg.async_upload:
-            self._upload_error, self._upload_tag = None, tag
-            self._upload = threading.Thread(target=self._finish_guarded, args=args, name=f"upload-{tag}", daemon=True)
-            self._upload.start()
-        else:
-            self._finish(*args)
+        self._upload_error, self._upload_tag = None, tag
+        self._upload = threading.Thread(target=self._finish_guarded, args=args, name=f"upload-{tag}", daemon=True)
+        self._upload.start()
+        if not self.cfg.async_upload:
+            self._wait_all(quiet=True)  # the checkpoint is complete when save returns, or every rank raises
         return tag
 
     def wait(self, quiet: bool = False) -> None:
@@ -220,10 +225,32 @@ class Checkpointer:
             err, self._upload_error = self._upload_error, None
             raise CheckpointError(f"checkpoint {self._upload_tag} was not completed: {err}") from err
 
+    def _wait_all(self, quiet: bool = False, check_lease: bool = False) -> None:
+        """Every rank's upload is done (collective). If one rank's failed (its lease lost, say), every rank
+        raises, so that none waits in a collective for a rank that has gone."""
+        failed = None
+        try:
+            self.wait(quiet)
+            if check_lease and self.env.is_main:
+                self._check_lease()
+        except CheckpointError as err:
+            failed = err
+        flag = torch.tensor([float(failed is not None)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
+        if failed is not None:
+            raise failed
+        if flag[0] > 0:
+            raise CheckpointError(
+                "another rank's checkpoint failed (its error says why: an upload, or a lost lease); this rank stops too"
+            )
+
+    def _check_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.check()
+
     def close(self) -> None:
         """End of run: every rank's last upload is done and marked, and S3 staging is cleaned (collective)."""
-        self.wait(quiet=True)
-        dist.barrier()
+        self._wait_all(quiet=True)
         if self.on_s3 and self._fs_leader:
             for old in self.local.glob("step_*"):
                 shutil.rmtree(old, ignore_errors=True)
@@ -247,29 +274,42 @@ class Checkpointer:
             mine[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
             if self.on_s3:
                 storage.upload_file(path, storage.join(self.remote, tag, rel))
-        storage.write_text(storage.join(self.remote, tag, "parts", f"rank_{self.env.rank}.json"), json.dumps(mine))
+        writer = self.lease.token if self.lease is not None else None
+        part = {"writer": writer, "files": mine}
+        storage.write_text(storage.join(self.remote, tag, "parts", f"rank_{self.env.rank}.json"), json.dumps(part))
         if not self.env.is_main:
             return
 
         files: dict[str, dict] = {}
         deadline = time.monotonic() + self.cfg.upload_timeout_s
         for r in range(self.env.world_size):
-            part = storage.join(self.remote, tag, "parts", f"rank_{r}.json")
-            while not storage.exists(part):
+            part_url = storage.join(self.remote, tag, "parts", f"rank_{r}.json")
+            # Another run's part (a predecessor still uploading when this run took its lease) is not ours: wait.
+            while (part := self._read_part(part_url)) is None or part.get("writer") != writer:
                 if time.monotonic() > deadline:
                     raise CheckpointError(
                         f"rank {r} did not finish uploading {tag} within checkpoint.upload_timeout_s="
                         f"{self.cfg.upload_timeout_s:g}s; the checkpoint stays incomplete and will not be used"
                     )
                 time.sleep(0.05)
-            files.update(json.loads(storage.read_text(part)))
+            files.update(part["files"])
         marker = {"step": step, "tag": tag, "world_size": world_size, "zero_stage": zero_stage, "files": files}
+        marker["writer"] = writer  # the lease token of the run that marked it
+        self._check_lease()  # a run whose lease was taken marks nothing complete
         storage.write_text(storage.join(self.remote, tag, MARKER), json.dumps(marker, indent=1))
         storage.write_text(storage.join(self.remote, LATEST), tag + "\n")
+        self._check_lease()  # ... and prunes nothing
         self._apply_retention(newest=tag)
         log.info(
             "checkpoint %s complete (%d files, %.1fs after the local save)", tag, len(files), time.monotonic() - started
         )
+
+    @staticmethod
+    def _read_part(url: str) -> dict | None:
+        try:
+            return json.loads(storage.read_text(url)) if storage.exists(url) else None
+        except storage.StorageError:  # gone between the check and the read: a checkpoint being rewritten
+            return None
 
     def _apply_retention(self, newest: str) -> None:
         """Keep the last ``keep_last`` complete checkpoints and every ``keep_every``-th step; never the newest
@@ -322,7 +362,7 @@ class Checkpointer:
         # Resuming waits on work one process does for the others (download, hash, conversion): minutes for a
         # Large checkpoint, longer than a collective's default timeout. The waits run on a gloo group of their
         # own, each with a budget from the checkpoint's size (``resume_budget``).
-        control = dist.new_group(backend="gloo")
+        control = self.control
         holder = [self.candidates() if self.env.is_main else None]
         dist.broadcast_object_list(holder, src=0, group=control)
         tags: list[str] = holder[0]

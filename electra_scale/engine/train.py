@@ -28,6 +28,7 @@ from electra_scale.data.stream import PretrainStream, check_same_mix, load_sourc
 from electra_scale.data.tokenizer import continuation_ids, load_tokenizer, model_dir_tokenizer
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.evaluate import Evaluator, describe
+from electra_scale.engine.lease import LeaseLost, hold
 from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
 from electra_scale.engine.model import SHAPE_KEYS, peak_tflops, training_flops
 from electra_scale.engine.objective import build_objective, summarize
@@ -75,25 +76,26 @@ def cache_dir_for(cfg: Config) -> Path:
 class StopVote:
     """Do all ranks stop after this step? Each step starts an asynchronous all-reduce of this rank's stop flag
     on the host group and reads the previous step's, done long since: no rank waits for another to ask. So a
-    signal that reaches any rank during step s stops every rank after step s + 1, all at the same step."""
+    signal that reaches any rank during step s stops every rank after step s + 1, all at the same step. The
+    second flag is rank 0's "the lease was lost": every rank then stops without saving (engine/lease.py)."""
 
     def __init__(self, group=None):
         self.group, self.pending = group, None
 
-    def cast(self, requested: bool) -> bool:
-        """Vote ``requested``; returns whether some rank asked at the previous step."""
+    def cast(self, requested: bool, lease_lost: bool = False) -> tuple[bool, bool]:
+        """Vote; returns (some rank asked to stop, the lease was lost) as of the previous step."""
         previous = self.close()
-        flag = torch.tensor([float(requested)])
-        self.pending = (dist.all_reduce(flag, group=self.group, async_op=True), flag)
+        flags = torch.tensor([float(requested), float(lease_lost)])
+        self.pending = (dist.all_reduce(flags, group=self.group, async_op=True), flags)
         return previous
 
-    def close(self) -> bool:
+    def close(self) -> tuple[bool, bool]:
         if self.pending is None:
-            return False
-        work, flag = self.pending
+            return False, False
+        work, flags = self.pending
         work.wait()
         self.pending = None
-        return bool(flag[0] > 0)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
 def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> dict:
@@ -127,6 +129,9 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         )
     if main:
         storage.check_writable(cfg.run.output_dir)  # bad endpoint / credentials / bucket: fail now, clearly
+    # One writer per run: rank 0 takes the output dir's lease before anything reads its checkpoints or touches
+    # their node-local staging; a live run's lease refuses this one here, in one line (engine/lease.py).
+    lease = hold(cfg.run.output_dir, cfg.run.lease_timeout_s, cfg.run.take_over, main, host_group)
 
     continuation = word_pieces(cfg) if cfg.objective.whole_word_mask else None
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -139,7 +144,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     # Find (and verify) the checkpoint to resume before building the engine: one saved on another number of
     # ranks is converted to DeepSpeed's universal format, which the engine must be configured to load.
     cache = cache_dir_for(cfg)
-    checkpointer = Checkpointer(cfg.run.output_dir, cache, dist_env, cfg.checkpoint)
+    checkpointer = Checkpointer(cfg.run.output_dir, cache, dist_env, cfg.checkpoint, lease)
 
     def check_data(saved: dict) -> None:  # before converting anything: refuse what cannot continue this run
         check_same_model(cfg, saved)
@@ -230,7 +235,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     health = DiscriminatorHealth(cfg.optim.warmup_steps, total_steps)
 
     # ---------------------------------------------------------------------------------------- train
-    done, preempted = start_step, False
+    done, preempted, lease_lost = start_step, False, False
     vote = StopVote(host_group)
     history: list[dict] = []
     evaluations: list[dict] = []
@@ -250,7 +255,10 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         if mixed:
             drawn = torch.bincount(torch.cat([mb.sources for mb in micro_batches]), minlength=len(sources))
             source_window = [a + b for a, b in zip(source_window, drawn.tolist())]
-        preempted = vote.cast(stop.requested)  # a rank asked at the previous step: this one is the last
+        # A rank asked at the previous step: this one is the last. A lost lease: no step more, and no save.
+        preempted, lease_lost = vote.cast(stop.requested, lease.lost is not None)
+        if lease_lost:
+            break
         lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)
         for out in train_step(engine, micro_batches, cfg, device, world):
             for key, value in out.items():
@@ -333,13 +341,15 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
                 "embedding_sharing": cfg.objective.embedding_sharing,
             }
             checkpointer.save(engine, done, trainer_state, extra_files)
-            if main:
+            if main and lease.lost is None:
                 metrics.sync()
         if preempted:
             break
 
-    vote.close()  # the last vote's all-reduce, so that no collective is left in flight
+    lease_lost = vote.close()[1] or lease_lost  # the last vote's all-reduce: no collective is left in flight
     checkpointer.close()  # the last checkpoint is complete (uploaded, marked) before the run reports done
+    if lease_lost or lease.lost is not None:  # metrics.jsonl is the new holder's now: not synced
+        raise LeaseLost(lease.lost or "rank 0 found the run's lease taken by another run; this rank stops too")
     if preempted and main:
         log.info("stopped at step %d by a signal; re-run the same command to resume", done)
 
@@ -350,6 +360,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         metrics.close()
     if samples is not None:
         samples.close()
+    lease.release()  # the next run on this output dir starts without waiting
     return {
         "start_step": start_step,
         "end_step": done,

@@ -37,7 +37,9 @@ the timeouts. Then a ``StorageError`` names the object, the last cause and the b
 
 from electra_scale.infra.storage.client import (
     IO,
+    ConditionsUnsupported,
     IOStats,
+    PreconditionFailed,
     RetryPolicy,
     StorageError,
     is_s3,
@@ -49,6 +51,7 @@ from electra_scale.infra.storage.client import (
 )
 from electra_scale.infra.storage.ops import (
     check_writable,
+    delete_if,
     delete_prefix,
     download_file,
     exists,
@@ -58,9 +61,11 @@ from electra_scale.infra.storage.ops import (
     object_size,
     open_read,
     open_seekable,
+    put_if,
     read_bytes,
     read_range,
     read_text,
+    read_versioned,
     upload_file,
     write_bytes,
     write_text,
@@ -69,10 +74,13 @@ from electra_scale.infra.storage.retry import is_transient
 
 __all__ = [
     "IO",
+    "ConditionsUnsupported",
     "IOStats",
+    "PreconditionFailed",
     "RetryPolicy",
     "StorageError",
     "check_writable",
+    "delete_if",
     "delete_prefix",
     "download_file",
     "exists",
@@ -85,9 +93,11 @@ __all__ = [
     "object_size",
     "open_read",
     "open_seekable",
+    "put_if",
     "read_bytes",
     "read_range",
     "read_text",
+    "read_versioned",
     "reset_client",
     "reset_io_stats",
     "s3_client",

@@ -32,6 +32,15 @@ class StorageError(RuntimeError):
         return self.message
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write or delete found the object other than expected (HTTP 412, or 409 for a concurrent
+    conditional write): someone else wrote it first. The caller re-reads and decides; never retried here."""
+
+
+class ConditionsUnsupported(StorageError):
+    """The store refused ``If-None-Match`` / ``If-Match`` as not implemented (HTTP 501)."""
+
+
 @dataclass
 class IOStats:
     """What this process read from storage: GET requests (a resumed body counts again), bytes, and bytes per

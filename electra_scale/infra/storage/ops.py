@@ -10,12 +10,23 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from electra_scale.infra.storage.client import IO, TRANSFER_THREADS, StorageError, is_s3, join, s3_client, split_s3
+from electra_scale.infra.storage.client import (
+    IO,
+    TRANSFER_THREADS,
+    ConditionsUnsupported,
+    PreconditionFailed,
+    StorageError,
+    is_s3,
+    join,
+    s3_client,
+    split_s3,
+)
 from electra_scale.infra.storage.reader import S3Reader
 from electra_scale.infra.storage.retry import (
     Attempts,
@@ -197,6 +208,71 @@ def write_bytes(url: str, data: bytes) -> None:
 
 def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
+
+
+# ------------------------------------------------------------------------------ conditional (S3 only)
+# One object that several processes may race to write (the run's lease, engine/lease.py): S3's conditional
+# requests (If-None-Match: * creates only if absent, If-Match: <etag> replaces or deletes only what was read)
+# make each write a compare-and-swap on the server. Local disk has no such request; the lease uses its own
+# exclusive-create scheme there.
+def read_versioned(url: str) -> tuple[bytes, str, float] | None:
+    """An S3 object's bytes, its ETag, and its age in seconds by the *store's* clock (the response's ``Date``
+    minus ``LastModified``, 1 s resolution), so that hosts whose clocks differ agree on it. None if absent."""
+    from email.utils import parsedate_to_datetime
+
+    from botocore import exceptions as bex
+
+    bucket, key = split_s3(url)
+
+    def get() -> tuple[bytes, str, float] | None:
+        try:
+            resp = s3_client().get_object(Bucket=bucket, Key=key)
+        except bex.ClientError as err:
+            if error_status(err)[1] == 404:
+                return None
+            raise
+        data = resp["Body"].read()
+        date = resp["ResponseMetadata"].get("HTTPHeaders", {}).get("date")
+        now = parsedate_to_datetime(date).timestamp() if date else None
+        modified = resp["LastModified"].timestamp()
+        return data, resp["ETag"], max(0.0, (now if now is not None else time.time()) - modified)
+
+    return retry_call(url, "read", get)
+
+
+def _conditional(url: str, action: str, call) -> Any:
+    from botocore import exceptions as bex
+
+    def attempt() -> Any:
+        try:
+            return call()
+        except bex.ClientError as err:
+            code, status = error_status(err)
+            if status in (409, 412):
+                raise PreconditionFailed(f"{url} changed before the {action} ({code or status})") from err
+            if status == 501 or code == "NotImplemented":
+                raise ConditionsUnsupported(
+                    f"the store does not implement conditional requests ({action} {url})"
+                ) from err
+            raise
+
+    return retry_call(url, action, attempt)
+
+
+def put_if(url: str, data: bytes, etag: str | None) -> str:
+    """Write an S3 object only if it is absent (``etag=None``) or still has ``etag``; returns the new ETag.
+    Raises ``PreconditionFailed`` otherwise. A retry after a lost answer can also fail the precondition on the
+    write that did land: the caller re-reads to tell (the lease compares the record)."""
+    bucket, key = split_s3(url)
+    condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+    put = lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data, **condition)  # noqa: E731
+    return _conditional(url, "conditional write", put)["ETag"]
+
+
+def delete_if(url: str, etag: str) -> None:
+    """Delete an S3 object only if it still has ``etag`` (``PreconditionFailed`` otherwise)."""
+    bucket, key = split_s3(url)
+    _conditional(url, "conditional delete", lambda: s3_client().delete_object(Bucket=bucket, Key=key, IfMatch=etag))
 
 
 def upload_file(local_path: str | Path, url: str) -> None:
