@@ -185,7 +185,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     )
     grad_accum = stream.grad_accum
     # The held-out set is read now, with the other inputs: a bad one stops the run before anything is written.
-    evaluator = Evaluator(cfg, manifest, dist_env.rank, world, device) if cfg.eval.shards else None
+    evaluator = Evaluator(cfg, sources[0].manifest, dist_env.rank, world, device) if cfg.eval.shards else None
     extra_files = _checkpoint_extras(cfg) if main else {}
     # The first step's batches come before anything is written: a shard that cannot be read (truncated, or
     # corrupt under data.on_corrupt_shard=error) stops a new run with its output dir as it was. No rank writes
