@@ -3,17 +3,15 @@ with its prepared shards for the training, launch and SLURM tests."""
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import uuid
 from pathlib import Path
 
 import pytest
 
-from electra_scale.data import prepare
 from electra_scale.infra import storage
 from electra_scale.infra.s3server import SeaweedS3
+from tests.corpus import prepare_shards, write_corpus
 
 # DeepSpeed on CPU: say so up front (silences accelerator detection) and reuse compiled ops between tests.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -38,34 +36,15 @@ def s3_bucket(s3_server, monkeypatch):
     storage.reset_client()
 
 
-# A small English-like corpus and its shards (seq 128, the tiny preset's), shared by the training tests.
-WORDS = (
-    "the of and to in is was for on that with as by at from his her it an were are which this be or has had "
-    "river city music war king church water light school green north road film game island stone paper "
-    "bridge garden market winter summer station language mountain history science theory"
-).split()
-
-
+# A small corpus (tests/corpus.py) and its shards (seq 128, the tiny preset's), shared by the training tests.
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-    with open(path, "w") as f:
-        for _ in range(400):
-            sentences = [
-                " ".join(rng.choices(WORDS, k=rng.randint(4, 18))).capitalize() + "." for _ in range(rng.randint(2, 12))
-            ]
-            f.write(json.dumps({"text": " ".join(sentences)}) + "\n")
-    return path
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "docs.jsonl")
 
 
 @pytest.fixture(scope="session")
 def shards(corpus, tmp_path_factory) -> tuple[str, int]:
-    out = str(tmp_path_factory.mktemp("shards") / "tiny")
-    manifest = prepare(
-        [str(corpus)], out, "train:300", seq_len=128, samples_per_shard=64, samples_per_block=16, progress=False
-    )
-    return out, manifest.vocab_size
+    return prepare_shards(corpus, str(tmp_path_factory.mktemp("shards") / "tiny"))
 
 
 @pytest.fixture(scope="session")

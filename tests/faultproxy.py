@@ -6,9 +6,13 @@
     proxy.reset_on_connect(times=1)                   # the next connection is reset before it says anything
     proxy.delay(2.0) / proxy.blackhole()              # answer late / accept and never answer
     proxy.stall_after(3000, match=...)                # forward 3000 bytes, then hold until proxy.release()
+    proxy.at_rates({"reset": 0.02, "slowdown": 0.02, "truncate": 0.02}, seed=0)  # every request, by chance
+    proxy.on_request = callback                       # called with each request before it goes on (the soak
+                                                      # kills a run at a chosen upload request with it)
     proxy.requests, proxy.applied                     # what it saw, and which faults it applied to what
 
-Faults queue up (first queued, first applied) and can be changed while traffic flows. Every connection carries
+Faults queue up (first queued, first applied) and can be changed while traffic flows; a request that no queued
+fault matches may still get one by chance (``at_rates``). Every connection carries
 exactly one request: the proxy rewrites its ``Connection`` header to ``close``, so "the next K requests" means
 exactly K requests, whatever the client's connection pooling does. A thread per connection; stdlib only.
 """
@@ -16,11 +20,13 @@ exactly K requests, whatever the client's connection pooling does. A thread per 
 from __future__ import annotations
 
 import contextlib
+import random
 import select
 import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -38,11 +44,12 @@ class Request:
 
 @dataclass
 class Fault:
-    kind: str  # reset_on_connect | reset_after | slowdown | delay | blackhole | stall_after
+    kind: str  # reset_on_connect | reset_after | slowdown | delay | blackhole | stall_after | reset | truncate
     times: int
     match: str = ""  # substring of "METHOD /path?query" that the fault applies to ("" = every request)
     nbytes: int = 0
     seconds: float = 0.0
+    cut: float = 0.0  # reset / truncate (drawn by at_rates): where the response is cut, as a share of it
 
 
 @dataclass
@@ -63,6 +70,11 @@ class FaultProxy:
         self.faults: list[Fault] = []
         self.requests: list[Request] = []
         self.applied: list[tuple[str, str]] = []  # (fault kind, request line or "connect")
+        self.rates: dict[str, float] = {}
+        self.rates_match = ""
+        self._rng = random.Random(0)
+        # Called with each request (from the proxy's thread) before the request goes on.
+        self.on_request: Callable[[Request], None] | None = None
         self.stalled, self._release = threading.Event(), threading.Event()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -103,6 +115,23 @@ class FaultProxy:
         self._release.clear()
         return self._add(Fault("stall_after", 1, match, nbytes=nbytes))
 
+    def at_rates(self, rates: dict[str, float], seed: int, match: str = "") -> FaultProxy:
+        """From now on each request that matches ``match`` and no queued fault gets, by chance, one fault:
+
+        - ``reset``: an RST at a uniformly drawn byte of the response (byte 0: the answer is lost);
+        - ``slowdown``: S3's 503 SlowDown instead of the answer;
+        - ``truncate``: a clean close (FIN) at a uniformly drawn byte of the body, short of its
+          Content-Length (only responses that have a body).
+
+        ``rates`` maps each kind to its probability per request. A fault is logged in ``applied`` when it takes
+        effect: a cut drawn past the end of its response (a truncation of a HEAD, say) is not a fault."""
+        unknown = set(rates) - {"reset", "slowdown", "truncate"}
+        if unknown or sum(rates.values()) > 1:
+            raise ValueError(f"rates {rates}: kinds are reset, slowdown, truncate; their sum at most 1")
+        with self._lock:
+            self.rates, self.rates_match, self._rng = dict(rates), match, random.Random(seed)
+        return self
+
     def release(self) -> None:
         self._release.set()
 
@@ -132,6 +161,23 @@ class FaultProxy:
                     self.applied.append((fault.kind, line))
                     return fault
         return None
+
+    def _chance(self, line: str) -> Fault | None:
+        with self._lock:
+            if not self.rates or self.rates_match not in line:
+                return None
+            draw, cut = self._rng.random(), self._rng.random()
+            for kind, rate in self.rates.items():
+                if draw < rate:
+                    if kind == "slowdown":
+                        self.applied.append((kind, line))
+                    return Fault(kind, 1, cut=cut)
+                draw -= rate
+        return None
+
+    def _log_applied(self, kind: str, line: str) -> None:
+        with self._lock:
+            self.applied.append((kind, line))
 
     # ------------------------------------------------------------------------------------------ lifecycle
     def start(self) -> FaultProxy:
@@ -191,7 +237,10 @@ class FaultProxy:
             request = _parse(head)
             with self._lock:
                 self.requests.append(request)
+            if self.on_request is not None:
+                self.on_request(request)
             fault = self._take(("reset_after", "slowdown", "delay", "blackhole", "stall_after"), request.line)
+            fault = fault or self._chance(request.line)
             if fault is not None and fault.kind == "slowdown":
                 self._answer_slowdown(client, request)
                 return
@@ -204,7 +253,7 @@ class FaultProxy:
                 _reset(client)  # like a dead server: the client sees its connection reset
                 return
             conn.upstream.sendall(_rewrite(head) + rest)
-            self._pipe(client, conn.upstream, fault)
+            self._pipe(client, conn.upstream, fault, request)
         except OSError:
             pass
         finally:
@@ -229,11 +278,14 @@ class FaultProxy:
         sock.settimeout(None)
         return sock
 
-    def _pipe(self, client: socket.socket, upstream: socket.socket, fault: Fault | None) -> None:
+    def _pipe(self, client: socket.socket, upstream: socket.socket, fault: Fault | None, request: Request) -> None:
         sent = 0  # response bytes forwarded
         if fault is not None and fault.kind == "delay":
             self._stop.wait(fault.seconds)
         limit = fault.nbytes if fault is not None and fault.kind in ("reset_after", "stall_after") else None
+        # A drawn cut (reset / truncate) is placed once the response's head says how long the response is;
+        # until then its bytes are held back.
+        cut, held = (fault, b"") if fault is not None and fault.kind in ("reset", "truncate") else (None, b"")
         while not self._stop.is_set():
             ready, _, _ = select.select([client, upstream], [], [], 0.2)
             if client in ready:
@@ -244,14 +296,38 @@ class FaultProxy:
             if upstream in ready:
                 data = upstream.recv(65536)
                 if not data:
+                    client.sendall(held)  # a response that ended before its head did: nothing was cut
                     client.shutdown(socket.SHUT_WR)  # the response is complete (or the server died): FIN
                     self._wait_for_close(client, timeout=2)
                     return
+                if cut is not None:
+                    held += data
+                    while cut is not None and (end := held.find(b"\r\n\r\n")) >= 0:
+                        head, held = held[: end + 4], held[end + 4 :]
+                        status = int(head.split(b" ", 2)[1])
+                        if 100 <= status < 200:  # "100 Continue": the client waits for it to send its body
+                            client.sendall(head)
+                            sent += len(head)
+                            continue
+                        offset = _cut_offset(cut, head, request.method, status)
+                        if offset is None:
+                            fault = None  # this response cannot be cut so: it goes through whole
+                        else:
+                            limit = sent + offset
+                        data, held, cut = head + held, b"", None
+                    if cut is not None:
+                        continue  # the head is not complete yet
                 if limit is not None and sent + len(data) >= limit:
                     client.sendall(data[: limit - sent])
                     sent, data = limit, data[limit - sent :]
-                    if fault.kind == "reset_after":
+                    if fault.kind in ("reset", "truncate"):
+                        self._log_applied(fault.kind, request.line)
+                    if fault.kind in ("reset_after", "reset"):
                         _reset(client)
+                        return
+                    if fault.kind == "truncate":  # a clean close, short of the Content-Length
+                        client.shutdown(socket.SHUT_WR)
+                        self._wait_for_close(client, timeout=2)
                         return
                     self.stalled.set()  # stall_after: hold the rest until the test releases it
                     while not self._release.wait(0.1):
@@ -279,6 +355,20 @@ class FaultProxy:
             ready, _, _ = select.select([client], [], [], 0.2)
             if ready and not client.recv(65536):
                 return
+
+
+def _cut_offset(fault: Fault, head: bytes, method: str, status: int) -> int | None:
+    """Where a drawn reset / truncation cuts a response with this head, in bytes from the head's start; None when
+    it cannot (a truncation of a response without a body)."""
+    length = None
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    body = 0 if method == "HEAD" or status in (204, 304) or length is None else length
+    if fault.kind == "reset":  # anywhere before the response's last byte
+        return int(fault.cut * (len(head) + body))
+    return len(head) + int(fault.cut * body) if body > 0 else None
 
 
 def _read_head(sock: socket.socket) -> tuple[bytes | None, bytes]:

@@ -177,6 +177,24 @@ def test_reset_on_connect_and_a_silent_server(proxy, s3_bucket, monkeypatch):
     assert _ranges(proxy, url)[0] > 0
 
 
+def test_faults_drawn_at_rates_are_counted_when_they_happen(proxy, s3_bucket):
+    """The soak's faults (scripts/soak.py): drawn per request, logged only when they took effect. A HEAD has no
+    body to truncate, so a truncation drawn for it is no fault; a cut body is resumed, and the bytes are whole."""
+    url, data = _object(s3_bucket, 300_000)
+    proxy.clear()
+    proxy.at_rates({"truncate": 1.0}, seed=0, match="HEAD")
+    assert storage.exists(url) and proxy.count("truncate") == 0
+    proxy.at_rates({"reset": 0.3, "slowdown": 0.2, "truncate": 0.3}, seed=1, match=f"GET {_path(url)}")
+    for _ in range(4):
+        assert storage.read_bytes(url) == data
+    counts = {kind: proxy.count(kind) for kind in ("reset", "slowdown", "truncate")}
+    assert all(counts.values()), counts
+    assert {line.split(" ")[0] for _, line in proxy.applied} == {"GET"}
+    # Each fault made its GET fail and be asked again (ranged, to resume a cut body): 4 reads, plus one per fault.
+    gets = [r for r in proxy.requests if r.method == "GET" and r.path.split("?")[0] == _path(url)]
+    assert len(gets) == 4 + sum(counts.values())
+
+
 def test_permanent_errors_are_not_retried(proxy, s3_bucket, s3_server, monkeypatch):
     proxy.clear()
     with pytest.raises(storage.StorageError, match=rf"^{s3_bucket}/missing does not exist \(read\)\.$"):

@@ -127,7 +127,7 @@ def test_unpadded_flops_are_what_torch_counts():
 @pytest.fixture(scope="module")
 def short_shards(tmp_path_factory) -> tuple[str, int]:
     """Documents of one or two short sentences at seq 128: most positions of every batch are padding."""
-    from conftest import WORDS
+    from tests.corpus import WORDS
 
     rng = random.Random(1)
     path = tmp_path_factory.mktemp("short") / "docs.jsonl"
