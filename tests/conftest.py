@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from electra_scale.data import prepare
 from electra_scale.infra import storage
 from electra_scale.infra.s3server import SeaweedS3
 from tests.corpus import prepare_shards, write_corpus
