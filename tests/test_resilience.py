@@ -228,3 +228,42 @@ def test_upload_runs_in_the_background_and_the_next_save_waits_for_it(shards, s3
     assert text.index("step 2/3") < text.index("checkpoint step_0000001 complete")
     assert storage.read_text(f"{run}/checkpoints/latest").strip() == "step_0000003"
     assert storage.exists(f"{run}/checkpoints/step_0000003/COMPLETE")
+
+
+def test_a_checkpoint_is_marked_complete_only_after_the_metrics_of_its_steps_are_uploaded(
+    shards, s3_bucket, s3_server, tmp_path
+):
+    """A resume drops metrics.jsonl's lines past its checkpoint but never adds missing ones, so the steps up to
+    a checkpoint must be in the remote metrics.jsonl before that checkpoint can be marked COMPLETE; else a
+    kill -9 in between loses them from the log for good (found by the soak). Here metrics.jsonl's first upload
+    is swallowed by the proxy (the client times out and sends it again); the step-2 checkpoint must wait."""
+    from tests.faultproxy import FaultProxy
+
+    bucket = s3_bucket.removeprefix("s3://")
+    run, log = f"{s3_bucket}/run", tmp_path / "run.log"
+    with FaultProxy(s3_server.endpoint).start() as proxy:
+        proxy.blackhole(times=1, match=f"PUT /{bucket}/run/metrics.jsonl")
+        args = pretrain_args(
+            shards, run, "train.max_steps=2", "checkpoint.every_steps=2", f"run.cache_dir={tmp_path / 'cache'}"
+        )
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "AWS_ENDPOINT_URL": proxy.endpoint}
+        env["ELECTRA_S3_READ_TIMEOUT"] = "10"  # how long the swallowed upload holds the run: not a speed check
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "electra_scale", *args],
+            cwd=ROOT,
+            env=env,
+            stderr=open(log, "w"),  # noqa: SIM115
+        )
+        try:
+            deadline = time.monotonic() + PATIENCE
+            while not storage.exists(f"{run}/checkpoints/step_0000002/COMPLETE"):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            early = "step 2's checkpoint was complete before its metrics were uploaded"
+            assert storage.exists(f"{run}/metrics.jsonl"), early
+            logged = [json.loads(line)["step"] for line in storage.read_text(f"{run}/metrics.jsonl").splitlines()]
+            assert logged == [1, 2], early
+            assert proc.wait(timeout=PATIENCE) == 0, log.read_text()[-3000:]
+        finally:
+            proc.kill()
+    assert proxy.count("blackhole") == 1 and "metrics.jsonl failed" in log.read_text()

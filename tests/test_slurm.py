@@ -235,3 +235,34 @@ def test_time_limit_signal_checkpoints_requeues_and_resumes(slurm, shards, tmp_p
         f"restarts {info['Restarts']}"
     )
     print("\n".join(slurm.jobcomp(job)))
+
+
+def test_a_second_job_on_the_output_dir_of_a_running_one_is_refused(slurm, shards, tmp_path):
+    """One writer per run (engine/lease.py), on real SLURM: job A trains; job B, submitted on A's output dir
+    (say, the same script sent twice), exits 2 with one line naming A's job and how to take over, and A trains
+    on. (A requeue of A itself, same job id and a higher SLURM_RESTART_COUNT, takes the lease over instead:
+    tests/test_lease.py.)"""
+    out, log_a, log_b = tmp_path / "run", tmp_path / "a.out", tmp_path / "b.out"
+    job_a = _run(*sbatch_args(shards, out, log_a, "train.max_steps=100000"), env=job_env(slurm)).split(";")[0].strip()
+    try:
+        deadline = time.monotonic() + PATIENCE
+        while not steps(out):  # A holds the lease from before its first step
+            assert time.monotonic() < deadline, log_tail(log_a)
+            assert slurm.job(job_a).get("JobState") in ("PENDING", "RUNNING"), log_tail(log_a)
+            time.sleep(0.5)
+        args = sbatch_args(shards, out, log_b, "train.max_steps=100000")
+        args[2:2] = ["--wait"]
+        proc = subprocess.run(args, capture_output=True, text=True, env=job_env(slurm), timeout=PATIENCE)
+        assert proc.returncode != 0, log_tail(log_b)
+        refused = [line for line in log_b.read_text().splitlines() if "is in use by another run" in line]
+        assert len(refused) == 1 and f"job slurm {job_a}," in refused[0] and "run.take_over=true" in refused[0]
+        assert slurm.job(job_a)["JobState"] == "RUNNING"
+        before = len(steps(out))
+        while len(steps(out)) <= before:  # and A still trains and logs into its own output dir
+            assert time.monotonic() < deadline and slurm.job(job_a)["JobState"] == "RUNNING", log_tail(log_a)
+            time.sleep(0.5)
+    finally:
+        _run("scancel", job_a, env=slurm.env, check=False)
+        deadline = time.monotonic() + PATIENCE
+        while slurm.job(job_a).get("JobState") in ("PENDING", "RUNNING", "COMPLETING") and time.monotonic() < deadline:
+            time.sleep(0.5)

@@ -340,9 +340,11 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
                 "objective": cfg.objective.kind,
                 "embedding_sharing": cfg.objective.embedding_sharing,
             }
-            checkpointer.save(engine, done, trainer_state, extra_files)
+            # metrics.jsonl first: once the checkpoint is marked complete (in the background), a kill -9 must not
+            # leave a resume point whose steps the remote log lacks (a resume drops lines past it, never adds).
             if main and lease.lost is None:
                 metrics.sync()
+            checkpointer.save(engine, done, trainer_state, extra_files)
         if preempted:
             break
 
