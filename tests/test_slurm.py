@@ -254,8 +254,10 @@ def test_a_second_job_on_the_output_dir_of_a_running_one_is_refused(slurm, shard
         args[2:2] = ["--wait"]
         proc = subprocess.run(args, capture_output=True, text=True, env=job_env(slurm), timeout=PATIENCE)
         assert proc.returncode != 0, log_tail(log_b)
-        refused = [line for line in log_b.read_text().splitlines() if "is in use by another run" in line]
-        assert len(refused) == 1 and f"job slurm {job_a}," in refused[0] and "run.take_over=true" in refused[0]
+        # One line per task of B (each of its 2 ranks says it), the same line.
+        refused = {line for line in log_b.read_text().splitlines() if "is in use by another run" in line}
+        assert len(refused) == 1, refused
+        assert f"job slurm {job_a}," in next(iter(refused)) and "run.take_over=true" in next(iter(refused))
         assert slurm.job(job_a)["JobState"] == "RUNNING"
         before = len(steps(out))
         while len(steps(out)) <= before:  # and A still trains and logs into its own output dir
