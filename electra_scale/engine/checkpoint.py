@@ -306,9 +306,9 @@ class Checkpointer:
 
     @staticmethod
     def _read_part(url: str) -> dict | None:
-        try:
-            return json.loads(storage.read_text(url)) if storage.exists(url) else None
-        except storage.StorageError:  # gone between the check and the read: a checkpoint being rewritten
+        try:  # one GET a poll, not a HEAD and then a GET: rank 0 polls every rank's part
+            return json.loads(storage.read_text(url))
+        except storage.StorageError:  # not written yet, or gone: a checkpoint being rewritten
             return None
 
     def _apply_retention(self, newest: str) -> None:
