@@ -27,7 +27,8 @@ def _setup_logging() -> None:
     # torch.distributed under ZeRO repeats the same FutureWarning hundreds of times; DeepSpeed is chatty.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    if "DS_ACCELERATOR" not in os.environ:  # asking torch costs its import (~2 s), which describe, plot... skip
+        os.environ["DS_ACCELERATOR"] = "cuda" if _has_cuda() else "cpu"
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "botocore", "boto3"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

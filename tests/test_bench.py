@@ -9,7 +9,7 @@ import pytest
 from electra_scale import cli
 from electra_scale.config import load_config
 from electra_scale.engine.model import flops_per_token
-from tests.test_train import run_cli
+from tests.cli import run_cli
 
 TINY = ["--config", "configs/tiny.yaml", "train.micro_batch_size=4", "data.num_workers=1"]
 

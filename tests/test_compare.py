@@ -9,7 +9,7 @@ import pytest
 
 from electra_scale.config import ConfigError
 from electra_scale.tools.compare import disc_health, load_spec
-from tests.test_train import run_cli
+from tests.cli import run_cli
 
 
 def test_compare_end_to_end_on_the_miniature_preset(shards, eval_shards, tmp_path):

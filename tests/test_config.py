@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
 from electra_scale.config import ConfigError, deepspeed_config, load_config
+from tests.cli import run_cli
 
 PRESETS = ["tiny", "small", "base", "large"]
 
@@ -145,12 +144,7 @@ def describe(name: str) -> dict:
 
 def test_describe_matches_transformers_parameter_counts():
     # One process start, not three: the CLI for Large, the same functions in-process for Small and Base.
-    out = subprocess.run(
-        [sys.executable, "-m", "electra_scale", "describe", "--config", "configs/large.yaml", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    out = run_cli(["describe", "--config", "configs/large.yaml", "--json"])
     large = json.loads(out.stdout)
     assert {k: large[k] for k in describe("large")} == describe("large")
     small, base = describe("small"), describe("base")
@@ -165,19 +159,7 @@ def test_describe_matches_transformers_parameter_counts():
 
 
 def test_describe_rejects_a_bad_override():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "electra_scale",
-            "describe",
-            "--config",
-            "configs/tiny.yaml",
-            "train.max_step=3",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    out = run_cli(["describe", "--config", "configs/tiny.yaml", "train.max_step=3"], check=False)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "did you mean 'train.max_steps'" in errors[0]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from electra_scale.config import ConfigError
-from tests.test_train import NO_DROPOUT, metrics, pretrain_args, run_cli
+from tests.cli import run_cli
+from tests.test_train import NO_DROPOUT, metrics, pretrain_args
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from electra_scale.data import (
 from electra_scale.data.mix import LaneCursor
 from electra_scale.data.stream import Source, check_same_mix, check_sources
 from electra_scale.infra import storage
+from tests.cli import run_cli
 
 SEQ_LEN = 64
 SEED = 7
@@ -816,20 +815,7 @@ def test_convert_shards_of_the_first_format(prepared, tmp_path):
     d.pop("samples_per_block")
     (old / "manifest.json").write_text(json.dumps({**d, "format": "electra-scale-shards/1", "shards": shards}))
 
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "electra_scale",
-            "convert-shards",
-            str(old),
-            str(tmp_path / "v2"),
-            "--samples-per-block",
-            "16",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_cli(["convert-shards", str(old), str(tmp_path / "v2"), "--samples-per-block", "16"], check=False)
     assert proc.returncode == 0, proc.stderr
     new = load_manifest(str(tmp_path / "v2"))
     assert [x.tolist() for x in all_shard_samples(str(tmp_path / "v2"), new)] == [x.tolist() for x in examples]
@@ -838,17 +824,9 @@ def test_convert_shards_of_the_first_format(prepared, tmp_path):
     next(iter(make_stream(str(tmp_path / "v2"), new)))
 
     # Converting again into the same place, or converting a current set, is refused in one line.
-    proc = subprocess.run(
-        [sys.executable, "-m", "electra_scale", "convert-shards", str(old), str(tmp_path / "v2")],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_cli(["convert-shards", str(old), str(tmp_path / "v2")], check=False)
     assert proc.returncode == 2 and "already holds a prepared shard set" in proc.stderr
-    proc = subprocess.run(
-        [sys.executable, "-m", "electra_scale", "convert-shards", str(tmp_path / "v2"), str(tmp_path / "v3")],
-        capture_output=True,
-        text=True,
-    )
+    proc = run_cli(["convert-shards", str(tmp_path / "v2"), str(tmp_path / "v3")], check=False)
     assert proc.returncode == 2 and "convert-shards reads 'electra-scale-shards/1' sets only" in proc.stderr
 
 

@@ -25,8 +25,9 @@ from electra_scale.data import DataError, PretrainStream, load_manifest, read_bl
 from electra_scale.data.stream import StreamLayout
 from electra_scale.engine.metrics import read_samples
 from electra_scale.infra import storage
+from tests.cli import run_cli
 from tests.faultproxy import FaultProxy
-from tests.test_train import metrics, pretrain_args, run_cli
+from tests.test_train import metrics, pretrain_args
 
 FAST_RETRIES = {
     "ELECTRA_S3_MAX_ATTEMPTS": "5",

@@ -13,7 +13,8 @@ import torch
 
 from electra_scale.eval import tasks
 from electra_scale.eval.finetune import DEFAULT_CACHE, layer_depth, layerwise_param_groups
-from tests.test_train import pretrain_args, run_cli
+from tests.cli import run_cli
+from tests.test_train import pretrain_args
 
 
 # ------------------------------------------------------------------------------------------------ optimisation

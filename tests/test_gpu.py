@@ -20,7 +20,8 @@ from electra_scale.engine.objective import build_objective, draw, sample_tokens
 from electra_scale.engine.step import build_engine, global_counts, train_step
 from electra_scale.engine.train import StopVote
 from electra_scale.infra import launch
-from tests.test_train import ROOT, metrics, pretrain_args, run_cli
+from tests.cli import ROOT, run_cli
+from tests.test_train import metrics, pretrain_args
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.cuda.is_available()

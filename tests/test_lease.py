@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +17,8 @@ import pytest
 
 from electra_scale.engine.lease import Holder, Lease, LeaseHeld, LeaseLost
 from electra_scale.infra import storage
-from tests.test_train import PATIENCE, ROOT, pretrain_args
+from tests.cli import PATIENCE, Run, run_cli, start_cli
+from tests.test_train import pretrain_args
 
 
 def elsewhere(me: Holder, **changes) -> Holder:
@@ -115,7 +115,7 @@ def test_the_lease_on_local_disk_and_seaweedfs(where, s3_bucket, tmp_path, caplo
 
 
 # ------------------------------------------------------------------------------------------------ processes
-def wait_for(what: str, log: Path, proc: subprocess.Popen) -> None:
+def wait_for(what: str, log: Path, proc: Run) -> None:
     deadline = time.monotonic() + PATIENCE
     while what not in log.read_text():
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -135,12 +135,10 @@ def test_a_second_run_refuses_a_stale_lease_is_taken_and_its_holder_stops_writin
     part2 = f"PUT /{bucket}/run/checkpoints/step_0000002/parts/rank_0.json"
     common = ("train.max_steps=40", "checkpoint.every_steps=1", "run.lease_timeout_s=10")
 
-    def start(name: str, endpoint: str, *extra: str) -> tuple[subprocess.Popen, Path]:
+    def start(name: str, endpoint: str, *extra: str) -> tuple[Run, Path]:
         log = tmp_path / f"{name}.log"
         args = pretrain_args(shards, run, *common, f"run.cache_dir={tmp_path / name}", *extra)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "AWS_ENDPOINT_URL": endpoint}
-        cmd = [sys.executable, "-m", "electra_scale", *args]
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=open(log, "w")), log  # noqa: SIM115
+        return start_cli(args, env={"AWS_ENDPOINT_URL": endpoint}, stderr=log), log
 
     with FaultProxy(s3_server.endpoint).start() as proxy_a, FaultProxy(s3_server.endpoint).start() as proxy_b:
         proxy_a.stall_after(0, match=part2)
@@ -150,14 +148,7 @@ def test_a_second_run_refuses_a_stale_lease_is_taken_and_its_holder_stops_writin
         try:
             wait_for("waiting for the upload of step_0000002", a_log, a)
 
-            c = subprocess.run(
-                [sys.executable, "-m", "electra_scale", *pretrain_args(shards, run, *common)],
-                cwd=ROOT,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
-                capture_output=True,
-                text=True,
-                timeout=PATIENCE,
-            )
+            c = run_cli(pretrain_args(shards, run, *common), check=False)
             print(c.stderr.strip().splitlines()[-1])
             assert c.returncode == 2, c.stderr[-3000:]
             (line,) = [x for x in c.stderr.splitlines() if "error:" in x]

@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 from test_objective import SPECIAL, VOCAB, make_batch, word_table
-from test_train import metrics, pretrain_args, run_cli
+from test_train import metrics, pretrain_args
 from torch.utils.flop_counter import FlopCounterMode
 
 from electra_scale.config import load_config
@@ -18,6 +18,7 @@ from electra_scale.data import prepare
 from electra_scale.engine.model import training_flops
 from electra_scale.engine.objective import build_objective, max_predictions, predictions_for, training_loss
 from electra_scale.engine.packing import pack
+from tests.cli import run_cli
 
 NO_DROPOUT = ("model.dropout=0", "model.attention_dropout=0")
 

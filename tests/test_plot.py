@@ -11,7 +11,8 @@ from PIL import Image
 from electra_scale import cli
 from electra_scale.engine.objective import summarize
 from electra_scale.tools.plot import FIGURES, plot_runs
-from tests.test_train import pretrain_args, run_cli
+from tests.cli import run_cli
+from tests.test_train import pretrain_args
 
 ALL = {f"{stem}.png" for stem in FIGURES}
 

@@ -5,10 +5,7 @@ and world-size changes, is the soak's (scripts/soak.py; its short version is tes
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,7 +16,8 @@ from electra_scale.data import load_manifest
 from electra_scale.data.stream import StreamLayout
 from electra_scale.engine.metrics import read_samples
 from electra_scale.infra import storage
-from tests.test_train import NO_DROPOUT, PATIENCE, ROOT, metrics, pretrain_args, run_cli
+from tests.cli import PATIENCE, run_cli, start_cli
+from tests.test_train import NO_DROPOUT, metrics, pretrain_args
 
 STEPS, EVERY, BATCH = 8, 4, 8  # pretrain_args uses a global batch of 8
 
@@ -208,9 +206,7 @@ def test_upload_runs_in_the_background_and_the_next_save_waits_for_it(shards, s3
         args = pretrain_args(
             shards, run, "train.max_steps=3", "checkpoint.every_steps=1", f"run.cache_dir={tmp_path / 'cache'}"
         )
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "AWS_ENDPOINT_URL": proxy.endpoint}
-        cmd = [sys.executable, "-m", "electra_scale", *args]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=open(log, "w"))  # noqa: SIM115
+        proc = start_cli(args, env={"AWS_ENDPOINT_URL": proxy.endpoint}, stderr=log)
         try:
             deadline = time.monotonic() + PATIENCE
             while "waiting for the upload of step_0000001" not in log.read_text():
@@ -246,14 +242,9 @@ def test_a_checkpoint_is_marked_complete_only_after_the_metrics_of_its_steps_are
         args = pretrain_args(
             shards, run, "train.max_steps=2", "checkpoint.every_steps=2", f"run.cache_dir={tmp_path / 'cache'}"
         )
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "AWS_ENDPOINT_URL": proxy.endpoint}
+        env = {"AWS_ENDPOINT_URL": proxy.endpoint}
         env["ELECTRA_S3_READ_TIMEOUT"] = "10"  # how long the swallowed upload holds the run: not a speed check
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "electra_scale", *args],
-            cwd=ROOT,
-            env=env,
-            stderr=open(log, "w"),  # noqa: SIM115
-        )
+        proc = start_cli(args, env=env, stderr=log)
         try:
             deadline = time.monotonic() + PATIENCE
             while not storage.exists(f"{run}/checkpoints/step_0000002/COMPLETE"):

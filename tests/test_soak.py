@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from tests.test_train import PATIENCE, ROOT
+from tests.cli import PATIENCE, ROOT
 
 
 def test_a_short_soak_loses_nothing(s3_bucket, shards, tmp_path):

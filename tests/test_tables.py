@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,6 +15,7 @@ import pytest
 from electra_scale.data import DataError, load_manifest, prepare
 from electra_scale.data.tables import iter_texts
 from electra_scale.infra import storage
+from tests.cli import run_cli
 
 SEQ_LEN = 64
 FIXTURE = Path(__file__).parent / "data" / "saved_dataset"
@@ -177,9 +177,7 @@ def test_a_directory_written_by_datasets_itself(tmp_path):
 
 # --------------------------------------------------------------------------------------------- errors
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "electra_scale", "prepare", *args], capture_output=True, text=True, timeout=120
-    )
+    return run_cli(["prepare", *args], check=False)
 
 
 def test_bad_tables_are_one_line_and_exit_2(docs, tmp_path):

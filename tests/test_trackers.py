@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from wandb.proto import wandb_internal_pb2
 from electra_scale.config import ConfigError, config_from_saved, load_config
 from electra_scale.engine.metrics import MetricsLogger
 from electra_scale.engine.trackers import OUTPUT_DIR_TAG
+from tests.cli import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL = ["tensorboard", "wandb", "mlflow"]
@@ -178,14 +177,7 @@ def test_pretrain_reports_to_all_trackers(shards, tmp_path):
         "data.num_workers=0",
         "run.trackers=[tensorboard,wandb,mlflow]",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "electra_scale", *args],
-        cwd=ROOT,
-        env={**_base_env(), **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_cli(args, env={**_base_env(), **env}, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
@@ -234,12 +226,8 @@ def test_tracker_config_errors(tmp_path):
 def test_a_tracker_without_its_package_is_refused_at_start(name, tmp_path):
     """As on a machine without the extra: the import system reports the package missing (sys.modules[name] =
     None is how Python marks a module that cannot be imported)."""
-    code = (
-        f"import sys; sys.modules[{name!r}] = None; from electra_scale.cli import main; "
-        f"sys.exit(main(['pretrain', '--config', 'configs/tiny.yaml', 'run.output_dir={tmp_path / 'out'}', "
-        f"'run.trackers=[tensorboard,{name}]']))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    args = ["pretrain", "--config", "configs/tiny.yaml", f"run.output_dir={tmp_path / 'out'}"]
+    proc = run_cli([*args, f"run.trackers=[tensorboard,{name}]"], check=False, unimportable=(name,))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"electra-scale pretrain: error: run.trackers lists {name}, but its package is not installed: pip install "

@@ -1,6 +1,7 @@
 """Pretraining end to end with real DeepSpeed (gloo, 1 and 2 ranks), real shards, a real S3 server.
 
-Each run is a subprocess of the real CLI, under torchrun for 2 ranks, exactly as a user starts it.
+Each run is the real CLI in a process of its own, its ranks with the environment torchrun gives them
+(tests/cli.py); the launcher tests start real torchrun, mpirun and srun-like tasks.
 """
 
 from __future__ import annotations
@@ -17,21 +18,8 @@ import pytest
 import torch
 
 from electra_scale.infra import storage
-from electra_scale.infra.launch import cli_command, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
-# How long a test waits for a run (or for it to get going) before calling it hung: a deadline, not a speed check.
-# Generous, so that a loaded machine (two test files at once, or stress-ng) makes a test slower, never fail.
-PATIENCE = 900
-
-
-def run_cli(args: list[str], ranks: int = 1, env: dict | None = None, check: bool = True):
-    cmd = cli_command(args, ranks)  # the command line the demo and compare use
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=PATIENCE)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc
+from electra_scale.infra.launch import free_port
+from tests.cli import PATIENCE, ROOT, run_cli, start_cli
 
 
 def pretrain_args(shards: tuple[str, int], output: str, *overrides: str) -> list[str]:
@@ -76,7 +64,7 @@ def test_two_ranks_match_one_rank(shards, zero2_baseline, tmp_path):
     """2 ranks x micro-batch 4 == 1 rank x micro-batch 8 == 1 rank x 4 x accumulation 2 (dropout off): losses,
     accuracies and the discriminator's AUC."""
     common = ("train.max_steps=3", "checkpoint.every_steps=100", *NO_DROPOUT)
-    logged = run_cli(pretrain_args(shards, str(tmp_path / "w2"), *common), ranks=2)
+    logged = run_cli(pretrain_args(shards, str(tmp_path / "w2"), *common), ranks=2, launcher="torchrun")
     run_cli(pretrain_args(shards, str(tmp_path / "w1"), *common, "train.micro_batch_size=8"))
     two, one, acc = metrics(str(tmp_path / "w2")), metrics(str(tmp_path / "w1")), metrics(zero2_baseline)
     assert [m["step"] for m in two] == [m["step"] for m in acc] == [1, 2, 3]
@@ -217,21 +205,12 @@ def test_other_zero_stages_train_the_same_model(shards, zero2_baseline, tmp_path
     assert Path(out, "checkpoints", "step_0000003", "COMPLETE").exists()
 
 
-def start_processes(args: list[str], envs: list[dict]) -> list[subprocess.Popen]:
+def start_processes(args: list[str], envs: list[dict]) -> list:
     """One CLI process per environment, as a launcher (srun, the Job controller) starts them."""
-    return [
-        subprocess.Popen(
-            [sys.executable, "-m", "electra_scale", *args],
-            cwd=ROOT,
-            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for env in envs
-    ]
+    return [start_cli(args, env=env) for env in envs]
 
 
-def start_slurm_tasks(args: list[str], tasks: int = 2) -> list[subprocess.Popen]:
+def start_slurm_tasks(args: list[str], tasks: int = 2) -> list:
     """Start the CLI as srun would: one process per task, each with its SLURM task environment."""
     port = str(free_port())
     envs = [
