@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="the end-to-end CPU demo: corpus -> S3 shards -> pretrain -> resume -> export")
     dm.add_argument("--workdir", default="demo-output")
     dm.add_argument("--steps", type=int, default=300)
+    dm.add_argument("overrides", nargs="*", metavar="key=value", help="pretraining overrides, e.g. optim.lr=5e-4")
 
     # Commands with many options keep them next to their code: each module has add_arguments(parser) and
     # run(args) -> exit code. Importing them must stay cheap (no torch at module level).
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from electra_scale.tools.demo import run_demo
 
-            run_demo(args.workdir, steps=args.steps)
+            run_demo(args.workdir, steps=args.steps, overrides=args.overrides)
         else:
             module = dict((name, mod) for name, mod, _ in MODULE_COMMANDS)[args.command]
             return importlib.import_module(module).run(args)

@@ -92,7 +92,10 @@ def _cli(*args: str, ranks: int = 1) -> None:
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def run_demo(workdir: str, steps: int = 300) -> None:
+def run_demo(workdir: str, steps: int = 300, overrides: list[str] | None = None) -> None:
+    from electra_scale.config import load_config
+
+    load_config(["configs/tiny.yaml"], list(overrides or []))  # a bad override fails here, before any download
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -134,6 +137,7 @@ def run_demo(workdir: str, steps: int = 300) -> None:
             f"run.cache_dir={work / 'cache'}",
             f"train.max_steps={steps}",
             f"checkpoint.every_steps={max(steps // 4, 1)}",
+            *(overrides or []),
         ]
         half = steps // 2
         common += [f"eval.shards={shards}/eval", f"eval.every_steps={max(half, 1)}", f"eval.examples={EVAL_EXAMPLES}"]
