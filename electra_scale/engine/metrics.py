@@ -137,6 +137,15 @@ def base_rate(replaced_frac: float) -> float:
     return 0.0 if r <= 0.0 or r >= 1.0 else -(r * math.log(r) + (1 - r) * math.log(1 - r))
 
 
+MIN_AUC = 0.55  # below this the discriminator barely ranks replaced tokens above originals (0.5 = chance)
+
+
+def little_sign_of_learning(auc: float | None, margin: float, min_auc: float = MIN_AUC) -> bool:
+    """The one rule, for pretraining's warning and compare's flag: an AUC near chance, or a loss no lower than the
+    base rate (``margin`` = base rate - loss). Recall at the 0.5 threshold is no sign either way."""
+    return margin <= 0 or (auc is not None and auc < min_auc)
+
+
 class DiscriminatorHealth:
     """Warns once, after warmup, when the discriminator shows no sign of learning.
 
@@ -147,7 +156,7 @@ class DiscriminatorHealth:
     So the warning fires on an AUC near chance or a loss no lower than the base rate, never on recall alone.
     """
 
-    MIN_AUC = 0.55
+    MIN_AUC = MIN_AUC
 
     def __init__(self, warmup_steps: int, total_steps: int):
         self.after = max(2 * warmup_steps, total_steps // 10, 1)
@@ -158,8 +167,7 @@ class DiscriminatorHealth:
         if self.warned or loss is None or step < self.after:  # an MLM record has no discriminator
             return
         base = base_rate(record.get("replaced_frac", 0.0))
-        near_chance = auc is not None and auc < self.MIN_AUC
-        if not near_chance and loss < base:
+        if not little_sign_of_learning(auc, base - loss, self.MIN_AUC):
             return
         self.warned = True
         log.warning(

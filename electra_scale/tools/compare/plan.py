@@ -83,21 +83,28 @@ def pretrain_run(spec: CompareSpec, cfg, run_dir: Path) -> dict:
     return info
 
 
-def disc_health(records: list[dict], step: int, min_recall: float) -> dict:
-    """Recall on replaced tokens up to ``step``: its last value, its best over the last quarter of the logged
-    steps, and whether that best stayed below ``min_recall`` (stuck predicting "original"); and the last AUC
-    (None for runs logged before it was)."""
-    upto = [r for r in records if r["step"] <= step and "disc_recall" in r]
+def disc_health(records: list[dict], step: int, min_auc: float) -> dict:
+    """Whether the discriminator shows a sign of learning by ``step``, by pretraining's own rule
+    (engine/metrics.py): over the last quarter of the logged steps up to there (a fresh discriminator's first
+    steps don't count), its best AUC and its best margin below the base rate. ``stuck``: the AUC stayed below
+    ``min_auc`` or the loss never went below the base rate. The last recall and AUC are reported too (the AUC is
+    None for runs logged before it was)."""
+    from electra_scale.engine.metrics import base_rate, little_sign_of_learning
+
+    upto = [r for r in records if r["step"] <= step and "disc_loss" in r]
     if not upto:
         return {"recall": None, "auc": None, "stuck": False}
     tail = upto[-max(1, len(upto) // 4) :]
-    best = max(r["disc_recall"] for r in tail)
+    aucs = [r["disc_auc"] for r in tail if r.get("disc_auc") is not None]
+    best_auc = max(aucs) if aucs else None
+    margin = max(base_rate(r.get("replaced_frac", 0.0)) - r["disc_loss"] for r in tail)
     last = upto[-1]
     return {
-        "recall": last["disc_recall"],
+        "recall": last.get("disc_recall"),
         "auc": last.get("disc_auc"),
-        "recall_tail_max": best,
-        "stuck": best < min_recall,
+        "auc_tail_max": best_auc,
+        "margin_tail_max": margin,
+        "stuck": little_sign_of_learning(best_auc, margin, min_auc),
     }
 
 

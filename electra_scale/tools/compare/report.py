@@ -71,7 +71,8 @@ def verdict(report: dict) -> str:
             call = "ELECTRA ahead" if diff["mean"] > 2 * sem else "MLM ahead" if diff["mean"] < -2 * sem else None
             text += f" ({call or 'no clear difference'} at 2 standard errors)"
         if e["flagged"]:
-            text += "; FLAGGED: ELECTRA's discriminator recall stayed ~0, so this is not a fair test of ELECTRA"
+            text += "; FLAGGED: ELECTRA's discriminator showed little sign of learning (AUC ~0.5)"
+            text += ", so this is not a fair test of ELECTRA"
         lines.append(text)
     return "\n".join(lines)
 
@@ -106,7 +107,7 @@ def markdown(report: dict) -> str:
             e = r.get("eval") or {}
             cells.append("" if e.get("gen_loss") is None else f"{e['gen_loss']:.3f}")
             cells.append("" if e.get("disc_auc") is None else f"{e['disc_auc']:.3f}")
-        cells.append("FLAGGED: disc recall ~0" if r["flagged"] else "")
+        cells.append("FLAGGED: disc AUC ~0.5" if r["flagged"] else "")
         lines.append("| " + " | ".join(cells) + " |")
     runs, cost = report["runs"], report["cost_ratio"]
     lines += ["", "| run | steps | FLOPs/token | tokens/s | wall time |", "|---|---|---|---|---|"]
@@ -158,7 +159,7 @@ def plot_compare(report: dict, work: Path) -> list[Path]:
                     s=90,
                     color="red",
                     zorder=5,
-                    label="flagged: disc recall ~0",
+                    label="flagged: disc AUC ~0.5",
                 )
         if report.get("majority") is not None:
             ax.axhline(100 * report["majority"], color="black", linestyle=":", linewidth=1, label="majority class")

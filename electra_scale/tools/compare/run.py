@@ -17,9 +17,10 @@ charged for its generator too, as the paper does; so at equal FLOPs ELECTRA take
 Each run has its own LR schedule ending at the budget (warmup ``pretrain.warmup_frac`` of its steps, then
 linear decay); the intermediate points are checkpoints of that run, like the paper's Figure 1 curves.
 
-Discriminator health: an ELECTRA run whose recall on replaced tokens stayed below ``health.min_recall`` over
-the last quarter of the logged steps up to a checkpoint predicts "original" everywhere; its rows are flagged
-(``disc recall ~0``) in the table and the plot, and the verdict says so instead of scoring it silently.
+Discriminator health: an ELECTRA checkpoint whose discriminator shows no sign of learning over the last quarter
+of the logged steps up to it (best AUC below ``health.min_auc``, or a loss never below the base rate: the rule of
+pretraining's own warning) is flagged (``disc AUC ~0.5``) in the table and the plot, and the verdict says so
+instead of scoring it silently.
 
 Re-running the same command reuses what is done: the shards, finished runs (``pretrain`` resumes or says
 "nothing to do"), exports, and fine-tuning results whose settings have not changed."""
@@ -102,16 +103,19 @@ def compare(spec: CompareSpec, workdir: str, cache_dir: Path) -> dict:
             target = model_dir / ("discriminator" if kind == "electra" else "mlm")
             source = ModelSource(f"{kind} {tag}", target, str(target), lowercase=manifest.lowercase)
             result = evaluate(spec, source, task, tokenizer, work / "finetune" / f"{kind}_{tag}.json")
-            health = disc_health(records, step, spec.health.min_recall) if kind == "electra" else {}
+            health = disc_health(records, step, spec.health.min_auc) if kind == "electra" else {}
             if health.get("stuck"):
+                best_auc = health["auc_tail_max"]
                 log.warning(
-                    "compare: %s at step %d: the discriminator's recall on replaced tokens stayed below %.2f "
-                    "(last %.3f): it predicts 'original' everywhere. Flagged, not a fair score. Likely causes: "
-                    "learning rate, generator too strong or too weak (model.generator_hidden_size), too few steps.",
+                    "compare: %s at step %d: the discriminator shows little sign of learning (best AUC %s over the "
+                    "last quarter of its logs, flagged below %.2f; best loss margin below the base rate %.4f). "
+                    "Flagged, not a fair score. Levers: optim.lr, the generator curriculum, "
+                    "objective.embedding_sharing=gdes, more steps (docs/compare.md measures them).",
                     kind,
                     step,
-                    spec.health.min_recall,
-                    health["recall"],
+                    "n/a" if best_auc is None else f"{best_auc:.3f}",
+                    spec.health.min_auc,
+                    health["margin_tail_max"],
                 )
             row = report_row(kind, step, fpt * tokens_per_step * step, step * tokens_per_step, result, health)
             rows.append(row | {"eval": held_out_scores(evaluations.get(step))})

@@ -44,7 +44,9 @@ class TaskSpec:
 
 @dataclass
 class HealthSpec:
-    min_recall: float = 0.02  # below this, the discriminator is "stuck at original"
+    # A checkpoint is flagged when the discriminator's best AUC over the last quarter of its logged steps stayed
+    # below this, or its loss never went below the base rate: pretraining's own warning (engine/metrics.py).
+    min_auc: float = 0.55
 
 
 @dataclass
