@@ -16,9 +16,21 @@ if sys.version_info < (3, 11):
     sys.exit(f"electra-scale needs Python >= 3.11, found {sys.version.split()[0]}; set PYTHON=python3.11")
 PY
 
+# DeepSpeed compiles its CPU ops on first use. Every CPU run loads the shared-memory collectives
+# (deepspeed_shm_comm, a minute or two of g++ on 2 cores): build them here, once, not inside the first run.
+build_cpu_ops() {
+  local ext=${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}
+  [ "${DS_ACCELERATOR:-cpu}" = cpu ] || return 0
+  [ -f "$ext/deepspeed_shm_comm/deepspeed_shm_comm.so" ] && return 0
+  echo "bootstrap: building DeepSpeed's CPU collectives into $ext" >&2
+  DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR="$ext" "$VENV/bin/python" -c \
+    "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load(verbose=False)"
+}
+
 stamp_input=$(cat pyproject.toml requirements/constraints.txt | sha256sum | cut -c1-16)
 stamp="$VENV/.electra-scale-$stamp_input"
 if [ -f "$stamp" ]; then
+  build_cpu_ops
   exit 0
 fi
 
@@ -38,3 +50,4 @@ echo "bootstrap: installing electra-scale and its test tools" >&2
 "${PIP[@]}" install --quiet -c requirements/constraints.txt -e ".[test]"
 rm -f "$VENV"/.electra-scale-*
 touch "$stamp"
+build_cpu_ops

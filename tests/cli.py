@@ -8,9 +8,10 @@ is forked from one that has imported those modules and run nothing else (multipr
 preloaded modules), so a tiny run costs about 3 CPU-seconds instead of 15.
 
 Several ranks get the variables torchrun gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
-GROUP_RANK, MASTER_ADDR, MASTER_PORT). The launchers themselves are tested where they are the subject: real
-torchrun (``launcher="torchrun"``, and a Kubernetes pod's spawn), mpirun and srun in test_train and test_slurm,
-and the tools (demo, compare, soak) start their runs with real subprocesses.
+GROUP_RANK, MASTER_ADDR, MASTER_PORT). The launchers themselves are tested where they are the subject, with
+real processes: torchrun (a Kubernetes pod's spawn, through ``launch.cli_command`` as the demo and compare use
+it), mpirun and srun-like tasks in test_train, sbatch in test_slurm; and the tools (compare, the soak) start
+their runs with real subprocesses.
 
 ``ELECTRA_TESTS_FRESH_PROCESSES=1`` starts every run as ``python -m electra_scale`` (under torchrun for several
 ranks) instead; so does any accelerator but the CPU, since CUDA must not be initialised in a process that forks.
@@ -161,10 +162,10 @@ class Run:
         return self.stdout_path.read_text(errors="replace"), self.stderr_path.read_text(errors="replace")
 
     def send_signal(self, signum: int) -> None:
-        for p in self.procs:
-            if self.returncodes[self.procs.index(p)] is None:
+        for proc, code in zip(self.procs, self.returncodes):
+            if code is None:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signum)
+                    os.kill(proc.pid, signum)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -184,11 +185,9 @@ def start_cli(
     ranks: int = 1,
     env: dict | None = None,
     stderr: Path | str | None = None,
-    launcher: str = "fork",
     unimportable: tuple[str, ...] = (),
 ) -> Run:
     """Start ``electra-scale ARGS`` on ``ranks`` local ranks; stderr to the given file (else a temporary one).
-    ``launcher="torchrun"`` starts it exactly as the demo and compare do: ``python -m torch.distributed.run``.
     ``unimportable``: modules the run cannot import (a package missing from the machine)."""
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     scratch = tempfile.TemporaryDirectory(prefix="electra-cli-")
@@ -196,7 +195,7 @@ def start_cli(
     err = Path(stderr) if stderr is not None else Path(scratch.name) / "stderr"
     for path in (out, err):
         path.write_text("")
-    if launcher == "torchrun" or not _forked():
+    if not _forked():  # as the demo and compare start runs: python -m torch.distributed.run for several ranks
         cmd = cli_command(args, ranks)
         if unimportable:  # python -c: mark the modules, then what python -m electra_scale runs
             assert ranks == 1, "unimportable= takes one rank"
@@ -225,12 +224,11 @@ def run_cli(
     ranks: int = 1,
     env: dict | None = None,
     check: bool = True,
-    launcher: str = "fork",
     unimportable: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """Run ``electra-scale ARGS`` to its end: its exit status, stdout and stderr (all ranks'). ``check``: a
     non-zero exit fails the test with the end of stderr."""
-    run = start_cli(args, ranks, env, launcher=launcher, unimportable=unimportable)
+    run = start_cli(args, ranks, env, unimportable=unimportable)
     try:
         stdout, stderr = run.communicate(timeout=PATIENCE)
     except subprocess.TimeoutExpired:

@@ -64,7 +64,7 @@ def test_two_ranks_match_one_rank(shards, zero2_baseline, tmp_path):
     """2 ranks x micro-batch 4 == 1 rank x micro-batch 8 == 1 rank x 4 x accumulation 2 (dropout off): losses,
     accuracies and the discriminator's AUC."""
     common = ("train.max_steps=3", "checkpoint.every_steps=100", *NO_DROPOUT)
-    logged = run_cli(pretrain_args(shards, str(tmp_path / "w2"), *common), ranks=2, launcher="torchrun")
+    logged = run_cli(pretrain_args(shards, str(tmp_path / "w2"), *common), ranks=2)
     run_cli(pretrain_args(shards, str(tmp_path / "w1"), *common, "train.micro_batch_size=8"))
     two, one, acc = metrics(str(tmp_path / "w2")), metrics(str(tmp_path / "w1")), metrics(zero2_baseline)
     assert [m["step"] for m in two] == [m["step"] for m in acc] == [1, 2, 3]
