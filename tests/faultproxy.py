@@ -158,7 +158,8 @@ class FaultProxy:
                     fault.times -= 1
                     if fault.times == 0:
                         self.faults.remove(fault)
-                    self.applied.append((fault.kind, line))
+                    if fault.kind != "reset_after":  # logged when it cuts: a response may end before its nbytes
+                        self.applied.append((fault.kind, line))
                     return fault
         return None
 
@@ -320,7 +321,7 @@ class FaultProxy:
                 if limit is not None and sent + len(data) >= limit:
                     client.sendall(data[: limit - sent])
                     sent, data = limit, data[limit - sent :]
-                    if fault.kind in ("reset", "truncate"):
+                    if fault.kind in ("reset", "truncate", "reset_after"):
                         self._log_applied(fault.kind, request.line)
                     if fault.kind in ("reset_after", "reset"):
                         _reset(client)

@@ -271,8 +271,12 @@ def test_transfers_retry_parts_and_ranges(proxy, s3_bucket, tmp_path, monkeypatc
     proxy.reset_after(1_000_000, times=3, match=f"GET {_path(url)}")
     storage.download_file(url, tmp_path / "copy.bin")
     assert (tmp_path / "copy.bin").read_bytes() == src.read_bytes()
-    assert proxy.count("reset_after") == 3
-    assert len(_ranges(proxy, url)) == 3 + 3 + _timeouts(caplog, "read")  # 3 ranges + 3 resumes
+    # The ranges are fetched in parallel, so which requests the 3 resets land on depends on timing. On a loaded
+    # machine one can land on a resume of the last range (1 MiB in all, so its resume is shorter than the 1 MB
+    # a reset waits for) and cut nothing: count the resets that cut a response, each costs exactly one resume.
+    cut = proxy.count("reset_after")
+    assert cut >= 2, proxy.applied  # only that one short resume can escape its reset
+    assert len(_ranges(proxy, url)) == 3 + cut + _timeouts(caplog, "read")  # 3 ranges + a resume per cut
 
 
 def _part_number(line: str) -> int:
