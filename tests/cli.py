@@ -32,6 +32,7 @@ import time
 import traceback
 from multiprocessing import forkserver
 from pathlib import Path
+from unittest import mock
 
 from electra_scale.infra.launch import cli_command, free_port
 
@@ -68,15 +69,8 @@ def _context():
     with _started:
         if not getattr(_context, "ready", False):
             ctx.set_forkserver_preload(PRELOAD)
-            saved = os.environ.get("OMP_NUM_THREADS")
-            os.environ["OMP_NUM_THREADS"] = "1"
-            try:
+            with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}):
                 forkserver.ensure_running()
-            finally:
-                if saved is None:
-                    del os.environ["OMP_NUM_THREADS"]
-                else:
-                    os.environ["OMP_NUM_THREADS"] = saved
             _context.ready = True
     return ctx
 
@@ -124,7 +118,7 @@ class Run:
     """The processes of one run (one per rank), Popen-like: poll, wait, communicate, send_signal, kill.
     ``returncode`` is the first non-zero exit status in rank order (torchrun would say 1), else 0."""
 
-    def __init__(self, procs: list, stdout: Path, stderr: Path, cleanup: tempfile.TemporaryDirectory | None):
+    def __init__(self, procs: list, stdout: Path, stderr: Path, cleanup: tempfile.TemporaryDirectory):
         self.procs, self.stdout_path, self.stderr_path, self._cleanup = procs, stdout, stderr, cleanup
 
     @property
@@ -176,8 +170,7 @@ class Run:
             self.wait(PATIENCE)
 
     def close(self) -> None:
-        if self._cleanup is not None:
-            self._cleanup.cleanup()
+        self._cleanup.cleanup()
 
 
 def start_cli(
