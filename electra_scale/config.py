@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -220,10 +221,16 @@ class EvalConfig:
     seed: int = 0
 
 
+def cache_root() -> Path:
+    """The node-local cache that defaults live under: run staging for S3 output, downloaded fine-tuning tasks.
+    $ELECTRA_SCALE_CACHE moves it (a scratch disk, or a test's temporary directory)."""
+    return Path(os.environ.get("ELECTRA_SCALE_CACHE") or Path.home() / ".cache" / "electra-scale")
+
+
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"  # local dir or s3://bucket/prefix
-    # Node-local staging for checkpoints/metrics when output_dir is on S3 (default: ~/.cache/electra-scale).
+    # Node-local staging for checkpoints/metrics when output_dir is on S3 (default: under cache_root()).
     cache_dir: str | None = None
     progress: bool = True
     # Experiment trackers that rank 0 feeds with the resolved config and every metrics.jsonl record

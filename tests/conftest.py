@@ -26,10 +26,12 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture
-def s3_bucket(s3_server, monkeypatch):
-    """A fresh bucket on the session's SeaweedFS; boto3 (and child processes) see its endpoint and keys."""
+def s3_bucket(s3_server, monkeypatch, tmp_path):
+    """A fresh bucket on the session's SeaweedFS; boto3 (and child processes) see its endpoint and keys. A run
+    writing there without run.cache_dir stages under this test's directory, not the user's ~/.cache."""
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("ELECTRA_SCALE_CACHE", str(tmp_path / "electra-scale-cache"))
     storage.reset_client()
     name = f"t-{uuid.uuid4().hex[:12]}"
     s3_server.create_bucket(name)

@@ -63,6 +63,22 @@ def test_health_warns_once_after_warmup_on_chance_auc_or_no_margin(caplog, stuck
         assert lever in text
 
 
+def test_health_withdraws_its_warning_once_the_discriminator_learns(caplog):
+    """The demo at optim.lr=5e-4: AUC at chance when the check starts, 0.72 forty steps later."""
+    health = DiscriminatorHealth(warmup_steps=10, total_steps=1000)
+    with caplog.at_level(logging.INFO, logger="electra_scale"):
+        health.check(100, _record(0.43, 0.51))
+        health.check(110, _record(0.425, 0.53))  # still stuck: no second warning
+        health.check(120, _record(0.41, 0.60))  # learning now
+        health.check(130, _record(0.43, 0.51))  # stuck again: said once per process, no flip-flopping in the log
+        health.check(140, _record(0.40, 0.70))
+    assert [(r.levelno, r.getMessage().split(":")[0]) for r in caplog.records] == [
+        (logging.WARNING, "the discriminator shows little sign of learning at step 100"),
+        (logging.INFO, "the discriminator now shows signs of learning at step 120"),
+    ]
+    assert "AUC 0.600 and loss 0.4100, 0.0127 below the base rate (the warning at step 100" in caplog.text
+
+
 def test_the_demo_says_what_to_expect_from_its_auc():
     from electra_scale.tools.demo import expectation
 

@@ -147,7 +147,7 @@ def little_sign_of_learning(auc: float | None, margin: float, min_auc: float = M
 
 
 class DiscriminatorHealth:
-    """Warns once, after warmup, when the discriminator shows no sign of learning.
+    """Warns once, after warmup, when the discriminator shows no sign of learning, and says so when it later does.
 
     Learning looks like this: the AUC rises above 0.5 (replaced tokens score above original ones) and the loss
     falls below the base rate (``base_rate``). Recall at the 0.5 threshold is not a sign either way: about 85% of
@@ -160,16 +160,33 @@ class DiscriminatorHealth:
 
     def __init__(self, warmup_steps: int, total_steps: int):
         self.after = max(2 * warmup_steps, total_steps // 10, 1)
-        self.warned = False
+        self.warned_at: int | None = None
+        self.done = False  # warned and then saw it learn: nothing more to say in this process
 
     def check(self, step: int, record: dict) -> None:
         loss, auc = record.get("disc_loss"), record.get("disc_auc")
-        if self.warned or loss is None or step < self.after:  # an MLM record has no discriminator
+        if self.done or loss is None or step < self.after:  # an MLM record has no discriminator
             return
         base = base_rate(record.get("replaced_frac", 0.0))
-        if not little_sign_of_learning(auc, base - loss, self.MIN_AUC):
+        stuck = little_sign_of_learning(auc, base - loss, self.MIN_AUC)
+        if self.warned_at is not None:
+            # A small run can sit at chance for a while and then start to rank (the demo at optim.lr=5e-4: AUC 0.51
+            # at step 40, 0.72 at step 80), so an early warning is withdrawn in the log rather than left standing.
+            if not stuck:
+                self.done = True
+                log.info(
+                    "the discriminator now shows signs of learning at step %d: AUC %s and loss %.4f, %.4f below the "
+                    "base rate (the warning at step %d no longer holds)",
+                    step,
+                    "n/a" if auc is None else f"{auc:.3f}",
+                    loss,
+                    base - loss,
+                    self.warned_at,
+                )
             return
-        self.warned = True
+        if not stuck:
+            return
+        self.warned_at = step
         log.warning(
             "the discriminator shows little sign of learning at step %d: AUC %s (0.5 = chance; warned below %.2f) "
             "and loss %.4f against a base rate of %.4f (predicting the replaced share everywhere; learning goes "

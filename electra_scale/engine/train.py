@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from electra_scale.config import Config, ConfigError, deepspeed_config
+from electra_scale.config import Config, ConfigError, cache_root, deepspeed_config
 from electra_scale.data.shards import DataError
 from electra_scale.data.stream import PretrainStream, check_same_mix, load_sources, resolve_partitions
 from electra_scale.data.tokenizer import continuation_ids, load_tokenizer, model_dir_tokenizer
@@ -70,7 +70,7 @@ def cache_dir_for(cfg: Config) -> Path:
     if not storage.is_s3(cfg.run.output_dir):
         return Path(cfg.run.output_dir)
     bucket_path = cfg.run.output_dir[len("s3://") :].replace("/", "_")
-    return Path.home() / ".cache" / "electra-scale" / bucket_path
+    return cache_root() / bucket_path
 
 
 class StopVote:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from electra_scale.config import ConfigError
+from electra_scale.config import ConfigError, cache_root
 
-DEFAULT_CACHE = Path(os.environ.get("ELECTRA_SCALE_CACHE", Path.home() / ".cache" / "electra-scale")) / "tasks"
+DEFAULT_CACHE = cache_root() / "tasks"
 
 
 PROBE_L2 = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # logistic/ridge regularisation grid, chosen on dev
