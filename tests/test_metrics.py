@@ -39,13 +39,15 @@ def test_health_does_not_warn_on_a_discriminator_that_learns_with_recall_at_zero
     with caplog.at_level(logging.WARNING, logger="electra_scale"):
         for step in range(100, 200, 10):
             health.check(step, _record(0.41, 0.62, recall=0.0))  # below the 0.4227 base rate, ranking above chance
+        # The demo at optim.lr=1e-4: it ranks (AUC 0.66-0.73) while its loss is still above the base rate.
+        health.check(200, _record(0.4323, 0.66))
     assert not caplog.records
 
 
 @pytest.mark.parametrize(
     "stuck, why",
-    [(_record(0.40, 0.52), "AUC 0.520"), (_record(0.4230, 0.60), "loss 0.4230"), (_record(0.43, None), "AUC n/a")],
-    ids=["auc-near-chance", "loss-at-the-base-rate", "no-auc"],
+    [(_record(0.40, 0.52), "AUC 0.520"), (_record(0.4230, None), "loss 0.4230")],
+    ids=["auc-near-chance", "no-auc-and-loss-at-the-base-rate"],
 )
 def test_health_warns_once_after_warmup_on_chance_auc_or_no_margin(caplog, stuck, why):
     health = DiscriminatorHealth(warmup_steps=10, total_steps=1000)

@@ -87,8 +87,8 @@ def disc_health(records: list[dict], step: int, min_auc: float) -> dict:
     """Whether the discriminator shows a sign of learning by ``step``, by pretraining's own rule
     (engine/metrics.py): over the last quarter of the logged steps up to there (a fresh discriminator's first
     steps don't count), its best AUC and its best margin below the base rate. ``stuck``: the AUC stayed below
-    ``min_auc`` or the loss never went below the base rate. The last recall and AUC are reported too (the AUC is
-    None for runs logged before it was)."""
+    ``min_auc`` (for logs without AUC: the loss never went below the base rate). The last recall and AUC are
+    reported too (the AUC is None for runs logged before it was)."""
     from electra_scale.engine.metrics import base_rate, little_sign_of_learning
 
     upto = [r for r in records if r["step"] <= step and "disc_loss" in r]

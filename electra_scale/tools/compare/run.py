@@ -18,9 +18,9 @@ Each run has its own LR schedule ending at the budget (warmup ``pretrain.warmup_
 linear decay); the intermediate points are checkpoints of that run, like the paper's Figure 1 curves.
 
 Discriminator health: an ELECTRA checkpoint whose discriminator shows no sign of learning over the last quarter
-of the logged steps up to it (best AUC below ``health.min_auc``, or a loss never below the base rate: the rule of
-pretraining's own warning) is flagged (``disc AUC ~0.5``) in the table and the plot, and the verdict says so
-instead of scoring it silently.
+of the logged steps up to it (best AUC below ``health.min_auc``; for logs without AUC, a loss never below the base
+rate: the rule of pretraining's own warning) is flagged (``disc AUC ~0.5``) in the table and the plot, and the
+verdict says so instead of scoring it silently.
 
 Re-running the same command reuses what is done: the shards, finished runs (``pretrain`` resumes or says
 "nothing to do"), exports, and fine-tuning results whose settings have not changed."""

@@ -45,7 +45,8 @@ class TaskSpec:
 @dataclass
 class HealthSpec:
     # A checkpoint is flagged when the discriminator's best AUC over the last quarter of its logged steps stayed
-    # below this, or its loss never went below the base rate: pretraining's own warning (engine/metrics.py).
+    # below this (for logs without AUC: its loss never went below the base rate), pretraining's own warning rule
+    # (engine/metrics.py).
     min_auc: float = 0.55
 
 
