@@ -77,8 +77,9 @@ def expectation(auc: float | None) -> str:
     else:
         seen = "AUC at or below 0.5 says it does not yet tell replaced tokens from originals"
     return (
-        f"recall near 0 at the 0.5 threshold is normal this early; {seen} (the reference at step 5,000, ~82M "
-        "tokens: AUC 0.68, recall 0.048; google-research/electra #81)"
+        f"recall at the 0.5 threshold stays low this early (0 for the first steps); {seen} (the reference at step "
+        "5,000, ~82M tokens: AUC 0.68, recall 0.048; google-research/electra #81); at this scale the export does "
+        "not yet fine-tune above random init (docs/compare.md, 'The learning rate')"
     )
 
 
