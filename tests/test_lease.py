@@ -122,28 +122,35 @@ def wait_for(what: str, log: Path, proc: Run) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.parametrize("how", ["stale", "replacement"])
 def test_a_second_run_refuses_a_stale_lease_is_taken_and_its_holder_stops_writing(
-    shards, s3_bucket, s3_server, tmp_path
+    how, shards, s3_bucket, s3_server, tmp_path
 ):
-    """A holds the lease and is stuck uploading step 2 (its proxy holds the upload). C refuses to start. A is
-    then frozen (SIGSTOP: alive, not beating, like a partitioned node); once its lease is stale, B takes it,
-    resumes from step 1, and is held in its own step-2 upload. A, thawed, finds its lease taken: it marks
-    nothing complete and exits 1 naming B. B then completes steps 2 and 3 and releases the lease."""
+    """A holds the lease and is stuck uploading step 2 (its proxy holds the upload). C refuses to start. Then B
+    takes the lease, resumes from step 1, and is held in its own step-2 upload:
+    - stale: A is frozen first (SIGSTOP: alive, not beating, like a partitioned node), and B takes the lease once
+      it is stale;
+    - replacement: A stays alive and beating, and B is the next incarnation of A's job (a Kubernetes Job's
+      replacement pod, ELECTRA_JOB_INSTANCE; a SLURM requeue is the same rule on SLURM_RESTART_COUNT), which
+      takes over at once: the overlap of a live predecessor.
+    A, released, finds its lease taken: it marks nothing complete and exits 1 naming B. B then completes steps 2
+    and 3 and releases the lease."""
     from tests.faultproxy import FaultProxy
 
     bucket, run = s3_bucket.removeprefix("s3://"), f"{s3_bucket}/run"
     part2 = f"PUT /{bucket}/run/checkpoints/step_0000002/parts/rank_0.json"
     common = ("train.max_steps=40", "checkpoint.every_steps=1", "run.lease_timeout_s=10")
+    job = {"ELECTRA_JOB_ID": "pretrain-small"} if how == "replacement" else {}
 
-    def start(name: str, endpoint: str, *extra: str) -> tuple[Run, Path]:
+    def start(name: str, endpoint: str, *extra: str, **env: str) -> tuple[Run, Path]:
         log = tmp_path / f"{name}.log"
         args = pretrain_args(shards, run, *common, f"run.cache_dir={tmp_path / name}", *extra)
-        return start_cli(args, env={"AWS_ENDPOINT_URL": endpoint}, stderr=log), log
+        return start_cli(args, env={"AWS_ENDPOINT_URL": endpoint, **env}, stderr=log), log
 
     with FaultProxy(s3_server.endpoint).start() as proxy_a, FaultProxy(s3_server.endpoint).start() as proxy_b:
         proxy_a.stall_after(0, match=part2)
         proxy_b.stall_after(0, match=part2)
-        a, a_log = start("a", proxy_a.endpoint)
+        a, a_log = start("a", proxy_a.endpoint, **job, **({"ELECTRA_JOB_INSTANCE": "pod-1"} if job else {}))
         b = None
         try:
             wait_for("waiting for the upload of step_0000002", a_log, a)
@@ -153,17 +160,25 @@ def test_a_second_run_refuses_a_stale_lease_is_taken_and_its_holder_stops_writin
             assert c.returncode == 2, c.stderr[-3000:]
             (line,) = [x for x in c.stderr.splitlines() if "error:" in x]
             assert line.startswith(f"electra-scale pretrain: error: run.output_dir={run} is in use by another run")
-            assert f"job -, pid {a.pid}, last heartbeat" in line and "take over now with run.take_over=true" in line
+            a_job = job.get("ELECTRA_JOB_ID", "-")
+            assert f"job {a_job}, pid {a.pid}, last heartbeat" in line
+            assert "take over now with run.take_over=true" in line
 
-            a.send_signal(signal.SIGSTOP)
-            deadline = time.monotonic() + PATIENCE
-            while storage.read_versioned(f"{run}/lease.json")[2] <= 10:  # the store's clock: stale after 10 s
-                assert time.monotonic() < deadline
-                time.sleep(0.5)
-            b, b_log = start("b", proxy_b.endpoint, "train.stop_at_step=3")
+            if how == "stale":
+                a.send_signal(signal.SIGSTOP)
+                deadline = time.monotonic() + PATIENCE
+                while storage.read_versioned(f"{run}/lease.json")[2] <= 10:  # the store's clock: stale after 10 s
+                    assert time.monotonic() < deadline
+                    time.sleep(0.5)
+                b, b_log = start("b", proxy_b.endpoint, "train.stop_at_step=3")
+                why = "it is stale"
+            else:
+                assert storage.read_versioned(f"{run}/lease.json")[2] < 10, "A's lease is fresh: it is beating"
+                b, b_log = start("b", proxy_b.endpoint, "train.stop_at_step=3", **job, ELECTRA_JOB_INSTANCE="pod-2")
+                why = "this is a later incarnation of job pretrain-small (pod-1 -> pod-2)"
             wait_for("waiting for the upload of step_0000002", b_log, b)
             text = b_log.read_text()
-            assert "lease: taking over" in text and f"pid {a.pid}" in text and "it is stale" in text
+            assert "lease: taking over" in text and f"pid {a.pid}" in text and why in text
             assert "resumed from" in text and "at step 1" in text
             holder = json.loads(storage.read_text(f"{run}/lease.json"))
             assert holder["pid"] == b.pid
@@ -174,7 +189,7 @@ def test_a_second_run_refuses_a_stale_lease_is_taken_and_its_holder_stops_writin
             error = [x for x in a_log.read_text().splitlines() if "electra-scale pretrain: error:" in x]
             print(error[-1])
             assert "checkpoint step_0000002 was not completed: this run lost its lease" in error[-1]
-            assert f"now held by host {holder['host']}, job -, pid {b.pid}" in error[-1]
+            assert f"now held by host {holder['host']}, job {a_job}, pid {b.pid}" in error[-1]
             assert "marks no checkpoint complete and prunes nothing" in error[-1]
             assert not storage.exists(f"{run}/checkpoints/step_0000002/COMPLETE")
             assert "checkpoint step_0000002 complete" not in a_log.read_text()
