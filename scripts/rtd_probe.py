@@ -62,7 +62,6 @@ def main() -> int:
     from electra_scale.engine.step import build_engine, train_step
     from electra_scale.infra import launch
 
-    torch.set_num_threads(args.threads)
     texts = [json.loads(line)["text"] for line in Path(args.corpus).read_text().splitlines() if line]
     tok = load_tokenizer(f"train:{args.vocab}", lambda: iter(texts))
     special = special_ids(tok)
@@ -92,6 +91,9 @@ def main() -> int:
     cfg.data.seq_len = seq
     validate(cfg)
     device = launch.init_distributed(launch.detect())
+    # After launch, which on CPU gives each rank its share of the cores (all of them here): --threads set
+    # before it was overridden, and a "1-thread" probe beside other work ran 2 OpenMP threads on a shared core.
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     generator, discriminator = build_electra(cfg.model, special["pad"])
     pieces = continuation_ids(tok) if args.whole_word else None
