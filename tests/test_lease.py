@@ -140,7 +140,10 @@ def test_a_second_run_refuses_a_stale_lease_is_taken_and_its_holder_stops_writin
     bucket, run = s3_bucket.removeprefix("s3://"), f"{s3_bucket}/run"
     part2 = f"PUT /{bucket}/run/checkpoints/step_0000002/parts/rank_0.json"
     common = ("train.max_steps=40", "checkpoint.every_steps=1", "run.lease_timeout_s=10")
-    job = {"ELECTRA_JOB_ID": "pretrain-small"} if how == "replacement" else {}
+
+    def incarnation(n: int) -> dict[str, str]:
+        """The environment of incarnation n of A's job (none in the stale case: two unrelated runs)."""
+        return {"ELECTRA_JOB_ID": "pretrain-small", "ELECTRA_JOB_INSTANCE": f"pod-{n}"} if how == "replacement" else {}
 
     def start(name: str, endpoint: str, *extra: str, **env: str) -> tuple[Run, Path]:
         log = tmp_path / f"{name}.log"
@@ -150,7 +153,7 @@ def test_a_second_run_refuses_a_stale_lease_is_taken_and_its_holder_stops_writin
     with FaultProxy(s3_server.endpoint).start() as proxy_a, FaultProxy(s3_server.endpoint).start() as proxy_b:
         proxy_a.stall_after(0, match=part2)
         proxy_b.stall_after(0, match=part2)
-        a, a_log = start("a", proxy_a.endpoint, **job, **({"ELECTRA_JOB_INSTANCE": "pod-1"} if job else {}))
+        a, a_log = start("a", proxy_a.endpoint, **incarnation(1))
         b = None
         try:
             wait_for("waiting for the upload of step_0000002", a_log, a)
@@ -160,7 +163,7 @@ def test_a_second_run_refuses_a_stale_lease_is_taken_and_its_holder_stops_writin
             assert c.returncode == 2, c.stderr[-3000:]
             (line,) = [x for x in c.stderr.splitlines() if "error:" in x]
             assert line.startswith(f"electra-scale pretrain: error: run.output_dir={run} is in use by another run")
-            a_job = job.get("ELECTRA_JOB_ID", "-")
+            a_job = incarnation(1).get("ELECTRA_JOB_ID", "-")
             assert f"job {a_job}, pid {a.pid}, last heartbeat" in line
             assert "take over now with run.take_over=true" in line
 
@@ -174,7 +177,7 @@ def test_a_second_run_refuses_a_stale_lease_is_taken_and_its_holder_stops_writin
                 why = "it is stale"
             else:
                 assert storage.read_versioned(f"{run}/lease.json")[2] < 10, "A's lease is fresh: it is beating"
-                b, b_log = start("b", proxy_b.endpoint, "train.stop_at_step=3", **job, ELECTRA_JOB_INSTANCE="pod-2")
+                b, b_log = start("b", proxy_b.endpoint, "train.stop_at_step=3", **incarnation(2))
                 why = "this is a later incarnation of job pretrain-small (pod-1 -> pod-2)"
             wait_for("waiting for the upload of step_0000002", b_log, b)
             text = b_log.read_text()
