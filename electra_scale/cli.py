@@ -124,10 +124,11 @@ MODULE_COMMANDS: list[tuple[str, str, str]] = [
 
 
 def _describe(args) -> int:
-    from electra_scale.config import deepspeed_config, load_config
+    from electra_scale.config import deepspeed_config
     from electra_scale.engine.model import flops_per_token, paper_flops_per_token, param_counts
+    from electra_scale.engine.run_config import load_run_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     info = {
         **param_counts(cfg),
         "flops_per_token": flops_per_token(cfg),
@@ -178,11 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                 eval_output=args.eval_out,
             )
         elif args.command == "pretrain":
-            from electra_scale.config import load_config
+            from electra_scale.engine.run_config import load_run_config
             from electra_scale.engine.train import pretrain
             from electra_scale.infra import launch
 
-            cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any spawn
+            cfg = load_run_config(args.config, args.overrides)  # a bad config fails here, before any spawn
             from electra_scale.engine.train import EXIT_PREEMPTED
 
             spawn = launch.node_spawn_command(launch.detect(), sys.argv[1:])

@@ -27,11 +27,9 @@ from typing import Any, Literal
 
 import yaml
 
+from electra_scale.errors import ConfigError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-class ConfigError(ValueError):
-    """A configuration problem, explained in one line."""
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -270,22 +268,20 @@ class Config:
 # ------------------------------------------------------------------------------------------------ loading
 def load_config(paths: str | Path | list | tuple | None, overrides: list[str] = ()) -> Config:
     """Read one or more YAML files (later ones deep-merged over earlier ones, e.g. a preset then a cluster's
-    site settings), apply ``section.key=value`` overrides, then build and validate the typed config."""
+    site settings), apply ``section.key=value`` overrides, then build and validate the typed config. What needs
+    the engine (a model.init_from directory's shape, the trackers' packages) is checked by
+    ``engine.run_config.load_run_config``, which the commands use: this module stands below the engine."""
+    return config_from_dict(*read_config(paths, overrides))
+
+
+def read_config(paths: str | Path | list | tuple | None, overrides: list[str] = ()) -> tuple[dict[str, Any], str]:
+    """The raw layered config of ``paths`` and ``overrides``, and the name of its source for messages."""
     if paths is None:
         paths = []
     elif isinstance(paths, str | Path):
         paths = [paths]
     raw = read_layered(paths, overrides, example="train.max_steps=100")
-    model = raw.get("model")
-    if isinstance(model, dict) and model.get("init_from"):
-        from electra_scale.engine.pretrained import adopt_shape  # reads the directory's config.json
-
-        adopt_shape(raw)
-    cfg = config_from_dict(raw, " + ".join(map(str, paths)) or "<defaults>")
-    from electra_scale.engine.trackers import check_installed  # a missing tracker package: refused now
-
-    check_installed(cfg.run.trackers)
-    return cfg
+    return raw, " + ".join(map(str, paths)) or "<defaults>"
 
 
 def read_layered(layers: list, overrides: list[str] | dict[str, Any], example: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@
 #   5. where a step's time goes (scripts/step_profile.py) and ELECTRA's cost per token over MLM's
 #      (scripts/objective_cost.py) -> profile-*.json, objective_cost.log
 # and writes summary.json + summary.md. Missing packages (deepspeed, webdataset, boto3, ...) are installed
-# from --wheels DIR into a private directory; README ("The GPU check") says how to build that directory.
+# from --wheels DIR into a private directory; docs/gpu.md ("The GPU check") says how to build that directory.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -80,7 +80,7 @@ PY
 )
 if [ -n "$missing" ]; then
     if [ -z "$WHEELS" ]; then
-        echo "gpu_check: missing Python packages: $missing; pass --wheels DIR (README: The GPU check)" >&2
+        echo "gpu_check: missing Python packages: $missing; pass --wheels DIR (docs/gpu.md: The GPU check)" >&2
         exit 2
     fi
     log "installing from $WHEELS: $missing"

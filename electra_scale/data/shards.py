@@ -31,16 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from electra_scale.errors import DataError
 from electra_scale.infra import storage
 
 FORMAT = "electra-scale-shards/2"
 LEGACY_FORMAT = "electra-scale-shards/1"  # one example per tar member; converted by `convert-shards`
 MANIFEST = "manifest.json"
 BLOCK_BYTES = 1 << 20  # default block size: ~1 MiB of ids, one ranged GET
-
-
-class DataError(ValueError):
-    """A problem with the data itself (missing/corrupt shards, a manifest that does not fit the model)."""
 
 
 @dataclass

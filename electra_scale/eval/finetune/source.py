@@ -52,9 +52,9 @@ def resolve_pretrained(source: str, workdir: Path) -> ModelSource:
 
 def random_source(config_paths: list[str], overrides: list[str], tokenizer: str | None) -> ModelSource:
     """The no-pretraining baseline: the run config's discriminator shape with fresh weights."""
-    from electra_scale.config import load_config
+    from electra_scale.engine.run_config import load_run_config
 
-    cfg = load_config(config_paths, overrides)
+    cfg = load_run_config(config_paths, overrides)
     if not tokenizer:
         tokenizer = cfg.data.shards
     if not tokenizer:

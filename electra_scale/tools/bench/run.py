@@ -80,17 +80,17 @@ def run_bench(
 ) -> dict:
     import torch
 
-    from electra_scale.config import load_config
     from electra_scale.data import load_manifest
     from electra_scale.engine.model import flops_per_token, paper_flops_per_token, param_counts, training_flops
+    from electra_scale.engine.run_config import load_run_config
     from electra_scale.engine.step import real_counts
     from electra_scale.infra import launch, storage
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("bench measures one rank: run it as a single process, not under torchrun/srun")
-    base = load_config(config, overrides)
+    base = load_run_config(config, overrides)
     micro = base.train.micro_batch_size
-    cfg = load_config(
+    cfg = load_run_config(
         config,
         [
             *overrides,
@@ -146,7 +146,7 @@ def run_bench(
                 report["data_sweep"] = [as_dict(r) for r in sweep]
         if find_micro_batch:
             micro = largest_micro_batch(cfg, shards, device, find_micro_batch)
-            cfg = load_config(
+            cfg = load_run_config(
                 config,
                 [
                     *overrides,
