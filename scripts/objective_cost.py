@@ -53,8 +53,9 @@ def main() -> int:
 
     import torch
 
+    from electra_scale.engine.masking import count_targets
     from electra_scale.engine.model import flops_per_token
-    from electra_scale.engine.objective import build_objective, count_targets, training_loss
+    from electra_scale.engine.objective import build_objective, training_loss
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -30,7 +30,8 @@ def _measure(stage: int, accum_dtype: str | None, device) -> float:
     from deepspeed.utils import safe_get_full_grad
 
     from electra_scale.config import load_config
-    from electra_scale.engine.objective import build_objective, count_targets, training_loss
+    from electra_scale.engine.masking import count_targets
+    from electra_scale.engine.objective import build_objective, training_loss
     from electra_scale.engine.step import build_engine
 
     ds = {"zero_optimization": {"stage": stage}, "bf16": {"enabled": "auto"}}

@@ -384,7 +384,7 @@ def test_token_types_attention_mask_and_padding(prepared):
                 short += length < SEQ_LEN
     assert short > 0  # padding was exercised
     # What the device gets is built from the same few numbers per example, and the loss denominators too.
-    from electra_scale.engine.objective import count_batch_targets, count_targets
+    from electra_scale.engine.masking import count_batch_targets, count_targets
 
     mb = next(iter(make_stream(out, manifest, global_batch_size=32, micro_batch_size=16)))[0]
     inputs = mb.model_inputs("cpu")

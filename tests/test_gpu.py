@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from electra_scale.config import load_config
 from electra_scale.data.stream import MicroBatch
-from electra_scale.engine.objective import build_objective, draw, sample_tokens
+from electra_scale.engine.masking import draw
+from electra_scale.engine.objective import build_objective, sample_tokens
 from electra_scale.engine.step import build_engine, global_counts, train_step
 from electra_scale.engine.train import StopVote
 from electra_scale.infra import launch

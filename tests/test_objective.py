@@ -6,10 +6,7 @@ import pytest
 import torch
 
 from electra_scale.config import ModelConfig, ObjectiveConfig, load_config
-from electra_scale.engine.objective import (
-    ElectraObjective,
-    MLMObjective,
-    build_objective,
+from electra_scale.engine.masking import (
     draw,
     example_keys,
     hash32,
@@ -17,9 +14,14 @@ from electra_scale.engine.objective import (
     max_predictions,
     num_to_predict,
     random_bits,
+    to_uniform,
+)
+from electra_scale.engine.objective import (
+    ElectraObjective,
+    MLMObjective,
+    build_objective,
     replace_tokens,
     sample_tokens,
-    to_uniform,
     training_loss,
 )
 

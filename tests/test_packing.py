@@ -15,8 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from electra_scale.config import load_config
 from electra_scale.data import prepare
+from electra_scale.engine.masking import max_predictions, predictions_for
 from electra_scale.engine.model import training_flops
-from electra_scale.engine.objective import build_objective, max_predictions, predictions_for, training_loss
+from electra_scale.engine.objective import build_objective, training_loss
 from electra_scale.engine.packing import pack
 from tests.cli import run_cli
 

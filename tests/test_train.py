@@ -506,3 +506,26 @@ def test_the_cuda_arch_list_is_made_readable_to_deepspeeds_jit_builder(monkeypat
     assert deepspeed_arch_list() == "8.0;9.0;10.0+PTX"
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
     assert deepspeed_arch_list() is None
+
+
+def test_pretrain_gives_the_signal_handlers_back(monkeypatch):
+    """A tool that runs pretrain several times in one process (bench's ablation) must get SIGTERM back: the
+    handler pretrain installs for a graceful stop is removed when it returns or fails."""
+    from electra_scale.config import load_config
+    from electra_scale.engine import train
+
+    def handlers():
+        return signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+
+    before = handlers()
+    seen = []
+
+    def failing_setup(cfg, stop):
+        seen.append(handlers())
+        raise RuntimeError("set-up failed")
+
+    monkeypatch.setattr(train, "setup", failing_setup)
+    with pytest.raises(RuntimeError, match="set-up failed"):
+        train.pretrain(load_config("configs/tiny.yaml"))
+    assert seen and seen[0] != before  # pretrain's own handler was in place during the run
+    assert handlers() == before

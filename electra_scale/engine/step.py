@@ -17,8 +17,9 @@ import torch
 import torch.distributed as dist
 
 from electra_scale.config import Config, deepspeed_config
+from electra_scale.engine.masking import count_batch_targets, max_predictions, predictions_for
 from electra_scale.engine.model import prepare_encoders
-from electra_scale.engine.objective import count_batch_targets, max_predictions, predictions_for, training_loss
+from electra_scale.engine.objective import training_loss
 from electra_scale.engine.optim import choose_adam, electra_schedule, param_groups
 from electra_scale.engine.packing import pack
 

@@ -1,4 +1,5 @@
-"""The pretraining loop. Reads top to bottom: set up, resume, then step / log / checkpoint until done.
+"""The pretraining loop. ``pretrain`` = ``setup`` (the run's components, in the order they depend on each other)
+then ``train`` (step / log / evaluate / checkpoint until done, then ``finish``). Read ``train`` first.
 
 One optimizer step = one *global* batch of ``train.global_batch_size`` examples, split into
 ``grad_accum`` micro-batches on each of ``world_size`` ranks. The global batch's content does not depend on
@@ -15,8 +16,8 @@ import shutil
 import signal
 import sys
 import time
-from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,12 +29,13 @@ from electra_scale.data.stream import PretrainStream, check_same_mix, load_sourc
 from electra_scale.data.tokenizer import continuation_ids, load_tokenizer, model_dir_tokenizer
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.evaluate import Evaluator, describe
-from electra_scale.engine.lease import LeaseLost, hold
+from electra_scale.engine.lease import Follower, Lease, LeaseLost, hold
 from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
-from electra_scale.engine.model import SHAPE_KEYS, peak_tflops, training_flops
-from electra_scale.engine.objective import build_objective, summarize
+from electra_scale.engine.model import SHAPE_KEYS, peak_tflops
+from electra_scale.engine.objective import build_objective
 from electra_scale.engine.pretrained import check_vocabulary, fetch_weights, load_weights
-from electra_scale.engine.step import all_reduce_host, build_engine, real_counts, train_step
+from electra_scale.engine.step import build_engine, train_step
+from electra_scale.engine.window import LogWindow
 from electra_scale.infra import launch, storage
 
 log = logging.getLogger("electra_scale")
@@ -50,8 +52,12 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def restore(self) -> None:
+        """Give the signals back to the handlers they had (a tool runs pretrain several times in one process)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, _frame) -> None:
         if self.signal_name is None:
@@ -98,12 +104,132 @@ class StopVote:
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
+@dataclass
+class Run:
+    """Everything a pretraining run holds, built by ``setup`` in dependency order and used by ``pretrain``'s loop."""
+
+    cfg: Config
+    stop: StopRequest
+    dist_env: launch.DistEnv
+    device: torch.device
+    host_group: object  # gloo group for host collectives on GPUs; None = the default group
+    lease: Lease | Follower
+    checkpointer: Checkpointer
+    engine: object  # the DeepSpeed engine
+    stream: PretrainStream
+    batches: Iterator  # the stream's global batches, this rank's micro-batches of each
+    sources: list
+    evaluator: Evaluator | None
+    start_step: int
+    stop_step: int
+    zero_stage: int
+    first_batches: list | None  # the first step's micro-batches, read before anything was written
+    extra_files: dict[str, bytes]  # small files every checkpoint carries (rank 0's): config and tokenizer
+    metrics: MetricsLogger | None  # rank 0's
+    samples: SampleLog | None
+    progress: _Progress
+    health: DiscriminatorHealth
+
+    @property
+    def main(self) -> bool:
+        return self.dist_env.is_main
+
+
 def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> dict:
     """Pretrain as ``cfg`` says, resuming from its output dir's newest checkpoint. ``on_log(step, record)`` is
     called on rank 0 after each logging step, with the record written to metrics.jsonl (bench times between
     them); it runs outside the timed windows."""
-    # ---------------------------------------------------------------------------------------- set up
     stop = StopRequest()  # from the start: a signal during set-up stops the run after its first step
+    try:
+        run = setup(cfg, stop)
+        return train(run, on_log)
+    finally:
+        stop.restore()
+
+
+def train(run: Run, on_log: Callable[[int, dict], None] | None) -> dict:
+    """The loop: step, log, evaluate, checkpoint, stop; then the run's teardown."""
+    cfg, engine, stream, main = run.cfg, run.engine, run.stream, run.main
+    window = LogWindow(
+        cfg,
+        stream,
+        run.sources,
+        run.dist_env.world_size,
+        peak_tflops(cfg.train.peak_tflops),
+        run.start_step,
+        run.host_group,
+    )
+    vote = StopVote(run.host_group)
+    done, preempted, lease_lost = run.start_step, False, False
+    history: list[dict] = []
+    evaluations: list[dict] = []
+    first_batches = run.first_batches
+    for step in range(run.start_step, run.stop_step):
+        waited = time.perf_counter()
+        micro_batches, first_batches = first_batches or next(run.batches), None
+        window.add_batches(micro_batches, time.perf_counter() - waited)  # the step blocked on its input this long
+        # A rank asked at the previous step: this one is the last. A lost lease: no step more, and no save.
+        preempted, lease_lost = vote.cast(run.stop.requested, run.lease.lost is not None)
+        if lease_lost:
+            break
+        lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)
+        for out in train_step(engine, micro_batches, cfg, run.device, run.dist_env.world_size):
+            window.add_outputs(out)
+        done = step + 1
+        if run.samples is not None:
+            run.samples.log(
+                done,
+                [int(p) for mb in micro_batches for p in mb.positions],
+                [int(x) for mb in micro_batches for x in mb.samples],
+                [stream.source_names[int(k)] for mb in micro_batches for k in mb.sources] if window.mixed else None,
+            )
+
+        if done % cfg.train.log_every == 0 or done == run.stop_step or preempted:
+            record = window.record(done, lr, float(engine.get_global_grad_norm() or 0.0))
+            if main:
+                run.metrics.log(done, record)
+                history.append({"step": done, **record})
+                run.progress.report(done, record)
+                run.health.check(done, record)
+                if on_log is not None:
+                    on_log(done, record)
+            window.reset()
+
+        # Held-out evaluation, before the checkpoint of the same step (a resume from it does not evaluate again);
+        # skipped on the step a signal stops at, which should save and exit quickly.
+        if run.evaluator is not None and run.evaluator.due(done) and not preempted:
+            evaluation = run.evaluator.run(engine, done, run.host_group)
+            if main:
+                run.metrics.log(done, evaluation, split="eval")
+                evaluations.append({"step": done, **evaluation})
+                log.info(describe(done, evaluation))
+            window.exclude(evaluation["eval_time_s"])  # the next training record's throughput leaves it out
+
+        if done % cfg.checkpoint.every_steps == 0 or done == run.stop_step or preempted:
+            # metrics.jsonl first: once the checkpoint is marked complete (in the background), a kill -9 must not
+            # leave a resume point whose steps the remote log lacks (a resume drops lines past it, never adds).
+            if main and run.lease.lost is None:
+                run.metrics.sync()
+            run.checkpointer.save(engine, done, trainer_state(run, done), run.extra_files)
+        if preempted:
+            break
+
+    lease_lost = vote.close()[1] or lease_lost  # the last vote's all-reduce: no collective is left in flight
+    finish(run, done, preempted, lease_lost)
+    return {
+        "start_step": run.start_step,
+        "end_step": done,
+        "preempted": preempted,
+        "history": history,
+        "evaluations": evaluations,
+        "world_size": run.dist_env.world_size,
+    }
+
+
+def setup(cfg: Config, stop: StopRequest) -> Run:
+    """Build the run's components in dependency order: distributed init; the inputs (checked before anything is
+    written); the lease; the objective; the checkpoint to resume; the engine; the stream; the evaluator; the
+    first batches; then the logs."""
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
         torch.use_deterministic_algorithms(True)
@@ -119,7 +245,6 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     sources = load_sources(cfg.data.resolved_sources())  # one tokenizer and seq_len for all, or refused
     for source in sources:
         source.manifest.check_compatible(cfg.model.vocab_size, cfg.data.seq_len)
-    special = sources[0].manifest.special_ids
     fewest = min(s.manifest.num_samples for s in sources)  # every source is cut into the same P partitions
     blocker = storage.file_in_the_way(cfg.run.output_dir)
     if blocker is not None:
@@ -135,11 +260,8 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
 
     continuation = word_pieces(cfg) if cfg.objective.whole_word_mask else None
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    objective = build_objective(cfg, special, continuation)
-    total_steps = cfg.train.max_steps
-    stop_step = cfg.train.stop_at_step or total_steps
-    ds_config = deepspeed_config(cfg, world)
-    zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    objective = build_objective(cfg, sources[0].manifest.special_ids, continuation)
+    zero_stage = deepspeed_config(cfg, world).get("zero_optimization", {}).get("stage", 0)
 
     # Find (and verify) the checkpoint to resume before building the engine: one saved on another number of
     # ranks is converted to DeepSpeed's universal format, which the engine must be configured to load.
@@ -162,6 +284,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout differs between ranks
     state = checkpointer.load(engine, resume_from) if resume_from is not None else {}
     start_step = state.get("step", 0)
+    stop_step = cfg.train.stop_at_step or cfg.train.max_steps
     if state and state["global_batch_size"] != cfg.train.global_batch_size:
         raise ConfigError(
             f"train.global_batch_size={cfg.train.global_batch_size} but the checkpoint was trained with "
@@ -183,7 +306,6 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         on_corrupt_shard=cfg.data.on_corrupt_shard,
         pin_memory=device.type == "cuda",  # copied to the GPU without blocking the host
     )
-    grad_accum = stream.grad_accum
     # The held-out set is read now, with the other inputs: a bad one stops the run before anything is written.
     evaluator = Evaluator(cfg, sources[0].manifest, dist_env.rank, world, device) if cfg.eval.shards else None
     extra_files = _checkpoint_extras(cfg) if main else {}
@@ -204,173 +326,89 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
             tracker_project=cfg.run.tracker_project,
             mlflow_tracking_uri=cfg.run.mlflow_tracking_uri,
         )
-    samples = SampleLog(cache, dist_env.rank, world, start_step) if cfg.run.record_samples else None
-    tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len  # positions, padding included
-    peak = peak_tflops(cfg.train.peak_tflops)
-    if main:
-        log.info(
-            "pretrain %s: steps %d -> %d of %d, %d rank(s) x micro-batch %d x accumulation %d = %d per step; "
-            "data in %d partitions (%d per rank)",
-            cfg.objective.kind,
-            start_step,
-            stop_step,
-            total_steps,
-            world,
-            cfg.train.micro_batch_size,
-            grad_accum,
-            cfg.train.global_batch_size,
-            stream.layout.partitions,
-            stream.layout.partitions // world,
-        )
-        if len(sources) > 1:
-            log.info(
-                "data mixed from %d sources: %s",
-                len(sources),
-                ", ".join(
-                    f"{s.name} {w:.3g} ({s.manifest.num_samples:,} examples, {s.prefix})"
-                    for s, w in zip(sources, stream.mix.weights)
-                ),
-            )
-    progress = _progress(cfg, main, start_step, stop_step)
-    health = DiscriminatorHealth(cfg.optim.warmup_steps, total_steps)
+        _log_start(cfg, stream, sources, world, start_step, stop_step)
+    return Run(
+        cfg=cfg,
+        stop=stop,
+        dist_env=dist_env,
+        device=device,
+        host_group=host_group,
+        lease=lease,
+        checkpointer=checkpointer,
+        engine=engine,
+        stream=stream,
+        batches=batches,
+        sources=sources,
+        evaluator=evaluator,
+        start_step=start_step,
+        stop_step=stop_step,
+        zero_stage=zero_stage,
+        first_batches=first_batches,
+        extra_files=extra_files,
+        metrics=metrics,
+        samples=SampleLog(cache, dist_env.rank, world, start_step) if cfg.run.record_samples else None,
+        progress=_progress(cfg, main, start_step, stop_step),
+        health=DiscriminatorHealth(cfg.optim.warmup_steps, cfg.train.max_steps),
+    )
 
-    # ---------------------------------------------------------------------------------------- train
-    done, preempted, lease_lost = start_step, False, False
-    vote = StopVote(host_group)
-    history: list[dict] = []
-    evaluations: list[dict] = []
-    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    real_tokens, real_pairs = 0, 0  # this rank's, in the window: throughput and FLOPs count what is not padding
-    skipped_logged = 0
-    mixed = len(sources) > 1
-    source_examples = stream.source_examples(start_step)  # all ranks' draws of each source so far
-    source_window = [0] * len(sources)  # this rank's, in the window
-    sums: dict[str, torch.Tensor | float] = defaultdict(float)
-    for step in range(start_step, stop_step):
-        waited = time.perf_counter()
-        micro_batches, first_batches = first_batches or next(batches), None
-        data_wait += time.perf_counter() - waited  # the step blocked on its input for this long
-        tokens, pairs = real_counts(micro_batches)
-        real_tokens, real_pairs = real_tokens + tokens, real_pairs + pairs
-        if mixed:
-            drawn = torch.bincount(torch.cat([mb.sources for mb in micro_batches]), minlength=len(sources))
-            source_window = [a + b for a, b in zip(source_window, drawn.tolist())]
-        # A rank asked at the previous step: this one is the last. A lost lease: no step more, and no save.
-        preempted, lease_lost = vote.cast(stop.requested, lease.lost is not None)
-        if lease_lost:
-            break
-        lr = engine.get_lr()[0]  # the rate this step's update uses (the scheduler advances after it)
-        for out in train_step(engine, micro_batches, cfg, device, world):
-            for key, value in out.items():
-                sums[key] += value.detach()  # stays on the device: one sync per logging step, not per metric
-        window_steps += 1
-        done = step + 1
-        if samples is not None:
-            samples.log(
-                done,
-                [int(p) for mb in micro_batches for p in mb.positions],
-                [int(x) for mb in micro_batches for x in mb.samples],
-                [stream.source_names[int(k)] for mb in micro_batches for k in mb.sources] if mixed else None,
-            )
 
-        if done % cfg.train.log_every == 0 or done == stop_step or preempted:
-            keys = sorted(sums)
-            values = [sums[k] for k in keys]  # device tensors, the AUC's histograms among them
-            values += [float(len(stream.skipped) - skipped_logged), data_wait, float(real_tokens), float(real_pairs)]
-            values += [float(n) for n in source_window]  # rides along: no collective of its own
-            summed = all_reduce_host(values, host_group)
-            *reduced_values, skipped_new, wait_sum, tokens, pairs = summed[: len(summed) - len(sources)]
-            drawn = summed[len(summed) - len(sources) :]
-            reduced = dict(zip(keys, reduced_values))
-            source_examples = [n + round(d) for n, d in zip(source_examples, drawn)]
-            source_window = [0] * len(sources)
-            skipped_logged = len(stream.skipped)
-            elapsed = time.perf_counter() - window_start
-            record = summarize(reduced, cfg.objective.disc_weight)
-            tflops = training_flops(cfg, tokens, pairs) / elapsed / 1e12
-            record.update(
-                lr=lr,
-                grad_norm=float(engine.get_global_grad_norm() or 0.0),
-                step_time_s=elapsed / window_steps,
-                tokens_per_s=tokens / elapsed,  # real tokens (not padding), all ranks
-                pad_frac=1.0 - tokens / (window_steps * tokens_per_step),  # positions of the batches that are padding
-                tflops=tflops,
-                mfu=tflops / peak / world if peak else None,
-                samples_seen=done * cfg.train.global_batch_size,
-                # Share of the window's wall time the ranks spent blocked on their next batch (mean over ranks).
-                data_wait=wait_sum / world / elapsed,
-                skipped_blocks=skipped_new,  # bad blocks left out in this window, all ranks (data.on_corrupt_shard)
-            )
-            if mixed:  # each source's examples so far, and the epochs of it they make (each source has its own)
-                record["source_examples"] = dict(zip(stream.source_names, source_examples))
-                record["source_epochs"] = {
-                    s.name: round(n / layout.epoch_size, 4)
-                    for s, n, layout in zip(sources, source_examples, stream.layouts)
-                }
-            if main:
-                metrics.log(done, record)
-                history.append({"step": done, **record})
-                progress.report(done, record)
-                health.check(done, record)
-                if on_log is not None:
-                    on_log(done, record)
-            sums.clear()
-            window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-            real_tokens, real_pairs = 0, 0
-
-        # Held-out evaluation, before the checkpoint of the same step (a resume from it does not evaluate again);
-        # skipped on the step a signal stops at, which should save and exit quickly.
-        if evaluator is not None and evaluator.due(done) and not preempted:
-            evaluation = evaluator.run(engine, done, host_group)
-            if main:
-                metrics.log(done, evaluation, split="eval")
-                evaluations.append({"step": done, **evaluation})
-                log.info(describe(done, evaluation))
-            window_start += evaluation["eval_time_s"]  # the next training record's throughput leaves it out
-
-        if done % cfg.checkpoint.every_steps == 0 or done == stop_step or preempted:
-            trainer_state = {
-                "step": done,
-                "model": {key: getattr(cfg.model, key) for key in SHAPE_KEYS},
-                "world_size": world,
-                "zero_stage": zero_stage,
-                "global_batch_size": cfg.train.global_batch_size,
-                "tokens_seen": done * tokens_per_step,
-                "data_position": stream.position(done),
-                "objective": cfg.objective.kind,
-                "embedding_sharing": cfg.objective.embedding_sharing,
-            }
-            # metrics.jsonl first: once the checkpoint is marked complete (in the background), a kill -9 must not
-            # leave a resume point whose steps the remote log lacks (a resume drops lines past it, never adds).
-            if main and lease.lost is None:
-                metrics.sync()
-            checkpointer.save(engine, done, trainer_state, extra_files)
-        if preempted:
-            break
-
-    lease_lost = vote.close()[1] or lease_lost  # the last vote's all-reduce: no collective is left in flight
-    checkpointer.close()  # the last checkpoint is complete (uploaded, marked) before the run reports done
-    if lease_lost or lease.lost is not None:  # metrics.jsonl is the new holder's now: not synced
-        raise LeaseLost(lease.lost or "rank 0 found the run's lease taken by another run; this rank stops too")
-    if preempted and main:
+def finish(run: Run, done: int, preempted: bool, lease_lost: bool) -> None:
+    """The run's teardown: the last checkpoint complete, then the logs closed and the lease released."""
+    run.checkpointer.close()  # the last checkpoint is complete (uploaded, marked) before the run reports done
+    if lease_lost or run.lease.lost is not None:  # metrics.jsonl is the new holder's now: not synced
+        raise LeaseLost(run.lease.lost or "rank 0 found the run's lease taken by another run; this rank stops too")
+    if preempted and run.main:
         log.info("stopped at step %d by a signal; re-run the same command to resume", done)
+    if run.main and run.start_step >= run.stop_step:
+        log.info("nothing to do: the run is already at step %d", run.start_step)
+    run.progress.close()
+    if run.metrics is not None:
+        run.metrics.close()
+    if run.samples is not None:
+        run.samples.close()
+    run.lease.release()  # the next run on this output dir starts without waiting
 
-    if main and start_step >= stop_step:
-        log.info("nothing to do: the run is already at step %d", start_step)
-    progress.close()
-    if metrics is not None:
-        metrics.close()
-    if samples is not None:
-        samples.close()
-    lease.release()  # the next run on this output dir starts without waiting
+
+def trainer_state(run: Run, done: int) -> dict:
+    """What a checkpoint records besides DeepSpeed's files: where the run is, and what it must resume as."""
+    cfg = run.cfg
     return {
-        "start_step": start_step,
-        "end_step": done,
-        "preempted": preempted,
-        "history": history,
-        "evaluations": evaluations,
-        "world_size": world,
+        "step": done,
+        "model": {key: getattr(cfg.model, key) for key in SHAPE_KEYS},
+        "world_size": run.dist_env.world_size,
+        "zero_stage": run.zero_stage,
+        "global_batch_size": cfg.train.global_batch_size,
+        "tokens_seen": done * cfg.train.global_batch_size * cfg.data.seq_len,
+        "data_position": run.stream.position(done),
+        "objective": cfg.objective.kind,
+        "embedding_sharing": cfg.objective.embedding_sharing,
     }
+
+
+def _log_start(cfg: Config, stream, sources, world: int, start_step: int, stop_step: int) -> None:
+    log.info(
+        "pretrain %s: steps %d -> %d of %d, %d rank(s) x micro-batch %d x accumulation %d = %d per step; "
+        "data in %d partitions (%d per rank)",
+        cfg.objective.kind,
+        start_step,
+        stop_step,
+        cfg.train.max_steps,
+        world,
+        cfg.train.micro_batch_size,
+        stream.grad_accum,
+        cfg.train.global_batch_size,
+        stream.layout.partitions,
+        stream.layout.partitions // world,
+    )
+    if len(sources) > 1:
+        log.info(
+            "data mixed from %d sources: %s",
+            len(sources),
+            ", ".join(
+                f"{s.name} {w:.3g} ({s.manifest.num_samples:,} examples, {s.prefix})"
+                for s, w in zip(sources, stream.mix.weights)
+            ),
+        )
 
 
 def init_weights(cfg: Config, objective: torch.nn.Module, cache: Path, local_rank: int) -> None:

@@ -61,7 +61,8 @@ class BareLoop:
     def __init__(self, cfg, batches, special, device):
         import torch
 
-        from electra_scale.engine.objective import build_objective, count_targets
+        from electra_scale.engine.masking import count_targets
+        from electra_scale.engine.objective import build_objective
         from electra_scale.engine.optim import electra_schedule, param_groups
 
         self.cfg, self.device, p = cfg, device, cfg.optim
