@@ -171,7 +171,7 @@ def mask_tokens(
     continuation: torch.Tensor | None = None,
 ) -> Masked:
     """Pick the positions to predict and write [MASK] (or a random token) there. ``continuation``: a [V] bool
-    table of WordPiece continuation pieces (``##...``), for whole-word masking; None masks single tokens."""
+    table of the pieces that continue a word (data/words.py), for whole-word masking; None masks single tokens."""
     B, L = input_ids.shape
     device = input_ids.device
     N = max_predictions(cfg.mask_prob, L)
@@ -202,7 +202,8 @@ def mask_tokens(
 
 def whole_word_positions(input_ids, candidates, continuation, order, n, N: int):
     """Whole-word masking, as BERT's ``create_pretraining_data.py --do_whole_word_mask``: a word (a piece and
-    the ``##`` continuations after it) is masked whole or not at all. Words are taken in a random order (each
+    the continuations after it: ``##`` pieces, or pieces without a ``▁``/``Ġ`` word mark) is masked whole or not
+    at all. Words are taken in a random order (each
     word's score is its first piece's random number) until the next one would pass the example's budget n[b];
     the budget and the cap N stay the reference's. Returns the positions [B, N] (a word's pieces next to each
     other) and the number used per example [B], which can fall short of n[b] by less than one word (BERT
@@ -317,11 +318,11 @@ class _Masking(nn.Module):
         super().__init__()
         self.cfg, self.special, self.seed, self.vocab_size = cfg, special, seed, vocab_size
         if cfg.whole_word_mask and not continuation:
-            raise ValueError("objective.whole_word_mask needs the vocabulary's continuation pieces (##...)")
+            raise ValueError("objective.whole_word_mask needs the vocabulary's continuation pieces (data/words.py)")
         table = torch.zeros(vocab_size, dtype=torch.bool)
         if continuation:
             table[torch.tensor(continuation)] = True
-        self.register_buffer("continuation", table, persistent=False)  # [V]: a ## piece?
+        self.register_buffer("continuation", table, persistent=False)  # [V]: continues a word?
 
     def count_masked(
         self, input_ids, attention_mask, token_type_ids, positions, padded=True, packing=None
@@ -465,7 +466,7 @@ def summarize(sums: dict, disc_weight: float) -> dict[str, float]:
 
 
 def build_objective(cfg, special: dict[str, int], continuation: list[int] | None = None) -> nn.Module:
-    """The run's objective module. ``continuation``: the vocabulary's ``##`` ids (data/tokenizer.py
+    """The run's objective module. ``continuation``: the ids that continue a word (data/words.py
     ``continuation_ids``), needed by ``objective.whole_word_mask``."""
     from electra_scale.engine.model import build_electra, build_mlm
 

@@ -25,7 +25,8 @@ import torch.distributed as dist
 from electra_scale.config import Config, ConfigError, cache_root, deepspeed_config
 from electra_scale.data.shards import DataError
 from electra_scale.data.stream import PretrainStream, check_same_mix, load_sources, resolve_partitions
-from electra_scale.data.tokenizer import continuation_ids, load_tokenizer, model_dir_tokenizer
+from electra_scale.data.tokenizer import load_tokenizer, model_dir_tokenizer
+from electra_scale.data.words import WordConventionError, continuation_ids, warn_if_unsegmented
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.evaluate import Evaluator, describe
 from electra_scale.engine.lease import LeaseLost, hold
@@ -133,7 +134,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     # their node-local staging; a live run's lease refuses this one here, in one line (engine/lease.py).
     lease = hold(cfg.run.output_dir, cfg.run.lease_timeout_s, cfg.run.take_over, main, host_group)
 
-    continuation = word_pieces(cfg) if cfg.objective.whole_word_mask else None
+    continuation = word_pieces(cfg, special, warn=main) if cfg.objective.whole_word_mask else None
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     objective = build_objective(cfg, special, continuation)
     total_steps = cfg.train.max_steps
@@ -415,17 +416,28 @@ def check_same_model(cfg: Config, trainer_state: dict) -> None:
         )
 
 
-def word_pieces(cfg: Config) -> list[int]:
-    """The shards' WordPiece continuation ids (``##...``), for objective.whole_word_mask."""
+def word_pieces(cfg: Config, special: dict[str, int], warn: bool = True) -> list[int]:
+    """The ids that continue a word in the shards' tokenizer (data/words.py reads its convention: WordPiece
+    ``##``, Metaspace ``▁``, byte-level ``Ġ``), for objective.whole_word_mask. The shards' tokenizer.json is
+    read first: it is the tokenizer itself, where their vocab.txt is only its token list."""
+    prefix = cfg.data.tokenizer_prefix
+    tok_json = storage.join(prefix, "tokenizer.json")
     try:
-        spec, _ = model_dir_tokenizer(cfg.data.tokenizer_prefix, lowercase=True)
+        spec = tok_json if storage.exists(tok_json) else model_dir_tokenizer(prefix, lowercase=True)[0]
     except ValueError as err:
         raise ConfigError(
             "objective.whole_word_mask needs the shards' tokenizer to find word pieces, and "
-            f"{cfg.data.tokenizer_prefix} has no tokenizer.json or vocab.txt; re-make the shards with electra-scale "
+            f"{prefix} has no tokenizer.json or vocab.txt; re-make the shards with electra-scale "
             "prepare, or set whole_word_mask=false"
         ) from err
-    return continuation_ids(load_tokenizer(spec))
+    tok = load_tokenizer(spec)
+    try:
+        ids = continuation_ids(tok, set(special.values()))
+    except WordConventionError as err:
+        raise ConfigError(f"{prefix}: {err}") from err
+    if warn:  # one line per run, from rank 0
+        warn_if_unsegmented(tok)
+    return ids
 
 
 def saved_partitions(trainer_state: dict) -> int | None:
