@@ -188,6 +188,16 @@ def model_dir_tokenizer(directory: str, lowercase: bool) -> tuple[str, bool]:
     tokenizer_config.json, where present), so that shards made for a released model tokenize as it was trained."""
     names = ("vocab.txt", "tokenizer.json", *SENTENCEPIECE_FILES)
     found = next((url for url in (storage.join(directory, n) for n in names) if storage.exists(url)), None)
+    tok_json = storage.join(directory, "tokenizer.json")
+    # A vocab.txt is read as WordPiece: beside another model's tokenizer.json (our shards of a Unigram or BPE
+    # vocabulary write both) it is only that tokenizer's token list.
+    if (
+        found
+        and found.endswith("vocab.txt")
+        and storage.exists(tok_json)
+        and json.loads(storage.read_text(tok_json)).get("model", {}).get("type") != "WordPiece"
+    ):
+        found = tok_json
     if found is None:
         raise ValueError(
             f"tokenizer {directory!r}: no vocab.txt, tokenizer.json or SentencePiece model there; use {SPEC_FORMS}"
@@ -202,14 +212,19 @@ def sentencepiece_tokenizer(url: str) -> Tokenizer:
     """A SentencePiece model (``spm.model`` of DeBERTa-v3/mDeBERTa, ``sentencepiece.bpe.model`` of XLM-R...) as
     a ``tokenizers`` pipeline, by transformers' converter (convert_slow_tokenizer), with the ids the released
     model was trained with. Needs the ``languages`` extra (sentencepiece, protobuf)."""
-    import importlib.util
-
-    if importlib.util.find_spec("sentencepiece") is None or importlib.util.find_spec("google.protobuf") is None:
-        raise ValueError(f"{url} is a SentencePiece model; converting it needs the languages extra: {LANGUAGES_EXTRA}")
+    try:
+        import google.protobuf  # noqa: F401
+        import sentencepiece  # noqa: F401
+    except ImportError as err:
+        raise ValueError(
+            f"{url} is a SentencePiece model; converting it needs the languages extra: {LANGUAGES_EXTRA}"
+        ) from err
+    import importlib
     import tempfile
     import types
 
-    from transformers import convert_slow_tokenizer as convert
+    # The module, not transformers' function of the same name that ``from transformers import`` gives.
+    convert = importlib.import_module("transformers.convert_slow_tokenizer")
 
     name = url.rstrip("/").rsplit("/", 1)[-1]
     # The converter of the model family that ships this file: XLM-R's adds fairseq's id offset and <mask>.
