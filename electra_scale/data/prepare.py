@@ -362,10 +362,13 @@ def prepare(
             if not is_eval:
                 yield from doc
 
-    roles = special_roles(tokenizer)  # a model directory's own names for [CLS] [SEP]... (XLM-R's <s> </s>...)
-    tokenizer, lowercase = resolve_spec(tokenizer, lowercase)  # a model directory: its file and lowercasing
-    tok = load_tokenizer(tokenizer, texts=texts, lowercase=lowercase, normalization=normalization)
-    ids = special_ids(tok, roles)
+    try:  # a tokenizer that cannot be used is the input's fault: one line, exit 2 (cli.py)
+        roles = special_roles(tokenizer)  # a model directory's own names for [CLS] [SEP]... (XLM-R's <s> </s>...)
+        tokenizer, lowercase = resolve_spec(tokenizer, lowercase)  # a model directory: its file and lowercasing
+        tok = load_tokenizer(tokenizer, texts=texts, lowercase=lowercase, normalization=normalization)
+        ids = special_ids(tok, roles)
+    except ValueError as err:
+        raise DataError(f"--tokenizer: {err}") from err
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype(np.uint16 if vocab_size < 65536 else np.int32)
 
