@@ -22,7 +22,7 @@ from electra_scale.data.prepare import prepare
 from electra_scale.data.shards import Manifest
 from electra_scale.data.tokenizer import load_tokenizer, special_ids, special_roles
 from electra_scale.data.words import WordConventionError, continuation_ids, warn_if_unsegmented, word_convention
-from electra_scale.engine.objective import num_to_predict
+from electra_scale.engine.objective import build_objective, num_to_predict
 from electra_scale.engine.pretrained import check_vocabulary
 from electra_scale.engine.train import word_pieces
 from tests.cli import run_cli
@@ -146,6 +146,10 @@ def test_chinese_wordpiece_makes_each_ideograph_a_word_and_the_others_warn(caplo
             # BERT's normaliser spaces out every ideograph: each is a word, whole-word masking is masking them.
             ids = tok.encode("这个工具指定", add_special_tokens=False).ids
             assert len(ids) == 6 and not set(ids) & set(continuation_ids(tok))
+    # A vocabulary of one-piece words only (no continuation at all) is whole-word masking's trivial case, not an
+    # error.
+    cfg = load_config("configs/tiny.yaml", ["model.vocab_size=512", "objective.whole_word_mask=true"])
+    assert not build_objective(cfg, {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}, []).continuation.any()
 
 
 def test_a_tokenizer_without_a_word_convention_is_refused_in_one_line(tmp_path):
@@ -153,6 +157,11 @@ def test_a_tokenizer_without_a_word_convention_is_refused_in_one_line(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(WordConventionError, match=r"set objective.whole_word_mask=false$"):
         word_convention(tok)
+    # A BPE that marks word *ends* (CLIP's </w>) behind a byte-level pre-tokenizer: no Ġ to read.
+    clip = Tokenizer(models.BPE({"[UNK]": 0, "a</w>": 1, "b": 2}, [], end_of_word_suffix="</w>", unk_token="[UNK]"))
+    clip.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    with pytest.raises(WordConventionError, match="end_of_word_suffix '</w>'"):
+        word_convention(clip)
     Path(tmp_path, "tokenizer.json").write_text(tok.to_str())
     cfg = load_config("configs/tiny.yaml", [f"data.shards={tmp_path}", "objective.whole_word_mask=true"])
     with pytest.raises(ConfigError) as err:

@@ -55,10 +55,14 @@ def word_convention(tok: Tokenizer) -> tuple[str, str]:
     prefix = model.get("continuing_subword_prefix")
     if model.get("type") == "WordPiece" or (model.get("type") == "BPE" and prefix):
         return WORDPIECE, prefix or "##"
+    mark = None
     if "Metaspace" in kinds:
-        return WORD_START, kinds["Metaspace"].get("replacement", "▁")
-    if "ByteLevel" in kinds:
-        return WORD_START, _BYTE_LEVEL_SPACE
+        mark = kinds["Metaspace"].get("replacement", "▁")
+    elif "ByteLevel" in kinds:
+        mark = _BYTE_LEVEL_SPACE
+    # A word-end suffix (CLIP's </w>) marks words another way; and a mark no piece carries marks nothing.
+    if mark and not model.get("end_of_word_suffix") and any(t.startswith(mark) for t in tok.get_vocab()):
+        return WORD_START, mark
     what = f"a {model.get('type')} model" + (
         f" with end_of_word_suffix {model['end_of_word_suffix']!r}" if model.get("end_of_word_suffix") else ""
     )

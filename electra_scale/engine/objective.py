@@ -317,11 +317,11 @@ class _Masking(nn.Module):
     def __init__(self, cfg: ObjectiveConfig, special: dict[str, int], seed: int, vocab_size: int, continuation):
         super().__init__()
         self.cfg, self.special, self.seed, self.vocab_size = cfg, special, seed, vocab_size
-        if cfg.whole_word_mask and not continuation:
+        if cfg.whole_word_mask and continuation is None:  # an empty list is a vocabulary of one-piece words
             raise ValueError("objective.whole_word_mask needs the vocabulary's continuation pieces (data/words.py)")
         table = torch.zeros(vocab_size, dtype=torch.bool)
         if continuation:
-            table[torch.tensor(continuation)] = True
+            table[torch.tensor(continuation, dtype=torch.long)] = True
         self.register_buffer("continuation", table, persistent=False)  # [V]: continues a word?
 
     def count_masked(
