@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--tokenizer",
         required=True,
-        help="vocab.txt, tokenizer.json, a Hugging Face model directory (its vocab), or train:VOCAB_SIZE",
+        help="vocab.txt, tokenizer.json, a Hugging Face model directory (its vocab, or its SentencePiece model), or "
+        "a vocabulary trained on the input: train:VOCAB_SIZE (WordPiece), train-unigram:VOCAB_SIZE (SentencePiece "
+        "Unigram) or train-bpe:VOCAB_SIZE (byte-level BPE); see docs/languages.md",
     )
     pr.add_argument("--seq-len", type=int, default=128)
     pr.add_argument("--samples-per-shard", type=int, default=None, help="default: 64 blocks per shard")
@@ -77,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--eval-out", default=None, help="where the held-out set goes (default: OUTPUT/eval)")
     pr.add_argument("--cased", action="store_true", help="keep case (default: lowercase, as uncased BERT)")
+    pr.add_argument(
+        "--normalization",
+        choices=("bert", "nfkc", "nfc", "none"),
+        default=None,
+        help="Unicode normalisation of a trained vocabulary or a vocab.txt (default: bert for WordPiece, which strips "
+        "accents when lowercasing; nfkc for train-unigram/train-bpe); recorded in the manifest",
+    )
 
     pt = sub.add_parser("pretrain", help="pretrain with DeepSpeed (run under torchrun/deepspeed for >1 rank)")
     pt.add_argument("--config", required=True, action="append", help="YAML; repeat to layer files (later wins)")
@@ -177,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 text_column=args.text_column,
                 eval_fraction=args.eval_fraction,
                 eval_output=args.eval_out,
+                normalization=args.normalization,
             )
         elif args.command == "pretrain":
             from electra_scale.engine.run_config import load_run_config

@@ -86,7 +86,8 @@ class ObjectiveConfig:
     # replacements are near-uniform (an easy task) while the generator is still weak. None: always temperature.
     temperature_start: float | None = None
     temperature_warmup_steps: int = 0
-    # Whole-word masking: a word's WordPiece continuations (##...) are masked together with its first piece.
+    # Whole-word masking: a word's pieces are masked together (data/words.py reads where words start: WordPiece
+    # ##, Metaspace ▁, byte-level Ġ).
     whole_word_mask: bool = False
     # shared: the paper's one embedding table for generator and discriminator. gdes: DeBERTa-v3's
     # gradient-disentangled sharing, the discriminator's word embeddings = stop_gradient(E_G) + E_delta.

@@ -57,7 +57,8 @@ def main() -> int:
     import electra_scale.engine.objective as objective
     from electra_scale.config import Config, ModelConfig, ObjectiveConfig, OptimConfig, TrainConfig, validate
     from electra_scale.data.stream import MicroBatch
-    from electra_scale.data.tokenizer import continuation_ids, load_tokenizer, special_ids
+    from electra_scale.data.tokenizer import load_tokenizer, special_ids
+    from electra_scale.data.words import continuation_ids
     from electra_scale.engine.model import build_electra
     from electra_scale.engine.step import build_engine, train_step
     from electra_scale.infra import launch

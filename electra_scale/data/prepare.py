@@ -44,9 +44,11 @@ from electra_scale.data.shards import (
 from electra_scale.data.tables import TABLE_SUFFIXES, check_table, iter_texts, saved_dataset_files
 from electra_scale.data.tokenizer import (
     load_tokenizer,
+    normalization_of,
     resolve_spec,
     save_tokenizer,
     special_ids,
+    special_roles,
     tokenizer_sha256,
 )
 from electra_scale.infra import storage
@@ -321,6 +323,7 @@ def prepare(
     text_column: str = "text",
     eval_fraction: float = 0.0,
     eval_output: str | None = None,
+    normalization: str | None = None,
 ) -> Manifest:
     """Tokenize ``inputs`` into ELECTRA examples of at most ``seq_len`` tokens, write shards, the tokenizer
     and ``manifest.json`` (last) under ``output``; return the manifest. Blocks default to ~1 MiB of ids
@@ -359,9 +362,13 @@ def prepare(
             if not is_eval:
                 yield from doc
 
-    tokenizer, lowercase = resolve_spec(tokenizer, lowercase)  # a model directory: its file and lowercasing
-    tok = load_tokenizer(tokenizer, texts=texts, lowercase=lowercase)
-    ids = special_ids(tok)
+    try:  # a tokenizer that cannot be used is the input's fault: one line, exit 2 (cli.py)
+        roles = special_roles(tokenizer)  # a model directory's own names for [CLS] [SEP]... (XLM-R's <s> </s>...)
+        tokenizer, lowercase = resolve_spec(tokenizer, lowercase)  # a model directory: its file and lowercasing
+        tok = load_tokenizer(tokenizer, texts=texts, lowercase=lowercase, normalization=normalization)
+        ids = special_ids(tok, roles)
+    except ValueError as err:
+        raise DataError(f"--tokenizer: {err}") from err
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype(np.uint16 if vocab_size < 65536 else np.int32)
 
@@ -426,6 +433,7 @@ def prepare(
         tokenizer_sha256=tokenizer_sha256(tok),
         lowercase=lowercase,
         seed=seed,
+        normalization=normalization_of(tok),
     )
     if held is not None:
         if held[0].num_samples == 0:

@@ -75,6 +75,9 @@ class Manifest:
     shards: list[ShardInfo]
     created: str
     format: str = FORMAT
+    # The tokenizer's Unicode normalisation and casing, as data/tokenizer.normalization_of describes it ("" in a
+    # manifest written before it was recorded).
+    normalization: str = ""
     # Where it was loaded from (for error messages); not part of the JSON.
     prefix: str = field(default="", compare=False, repr=False)
 
@@ -122,6 +125,7 @@ class Manifest:
                 samples_per_block=int(d["samples_per_block"]),
                 shards=shards,
                 created=str(d["created"]),
+                normalization=str(d.get("normalization", "")),
                 prefix=prefix,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:

@@ -62,9 +62,33 @@ def load_checkpoint_model(checkpoint: str, workdir: Path) -> tuple[Config, torch
     return cfg, model.eval(), ckpt_dir
 
 
-def export(checkpoint: str, outdir: str) -> dict[str, str]:
-    from transformers import ElectraTokenizer
+def exported_tokenizer(ckpt_dir: Path):
+    """The tokenizer the export ships, for ``AutoTokenizer.from_pretrained``: BERT's ``ElectraTokenizer`` over the
+    vocab.txt where the shards' tokenizer is BERT's pipeline (WordPiece with BertNormalizer), else the shards' own
+    tokenizer.json (Unigram, byte-level BPE, another normalisation) as a fast tokenizer that encodes the same ids,
+    with the special tokens by the roles the manifest gives them. None for a checkpoint without a tokenizer."""
+    from tokenizers import Tokenizer
+    from transformers import ElectraTokenizer, PreTrainedTokenizerFast
 
+    from electra_scale.data.tokenizer import add_bert_post_processor
+
+    manifest = json.loads((ckpt_dir / "data_manifest.json").read_text())
+    lowercase = manifest.get("lowercase", True)
+    vocab, tok_json = ckpt_dir / "tokenizer" / "vocab.txt", ckpt_dir / "tokenizer" / "tokenizer.json"
+    spec = json.loads(tok_json.read_text()) if tok_json.exists() else None
+    bert = spec is None or (
+        spec["model"]["type"] == "WordPiece" and (spec.get("normalizer") or {}).get("type") == "BertNormalizer"
+    )
+    if bert:
+        return ElectraTokenizer(vocab=str(vocab), do_lower_case=lowercase) if vocab.exists() else None
+    tok = Tokenizer.from_str(tok_json.read_text())
+    ids = manifest["special_ids"]
+    add_bert_post_processor(tok, ids)
+    names = {f"{role}_token": tok.id_to_token(i) for role, i in ids.items()}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+
+
+def export(checkpoint: str, outdir: str) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg, model, ckpt_dir = load_checkpoint_model(checkpoint, Path(tmp))
         staging = Path(tmp, "export")
@@ -73,9 +97,7 @@ def export(checkpoint: str, outdir: str) -> dict[str, str]:
         else:
             # With objective.embedding_sharing=gdes, the discriminator's table is folded: E_G + E_delta.
             parts = {"discriminator": model.exported_discriminator(), "generator": model.generator}
-        vocab = ckpt_dir / "tokenizer" / "vocab.txt"
-        lowercase = json.loads((ckpt_dir / "data_manifest.json").read_text()).get("lowercase", True)
-        tokenizer = ElectraTokenizer(vocab=str(vocab), do_lower_case=lowercase) if vocab.exists() else None
+        tokenizer = exported_tokenizer(ckpt_dir)
         written = {}
         for name, module in parts.items():
             target = staging / name

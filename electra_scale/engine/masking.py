@@ -142,7 +142,7 @@ def mask_tokens(
     continuation: torch.Tensor | None = None,
 ) -> Masked:
     """Pick the positions to predict and write [MASK] (or a random token) there. ``continuation``: a [V] bool
-    table of WordPiece continuation pieces (``##...``), for whole-word masking; None masks single tokens."""
+    table of the pieces that continue a word (data/words.py), for whole-word masking; None masks single tokens."""
     B, L = input_ids.shape
     device = input_ids.device
     N = max_predictions(cfg.mask_prob, L)
@@ -173,7 +173,8 @@ def mask_tokens(
 
 def whole_word_positions(input_ids, candidates, continuation, order, n, N: int):
     """Whole-word masking, as BERT's ``create_pretraining_data.py --do_whole_word_mask``: a word (a piece and
-    the ``##`` continuations after it) is masked whole or not at all. Words are taken in a random order (each
+    the continuations after it: ``##`` pieces, or pieces without a ``▁``/``Ġ`` word mark) is masked whole or not
+    at all. Words are taken in a random order (each
     word's score is its first piece's random number) until the next one would pass the example's budget n[b];
     the budget and the cap N stay the reference's. Returns the positions [B, N] (a word's pieces next to each
     other) and the number used per example [B], which can fall short of n[b] by less than one word (BERT

@@ -117,12 +117,12 @@ class _Masking(nn.Module):
     def __init__(self, cfg: ObjectiveConfig, special: dict[str, int], seed: int, vocab_size: int, continuation):
         super().__init__()
         self.cfg, self.special, self.seed, self.vocab_size = cfg, special, seed, vocab_size
-        if cfg.whole_word_mask and not continuation:
-            raise ValueError("objective.whole_word_mask needs the vocabulary's continuation pieces (##...)")
+        if cfg.whole_word_mask and continuation is None:  # an empty list is a vocabulary of one-piece words
+            raise ValueError("objective.whole_word_mask needs the vocabulary's continuation pieces (data/words.py)")
         table = torch.zeros(vocab_size, dtype=torch.bool)
         if continuation:
-            table[torch.tensor(continuation)] = True
-        self.register_buffer("continuation", table, persistent=False)  # [V]: a ## piece?
+            table[torch.tensor(continuation, dtype=torch.long)] = True
+        self.register_buffer("continuation", table, persistent=False)  # [V]: continues a word?
 
     def count_masked(
         self, input_ids, attention_mask, token_type_ids, positions, padded=True, packing=None
@@ -266,7 +266,7 @@ def summarize(sums: dict, disc_weight: float) -> dict[str, float]:
 
 
 def build_objective(cfg, special: dict[str, int], continuation: list[int] | None = None) -> nn.Module:
-    """The run's objective module. ``continuation``: the vocabulary's ``##`` ids (data/tokenizer.py
+    """The run's objective module. ``continuation``: the ids that continue a word (data/words.py
     ``continuation_ids``), needed by ``objective.whole_word_mask``."""
     from electra_scale.engine.model import build_electra, build_mlm
 

@@ -73,9 +73,12 @@ def adopt_shape(raw: dict) -> None:
 
 
 def _vocabulary(url_dir: str) -> list[str] | None:
-    """The tokens of a directory's tokenizer (vocab.txt or tokenizer.json), in id order; None if it has neither."""
+    """The tokens of a directory's tokenizer (tokenizer.json, vocab.txt or a SentencePiece model, converted), in id
+    order; None if it has none. tokenizer.json first: a vocab.txt beside it is only its token list, which a
+    vocabulary without BERT's [UNK] (XLM-R's <unk>) cannot be read back from."""
+    tok_json = storage.join(url_dir, "tokenizer.json")
     try:
-        spec, _ = model_dir_tokenizer(url_dir, lowercase=True)
+        spec = tok_json if storage.exists(tok_json) else model_dir_tokenizer(url_dir, lowercase=True)[0]
     except ValueError:
         return None
     return [t for t, _ in sorted(load_tokenizer(spec).get_vocab().items(), key=lambda kv: kv[1])]
@@ -90,7 +93,10 @@ def check_vocabulary(init_from: str, shards: str) -> None:
         "(a directory, or its vocab.txt)"
     )
     if theirs is None:
-        raise ConfigError(f"model.init_from={init_from} has no vocab.txt or tokenizer.json to check the shards against")
+        raise ConfigError(
+            f"model.init_from={init_from} has no vocab.txt, tokenizer.json or SentencePiece model to check the shards "
+            "against"
+        )
     if ours is None:
         raise ConfigError(f"the shards at {shards} have no vocab.txt or tokenizer.json; {fix}")
     if theirs != ours:

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from electra_scale.config import Config, ConfigError, cache_root, deepspeed_config
 from electra_scale.data.shards import DataError
 from electra_scale.data.stream import PretrainStream, check_same_mix, load_sources, resolve_partitions
-from electra_scale.data.tokenizer import continuation_ids, load_tokenizer, model_dir_tokenizer
+from electra_scale.data.tokenizer import load_tokenizer, model_dir_tokenizer
+from electra_scale.data.words import WordConventionError, continuation_ids, warn_if_unsegmented
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.evaluate import Evaluator, describe
 from electra_scale.engine.lease import Follower, Lease, LeaseLost, hold
@@ -258,9 +259,10 @@ def setup(cfg: Config, stop: StopRequest) -> Run:
     # their node-local staging; a live run's lease refuses this one here, in one line (engine/lease.py).
     lease = hold(cfg.run.output_dir, cfg.run.lease_timeout_s, cfg.run.take_over, main, host_group)
 
-    continuation = word_pieces(cfg) if cfg.objective.whole_word_mask else None
+    special = sources[0].manifest.special_ids
+    continuation = word_pieces(cfg, special, warn=main) if cfg.objective.whole_word_mask else None
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    objective = build_objective(cfg, sources[0].manifest.special_ids, continuation)
+    objective = build_objective(cfg, special, continuation)
     zero_stage = deepspeed_config(cfg, world).get("zero_optimization", {}).get("stage", 0)
 
     # Find (and verify) the checkpoint to resume before building the engine: one saved on another number of
@@ -453,17 +455,28 @@ def check_same_model(cfg: Config, trainer_state: dict) -> None:
         )
 
 
-def word_pieces(cfg: Config) -> list[int]:
-    """The shards' WordPiece continuation ids (``##...``), for objective.whole_word_mask."""
+def word_pieces(cfg: Config, special: dict[str, int], warn: bool = True) -> list[int]:
+    """The ids that continue a word in the shards' tokenizer (data/words.py reads its convention: WordPiece
+    ``##``, Metaspace ``▁``, byte-level ``Ġ``), for objective.whole_word_mask. The shards' tokenizer.json is
+    read first: it is the tokenizer itself, where their vocab.txt is only its token list."""
+    prefix = cfg.data.tokenizer_prefix
+    tok_json = storage.join(prefix, "tokenizer.json")
     try:
-        spec, _ = model_dir_tokenizer(cfg.data.tokenizer_prefix, lowercase=True)
+        spec = tok_json if storage.exists(tok_json) else model_dir_tokenizer(prefix, lowercase=True)[0]
     except ValueError as err:
         raise ConfigError(
             "objective.whole_word_mask needs the shards' tokenizer to find word pieces, and "
-            f"{cfg.data.tokenizer_prefix} has no tokenizer.json or vocab.txt; re-make the shards with electra-scale "
+            f"{prefix} has no tokenizer.json or vocab.txt; re-make the shards with electra-scale "
             "prepare, or set whole_word_mask=false"
         ) from err
-    return continuation_ids(load_tokenizer(spec))
+    tok = load_tokenizer(spec)
+    try:
+        ids = continuation_ids(tok, set(special.values()))
+    except WordConventionError as err:
+        raise ConfigError(f"{prefix}: {err}") from err
+    if warn:  # one line per run, from rank 0
+        warn_if_unsegmented(tok)
+    return ids
 
 
 def saved_partitions(trainer_state: dict) -> int | None:
