@@ -2,7 +2,7 @@
 
 Layout under a prefix (local dir or s3://bucket/prefix)::
 
-    train-000000.tar ...   webdataset samples, one per block of up to ``samples_per_block`` examples:
+    train-000000-000000.tar  webdataset samples, one per block of up to ``samples_per_block`` examples:
                              {"__key__": "000000042",
                               "lengths.npy": int32 [n]             each example's length,
                               "tokens.npy":  uint16/int32 [sum]    the examples' ids, unpadded, end to end}
