@@ -91,7 +91,9 @@ def test_workers_and_tasks_write_the_same_shards(inputs, vocab, reference, tmp_p
     the reference's shards, held-out set and manifest, byte for byte. pretrain trains from the merged set."""
     ref, chunk = reference
     args = ["prepare", "--input", *inputs, "--tokenizer", vocab, *SPLIT, "--chunk-bytes", str(chunk)]
-    run_cli([*args, "--output", str(tmp_path / "two"), "--workers", "2"])
+    proc = run_cli([*args, "--output", str(tmp_path / "two"), "--workers", "2"])
+    last = proc.stderr.replace("\r", "\n").strip().splitlines()[-1]  # the progress bar, in bytes of input
+    assert "prepare: 100%|" in last and "B/s]" in last, last
     assert _files(tmp_path / "two") == _files(ref)
 
     out = tmp_path / "three"
