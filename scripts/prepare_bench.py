@@ -96,11 +96,9 @@ def main() -> None:
           f"thread; medians of {args.rounds} rounds")  # fmt: skip
     print(f"imports alone (subtracted): tokenizer {bare_import:.2f} CPU-s, prepare {prep_import:.2f} CPU-s")
     print(f"bare tokenizer (encode_batch of 1,000 lines):  {bare_mb:.3f} CPU-s/MB")
-    print(f"prepare --workers 1:                            {prep_mb:.3f} CPU-s/MB   ratio {prep_mb / bare_mb:.2f}")
-    print(
-        "  ratio per round: "
-        + ", ".join(f"{(r[1][0] - prep_import) / (r['bare'][0] - bare_import):.2f}" for r in rounds)
-    )
+    ratios = [(r[1][0] - prep_import) / (r["bare"][0] - bare_import) for r in rounds]
+    print(f"prepare --workers 1:                            {prep_mb:.3f} CPU-s/MB   ratio {median(ratios):.2f}")
+    print("  ratio per round: " + ", ".join(f"{x:.2f}" for x in ratios))
     for w in (1, 2):
         cpu, wall = median([r[w][0] for r in rounds]), median([r[w][1] for r in rounds])
         print(f"prepare --workers {w}: {wall:7.1f} s wall, {mb / wall:6.2f} MB/s, {cpu:7.1f} CPU-s ({cpu / mb:.3f}/MB)")
