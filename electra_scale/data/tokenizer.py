@@ -119,7 +119,7 @@ def load_tokenizer(
     byte-identical re-runs, pass the tokenizer.json saved beside the first run's shards."""
     spec, lowercase = resolve_spec(spec, lowercase)
     kind, _, size = spec.partition(":")
-    if _is_trained(spec):
+    if is_trained_spec(spec):
         if kind not in TRAINED:
             raise ValueError(
                 f"tokenizer spec {spec!r}: the trained vocabularies are {', '.join(f'{k}:N' for k in TRAINED)}"
@@ -161,7 +161,8 @@ def load_tokenizer(
     raise ValueError(f"unknown tokenizer spec {spec!r}; use {SPEC_FORMS}")
 
 
-def _is_trained(spec: str) -> bool:
+def is_trained_spec(spec: str) -> bool:
+    """Whether a tokenizer spec learns its vocabulary from the corpus (train:V, train-unigram:V, train-bpe:V)."""
     return re.match(r"train[a-z-]*:", spec) is not None and not _is_file(spec)
 
 
@@ -170,7 +171,7 @@ def _is_file(spec: str) -> bool:
 
 
 def _is_file_or_trained(spec: str) -> bool:
-    return _is_trained(spec) or _is_file(spec)
+    return is_trained_spec(spec) or _is_file(spec)
 
 
 def resolve_spec(spec: str, lowercase: bool) -> tuple[str, bool]:
