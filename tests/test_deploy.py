@@ -238,9 +238,11 @@ def test_container_test_script_parses_and_hashes_the_images_inputs():
 
 
 SLURM_SCRIPTS = ["pretrain_large.sh", "pretrain_small.sh", "pretrain_tiny_cpu.sh"]
+# The prepare flow's scripts and the last line of each: the call into common.sh, which only adds arguments.
+PREPARE_SCRIPTS = {"prepare.sh": 'run_prepare "$@"', "prepare_finalize.sh": 'run_prepare --finalize "$@"'}
 
 
-@pytest.mark.parametrize("script", [*SLURM_SCRIPTS, "common.sh"])
+@pytest.mark.parametrize("script", [*SLURM_SCRIPTS, *PREPARE_SCRIPTS, "common.sh"])
 def test_slurm_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "slurm" / script)], check=True)
 
@@ -258,6 +260,17 @@ def test_slurm_scripts_share_one_body(script):
     load_config(config)
 
 
+@pytest.mark.parametrize("script", sorted(PREPARE_SCRIPTS))
+def test_slurm_prepare_scripts_share_one_body(script):
+    text = (ROOT / "slurm" / script).read_text()
+    directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
+    # One process per task (its workers are its own processes), on the CPUs it asks for.
+    assert directives["ntasks"] == "1" and int(directives["cpus-per-task"]) >= 1 and "time" in directives
+    assert "array" not in directives  # the array's size is the user's --array, to match --num-tasks
+    assert "slurm/common.sh" in text and text.rstrip().endswith(PREPARE_SCRIPTS[script])
+    assert "srun" not in text  # launch logic lives in common.sh only
+
+
 def test_large_script_has_one_task_per_gpu():
     text = (ROOT / "slurm" / "pretrain_large.sh").read_text()
     directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
@@ -266,3 +279,69 @@ def test_large_script_has_one_task_per_gpu():
     cfg = load_config("configs/large.yaml")
     tasks = int(directives["nodes"]) * int(directives["ntasks-per-node"])
     assert cfg.train.global_batch_size % (cfg.train.micro_batch_size * tasks) == 0
+
+
+# The prepare flow on Kubernetes (k8s/prepare): the vocabulary step, the Indexed Job of tasks, the finalize step.
+PREPARE_STEPS = ["tokenizer", "tasks", "finalize"]
+
+
+def prepare_job(step: str) -> dict:
+    (job,) = kustomize_dir(ROOT / "k8s" / "prepare" / step)
+    return job
+
+
+@pytest.mark.parametrize("step", PREPARE_STEPS)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_prepare_manifests_build_and_validate(step, version, tmp_path):
+    built = tmp_path / f"prepare-{step}.yaml"
+    built.write_text(yaml.safe_dump(prepare_job(step)))
+    validate(built, version)
+
+
+def test_prepare_job_semantics_schemas_do_not_check():
+    """What kubernetes-validate passes unchecked (enums, agreements between fields), and the three steps' commands:
+    the tasks' own arguments, plus --finalize for the finalize step, and a trained vocabulary for the first."""
+    jobs = {step: prepare_job(step) for step in PREPARE_STEPS}
+    tasks = jobs["tasks"]
+    spec, pod = tasks["spec"], tasks["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = env_of(container)
+    n = int(env["ELECTRA_PREPARE_NUM_TASKS"]["value"])
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == n > 1
+    # A failed index is retried alone, and a bad input (exit 2) fails its own index at once, not the Job.
+    assert spec["backoffLimitPerIndex"] >= 1 and "maxFailedIndexes" not in spec
+    rules = spec["podFailurePolicy"]["rules"]
+    assert [r["onExitCodes"]["values"] for r in rules if r["action"] == "FailIndex"] == [[2]]
+    assert all(r["onExitCodes"]["containerName"] == container["name"] for r in rules if "onExitCodes" in r)
+    assert any(c["type"] == "DisruptionTarget" for r in rules if r["action"] == "Ignore" for c in r["onPodConditions"])
+    assert pod["restartPolicy"] == "Never"
+    # --workers is the CPU request: a pod sees all of the node's cores, not its share.
+    args = container["args"]
+    assert args[0] == "prepare" and args[args.index("--workers") + 1] == container["resources"]["requests"]["cpu"]
+    output = args[args.index("--output") + 1]
+    assert output.startswith("s3://") and args[args.index("--tokenizer") + 1] == f"{output}/tokenizer.json"
+
+    image = parts("large")[0]["spec"]["template"]["spec"]["containers"][0]["image"]
+    finalize, tokenizer = jobs["finalize"], jobs["tokenizer"]
+    assert finalize["spec"]["template"]["spec"]["containers"][0]["args"] == ["prepare", "--finalize", *args[1:]]
+    vocab = tokenizer["spec"]["template"]["spec"]["containers"][0]["args"]
+    i = args.index("--tokenizer") + 1
+    assert vocab[:i] + vocab[i + 1 : len(args)] == args[:i] + args[i + 1 :]
+    assert re.fullmatch(r"train:\d+", vocab[i]) and vocab[len(args)] == "--tokenizer-only"
+    for step, job in jobs.items():
+        pod = job["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = env_of(container)
+        assert job["metadata"]["name"] == "electra-prepare" + ("" if step == "tasks" else f"-{step}")
+        assert container["image"] == image  # the training job's
+        if step != "tasks":
+            assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1
+        # finalize expects the tasks' N parts; the vocabulary step is a single task.
+        assert int(env["ELECTRA_PREPARE_NUM_TASKS"]["value"]) == (1 if step == "tokenizer" else n)
+        # Non-root, like the training job; credentials only from a Secret, by reference.
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert container["envFrom"] == [{"secretRef": {"name": "electra-s3"}}]
+        assert not any(re.search(r"KEY|SECRET|TOKEN|PASSWORD", name) for name in env), sorted(env)
