@@ -47,36 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="text -> tokenized, packed webdataset shards (local dir or s3://)")
-    pr.add_argument(
-        "--input",
-        nargs="+",
-        required=True,
-        help=".txt / .jsonl / .gz / .parquet files, directories of them, or datasets save_to_disk directories; "
-        "local or s3://",
-    )
-    pr.add_argument(
-        "--text-column", default="text", help="the column (.parquet, save_to_disk) or field (.jsonl) holding the text"
-    )
-    pr.add_argument("--output", required=True, help="output dir or s3://bucket/prefix")
-    pr.add_argument(
-        "--tokenizer",
-        required=True,
-        help="vocab.txt, tokenizer.json, a Hugging Face model directory (its vocab), or train:VOCAB_SIZE",
-    )
-    pr.add_argument("--seq-len", type=int, default=128)
-    pr.add_argument("--samples-per-shard", type=int, default=None, help="default: 64 blocks per shard")
-    pr.add_argument(
-        "--samples-per-block", type=int, default=None, help="examples per block, the unit of a GET (default: ~1 MiB)"
-    )
-    pr.add_argument("--seed", type=int, default=12345)
-    pr.add_argument(
-        "--eval-fraction",
-        type=float,
-        default=0.0,
-        help="hold out this share of the documents (chosen by a hash of each) as a shard set for eval.shards",
-    )
-    pr.add_argument("--eval-out", default=None, help="where the held-out set goes (default: OUTPUT/eval)")
-    pr.add_argument("--cased", action="store_true", help="keep case (default: lowercase, as uncased BERT)")
+    from electra_scale.data.prepare_cli import add_arguments as add_prepare_arguments
+
+    add_prepare_arguments(pr)
 
     pt = sub.add_parser("pretrain", help="pretrain with DeepSpeed (run under torchrun/deepspeed for >1 rank)")
     pt.add_argument("--config", required=True, action="append", help="YAML; repeat to layer files (later wins)")
@@ -162,21 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "prepare":
-            from electra_scale.data.prepare import prepare
+            from electra_scale.data.prepare_cli import run as run_prepare
 
-            prepare(
-                args.input,
-                args.output,
-                args.tokenizer,
-                seq_len=args.seq_len,
-                samples_per_shard=args.samples_per_shard,
-                samples_per_block=args.samples_per_block,
-                seed=args.seed,
-                lowercase=not args.cased,
-                text_column=args.text_column,
-                eval_fraction=args.eval_fraction,
-                eval_output=args.eval_out,
-            )
+            return run_prepare(args)
         elif args.command == "pretrain":
             from electra_scale.config import load_config
             from electra_scale.engine.train import pretrain

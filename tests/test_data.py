@@ -257,7 +257,7 @@ def test_prepare_manifest_and_files(prepared):
     out, manifest = prepared
     assert load_manifest(out) == manifest
     names = [s.name for s in manifest.shards]
-    assert names == [f"train-{i:06d}.tar" for i in range(len(names))] and len(names) > 3
+    assert names == [f"train-000000-{i:06d}.tar" for i in range(len(names))] and len(names) > 3  # one unit
     assert all(s.samples == 37 for s in manifest.shards[:-1]) and 0 < manifest.shards[-1].samples <= 37
     # Blocks of 8 (a shard's last one shorter), each with its byte range and CRC-32: a rank reads one block
     # with one ranged GET.

@@ -7,9 +7,10 @@ PretrainStream(prefix, manifest, ...)              per-step lists of MicroBatch,
 PretrainStream(load_sources(cfg.data.resolved_sources()), ...)   the same, mixing several shard sets by weight
 """
 
+import importlib
+
 from electra_scale.data.prepare import ExampleBuilder, prepare
 from electra_scale.data.shards import DataError, Manifest, ShardInfo, load_manifest, read_block, read_shard
-from electra_scale.data.stream import MicroBatch, PretrainStream, StreamLayout, resolve_partitions
 from electra_scale.data.tokenizer import (
     SPECIAL_TOKENS,
     load_tokenizer,
@@ -17,6 +18,17 @@ from electra_scale.data.tokenizer import (
     special_ids,
     tokenizer_sha256,
 )
+
+# The stream is imported on first use (PEP 562): prepare's worker processes import data.prepare, and with it
+# this package, and must not pay for torch (the stream's).
+_WHERE = {name: "stream" for name in ("MicroBatch", "PretrainStream", "StreamLayout", "resolve_partitions")}
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+
 
 __all__ = [
     "SPECIAL_TOKENS",

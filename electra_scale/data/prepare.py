@@ -20,18 +20,28 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import random
-import re
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
+from electra_scale.data.parts import (
+    PARTS,
+    assign,
+    done_unit,
+    finalize,
+    settings_sha,
+    unit_result,
+    write_part,
+    write_unit,
+)
+from electra_scale.data.pool import run_units
 from electra_scale.data.shards import (
     FORMAT,
     MANIFEST,
@@ -41,120 +51,32 @@ from electra_scale.data.shards import (
     ShardInfo,
     default_samples_per_block,
 )
-from electra_scale.data.tables import TABLE_SUFFIXES, check_table, iter_texts, saved_dataset_files
 from electra_scale.data.tokenizer import (
+    SPECIAL_TOKENS,
     load_tokenizer,
     resolve_spec,
     save_tokenizer,
     special_ids,
+    tokenizer_json,
     tokenizer_sha256,
 )
+from electra_scale.data.units import (  # noqa: F401 - re-exported: prepare's inputs, as before
+    CHUNK_BYTES,
+    Document,
+    Unit,
+    held_out,
+    iter_corpus,
+    iter_documents,
+    plan_units,
+    resolve_inputs,
+    split_sentences,
+    unit_documents,
+)
+from electra_scale.data.vocab import SAMPLE_BYTES, is_trained_spec, train_on_sample
 from electra_scale.infra import storage
-
-Document = list[str]  # a document's sentences, in order
-
-# Split after . ! ? (optionally followed by a closing quote/bracket) when the next sentence starts with an
-# uppercase letter, a digit or an opening quote. Deliberately simple: "Mr. Smith" is split, which only
-# moves a segment boundary by a few tokens.
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'\u201d\u2019)]))\s+(?=[\"'\u201c\u2018(\[]?[A-Z0-9])")
 
 # Documents tokenized per encode_batch call: large enough for the Rust tokenizer's thread pool.
 _DOCS_PER_BATCH = 512
-
-
-def split_sentences(paragraph: str) -> list[str]:
-    return [s for s in (p.strip() for p in _SENTENCE_END.split(paragraph)) if s]
-
-
-# --------------------------------------------------------------------------------------------- reading
-_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".parquet")
-
-
-def _input_kind(url: str) -> str:
-    if url.endswith(TABLE_SUFFIXES):
-        return "table"
-    name = url[:-3] if url.endswith(".gz") else url
-    if name.endswith(".jsonl"):
-        return "jsonl"
-    if name.endswith(".txt"):
-        return "txt"
-    raise DataError(
-        f"unsupported input {url}: expected .txt or .jsonl files (optionally .gz), .parquet files, or a "
-        "datasets save_to_disk directory"
-    )
-
-
-def resolve_inputs(inputs: list[str], text_column: str = "text") -> list[str]:
-    """Check every input exists and every table has the text column (fail before any work); a directory or
-    prefix expands to the supported files below it, a save_to_disk directory to its .arrow files."""
-    files: list[str] = []
-    for url in inputs:
-        url = str(url)
-        is_local_dir = not storage.is_s3(url) and Path(url).is_dir()
-        if not is_local_dir and storage.exists(url):
-            _input_kind(url)
-            files.append(url)
-            continue
-        saved = saved_dataset_files(url)
-        if saved is not None:
-            files.extend(saved)
-            continue
-        below = [n for n in storage.list_files(url) if n.endswith(_SUFFIXES)]
-        if not below:
-            raise DataError(
-                f"input {url} does not exist (or holds no .txt/.jsonl/.parquet files and is no save_to_disk directory)"
-            )
-        files.extend(storage.join(url, n) for n in below)
-    for url in files:
-        if _input_kind(url) == "table":
-            check_table(url, text_column)
-    return files
-
-
-def _paragraphs(text: str) -> Document:
-    return [p.strip() for p in text.splitlines() if p.strip()]
-
-
-def iter_documents(url: str, text_column: str = "text") -> Iterator[Document]:
-    """The documents of one input file, each as its list of paragraphs (non-empty, stripped lines)."""
-    kind = _input_kind(url)
-    if kind == "table":
-        for text in iter_texts(url, text_column):
-            doc = _paragraphs(text)
-            if doc:
-                yield doc
-        return
-    if kind == "jsonl":
-        for lineno, line in enumerate(storage.iter_lines(url), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{url} line {lineno}: not valid JSON ({err})") from err
-            if not isinstance(obj, dict) or not isinstance(obj.get(text_column), str):
-                raise DataError(f'{url} line {lineno}: expected an object with a string "{text_column}" field')
-            doc = _paragraphs(obj[text_column])
-            if doc:
-                yield doc
-        return
-    doc: Document = []
-    for line in storage.iter_lines(url):
-        line = line.strip()
-        if line:
-            doc.append(line)
-        elif doc:  # a blank line ends the document
-            yield doc
-            doc = []
-    if doc:
-        yield doc
-
-
-def iter_corpus(files: list[str], text_column: str = "text") -> Iterator[Document]:
-    """Every document of every input, as its list of sentences."""
-    for url in files:
-        for paragraphs in iter_documents(url, text_column):
-            yield [s for p in paragraphs for s in split_sentences(p)]
 
 
 # --------------------------------------------------------------------------------------------- examples
@@ -219,15 +141,23 @@ class ExampleBuilder:
 
 # --------------------------------------------------------------------------------------------- shards
 class ShardWriter:
-    """Writes ``train-%06d.tar`` shards of ``samples_per_shard`` examples, in blocks of ``samples_per_block``
+    """Writes ``<prefix>%06d.tar`` shards of ``samples_per_shard`` examples, in blocks of ``samples_per_block``
     (a shard's last block may be shorter), and publishes each shard as soon as it is complete: renamed into
     place locally, or uploaded from a temp dir (then deleted) for S3. ``prepare``, ``convert-shards`` and the
     bench's synthetic sets all write through here."""
 
-    def __init__(self, output: str, samples_per_shard: int, samples_per_block: int, dtype: np.dtype, workdir: str):
+    def __init__(
+        self,
+        output: str,
+        samples_per_shard: int,
+        samples_per_block: int,
+        dtype: np.dtype,
+        workdir: str,
+        prefix: str = "train-",
+    ):
         if samples_per_shard < 1 or samples_per_block < 1:
             raise ValueError("samples_per_shard and samples_per_block must be positive")
-        self.output, self.dtype = output, np.dtype(dtype)
+        self.output, self.dtype, self.prefix = output, np.dtype(dtype), prefix
         self.samples_per_shard = samples_per_shard
         self.samples_per_block = min(samples_per_block, samples_per_shard)
         self.local_dir = workdir if storage.is_s3(output) else output
@@ -239,7 +169,7 @@ class ShardWriter:
         self._in_shard = 0
 
     def _name(self) -> str:
-        return f"train-{len(self.shards):06d}.tar"
+        return f"{self.prefix}{len(self.shards):06d}.tar"
 
     def _tmp_path(self) -> str:
         return os.path.join(self.local_dir, f".{self._name()}.tmp")
@@ -307,6 +237,95 @@ class ShardWriter:
             Path(self._tmp_path()).unlink(missing_ok=True)
 
 
+# --------------------------------------------------------------------------------------------- one unit
+@dataclass
+class UnitJob:
+    """What a worker needs to write one unit's shards (the tokenizer comes once per worker, pool.py)."""
+
+    unit: Unit
+    output: str
+    eval_output: str | None
+    seq_len: int
+    samples_per_shard: int
+    samples_per_block: int
+    dtype: str
+    seed: int
+    eval_fraction: float
+    text_column: str
+    settings_sha256: str
+
+
+def unit_seed(seed: int, unit: int, split: int) -> int:
+    """The example builder's seed for one unit's training (split 0) or held-out (1) examples. Unit 0 keeps the
+    seeds of a single pass (seed, seed + 1), so a corpus of one unit prepares as before units existed."""
+    if unit == 0:
+        return seed + split
+    return int.from_bytes(hashlib.sha256(f"{seed}/{unit}/{split}".encode()).digest()[:8], "big")
+
+
+def encoder(tok_json: str) -> Tokenizer:
+    """The tokenizer prepare encodes with. A copy: a given tokenizer.json may carry padding/truncation settings,
+    and special tokens written in the text (a literal "[SEP]") must not become real [SEP]s, which would break
+    token types."""
+    enc = Tokenizer.from_str(tok_json)
+    enc.no_padding()
+    enc.no_truncation()
+    enc.encode_special_tokens = True
+    return enc
+
+
+def prepare_unit(job: UnitJob, enc: Tokenizer, report=lambda n: None) -> dict:
+    """Tokenize one unit into examples, write its shards (train-UUUUUU-SSSSSS.tar) and then its marker; return
+    the marker's content (parts.unit_result)."""
+    cls_id, sep_id = (enc.token_to_id(SPECIAL_TOKENS[k]) for k in ("cls", "sep"))
+    u = job.unit.index
+    with tempfile.TemporaryDirectory(prefix="electra-prepare-") as workdir:
+
+        def split(where: str | None, name: str, k: int) -> tuple[ShardWriter, ExampleBuilder] | None:
+            if where is None:
+                return None
+            scratch = os.path.join(workdir, name)  # each set stages its own files (on S3 the names are the same)
+            os.makedirs(scratch)
+            writer = ShardWriter(
+                where, job.samples_per_shard, job.samples_per_block, np.dtype(job.dtype), scratch, f"train-{u:06d}-"
+            )
+            return writer, ExampleBuilder(job.seq_len, cls_id, sep_id, random.Random(unit_seed(job.seed, u, k)))
+
+        train = split(job.output, "train", 0)
+        # The held-out set's builder draws from its own generator, so the training set is exactly what a
+        # prepare of the training documents alone would write.
+        held = split(job.eval_output, "eval", 1) if job.eval_fraction > 0 else None
+        sets = [s for s in (train, held) if s is not None]
+        documents = held_docs = 0
+        try:
+            for docs in _batches(unit_documents(job.unit, job.text_column, report), _DOCS_PER_BATCH):
+                flat = [s for doc in docs for s in doc]
+                encoded = iter(e.ids for e in enc.encode_batch(flat, add_special_tokens=False))
+                for doc in docs:
+                    is_eval = held is not None and held_out(doc, job.eval_fraction)
+                    held_docs += is_eval
+                    writer, builder = held if is_eval else train
+                    for _ in doc:
+                        example = builder.add_sentence(next(encoded))
+                        if example is not None:
+                            writer.write(example)
+                    example = builder.end_document()
+                    if example is not None:
+                        writer.write(example)
+                documents += len(docs)
+            for writer, _ in sets:
+                writer.close()
+        except BaseException:
+            for writer, _ in sets:
+                writer.abort()
+            raise
+    result = unit_result(
+        u, job.settings_sha256, documents, held_docs, {"train": train[0], "eval": held[0] if held else None}
+    )
+    write_unit(job.output, result)  # last: the unit counts from here on
+    return result
+
+
 # --------------------------------------------------------------------------------------------- prepare
 def prepare(
     inputs: list[str],
@@ -321,26 +340,50 @@ def prepare(
     text_column: str = "text",
     eval_fraction: float = 0.0,
     eval_output: str | None = None,
-) -> Manifest:
+    workers: int = 1,
+    task_index: int = 0,
+    num_tasks: int = 1,
+    chunk_bytes: int = CHUNK_BYTES,
+    tokenizer_sample: int = SAMPLE_BYTES,
+    say=None,
+) -> Manifest | None:
     """Tokenize ``inputs`` into ELECTRA examples of at most ``seq_len`` tokens, write shards, the tokenizer
     and ``manifest.json`` (last) under ``output``; return the manifest. Blocks default to ~1 MiB of ids
     (``shards.BLOCK_BYTES``), shards to 64 blocks.
 
+    The inputs are cut into units (data/units.py, every ``chunk_bytes``); ``workers`` processes write them.
+    Task ``task_index`` of ``num_tasks`` writes its units and its part (data/parts.py); with one task it then
+    writes the manifest itself, with several the last to finish does (else ``finalize``), and returns it or
+    None. The shards are the same however the units are shared out.
+
     ``eval_fraction`` > 0 holds out about that share of the *documents* (``held_out``) as a shard set of its own
     at ``eval_output`` (default ``<output>/eval``), for ``eval.shards``: no example of a held-out document is
-    in the training set, and a trained vocabulary (``train:N``) sees only the training documents. The held-out
-    set is complete (its manifest written) before the training set's manifest is."""
+    in the training set, and a trained vocabulary (``train:N``, learnt from a ``tokenizer_sample``-byte sample
+    of the inputs, data/vocab.py) sees only the training documents. The held-out set is complete (its manifest
+    written) before the training set's manifest is."""
+    started = time.monotonic()
     output = str(output)
     if seq_len < 8:
         raise ValueError(f"seq_len must be at least 8, got {seq_len}")
     if not 0.0 <= eval_fraction < 1.0:
         raise DataError(f"--eval-fraction {eval_fraction} must be in [0, 1): the share of documents held out")
+    if not 0 <= task_index < num_tasks:
+        raise DataError(f"--task-index {task_index} is not one of the {num_tasks} tasks (0 to {num_tasks - 1})")
+    if workers < 1:
+        raise DataError(f"--workers {workers} must be at least 1")
     eval_output = str(eval_output or storage.join(output, "eval")) if eval_fraction > 0 else None
     if (samples_per_shard is not None and samples_per_shard < 1) or (
         samples_per_block is not None and samples_per_block < 1
     ):
         raise ValueError(
             f"samples_per_shard/samples_per_block must be positive, got {samples_per_shard}/{samples_per_block}"
+        )
+    tokenizer, lowercase = resolve_spec(tokenizer, lowercase)  # a model directory: its file and lowercasing
+    if is_trained_spec(tokenizer) and num_tasks > 1:
+        raise DataError(
+            f"--tokenizer {tokenizer} with --num-tasks {num_tasks}: every task must share one vocabulary; learn it "
+            f"first with `electra-scale prepare --input ... --output {output} --tokenizer {tokenizer} "
+            f"--tokenizer-only`, then give the tasks --tokenizer {storage.join(output, 'tokenizer.json')}"
         )
     files = resolve_inputs(inputs, text_column)
     for where in filter(None, (output, eval_output)):
@@ -349,102 +392,71 @@ def prepare(
             raise DataError(
                 f"{where} already holds a prepared shard set (manifest.json); choose a new output or delete it first"
             )
-
-    def documents() -> Iterator[tuple[bool, Document]]:  # (held out?, the document's sentences)
-        for doc in iter_corpus(files, text_column):
-            yield (eval_fraction > 0 and held_out(doc, eval_fraction)), doc
-
-    def texts() -> Iterator[str]:
-        for is_eval, doc in documents():
-            if not is_eval:
-                yield from doc
-
-    tokenizer, lowercase = resolve_spec(tokenizer, lowercase)  # a model directory: its file and lowercasing
-    tok = load_tokenizer(tokenizer, texts=texts, lowercase=lowercase)
+    units = plan_units(files, [storage.object_size(f) for f in files], chunk_bytes)
+    if is_trained_spec(tokenizer):
+        tok = train_on_sample(units, tokenizer, lowercase, tokenizer_sample, text_column, eval_fraction, say)
+    else:
+        tok = load_tokenizer(tokenizer, lowercase=lowercase)
     ids = special_ids(tok)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = np.dtype(np.uint16 if vocab_size < 65536 else np.int32)
-
-    # Encode from a copy: a given tokenizer.json may carry padding/truncation settings, and special tokens
-    # written in the text (a literal "[SEP]") must not become real [SEP]s, which would break token types.
-    enc = Tokenizer.from_str(tok.to_str())
-    enc.no_padding()
-    enc.no_truncation()
-    enc.encode_special_tokens = True
-
-    if not storage.is_s3(output):
-        os.makedirs(output, exist_ok=True)
-    if eval_output and not storage.is_s3(eval_output):
-        os.makedirs(eval_output, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="electra-prepare-") as workdir:
-        per_block = samples_per_block or default_samples_per_block(seq_len, dtype.itemsize)
-
-        def split(where: str | None, name: str, rng_seed: int) -> tuple[ShardWriter, ExampleBuilder] | None:
-            if where is None:
-                return None
-            scratch = os.path.join(workdir, name)  # each set stages its own files (on S3 the names are the same)
-            os.makedirs(scratch)
-            writer = ShardWriter(where, samples_per_shard or 64 * per_block, per_block, dtype, scratch)
-            return writer, ExampleBuilder(seq_len, ids["cls"], ids["sep"], random.Random(rng_seed))
-
-        train = split(output, "train", seed)
-        # The held-out set's builder draws from its own generator, so the training set is exactly what a
-        # prepare of the training documents alone would write.
-        held = split(eval_output, "eval", seed + 1)
-        sets = [s for s in (train, held) if s is not None]
-        bar = tqdm(desc="prepare", unit="doc", disable=not progress)
-        try:
-            for docs in _batches(documents(), _DOCS_PER_BATCH):
-                flat = [s for _, doc in docs for s in doc]
-                encoded = iter(e.ids for e in enc.encode_batch(flat, add_special_tokens=False))
-                for is_eval, doc in docs:
-                    writer, builder = held if is_eval else train
-                    for _ in doc:
-                        example = builder.add_sentence(next(encoded))
-                        if example is not None:
-                            writer.write(example)
-                    example = builder.end_document()
-                    if example is not None:
-                        writer.write(example)
-                bar.update(len(docs))
-                bar.set_postfix(samples=train[0].num_samples, shards=len(train[0].shards), refresh=False)
-            for writer, _ in sets:
-                writer.close()
-        except BaseException:
-            for writer, _ in sets:
-                writer.abort()
-            raise
-        finally:
-            bar.close()
-    writer = train[0]
-    if writer.num_samples == 0:
-        raise DataError(f"inputs {files} produced no examples (are they empty?)")
-    fields = dict(
-        seq_len=seq_len,
+    per_block = samples_per_block or default_samples_per_block(seq_len, dtype.itemsize)
+    settings = dict(
+        files=files,
+        text_column=text_column,
+        tokenizer_sha256=tokenizer_sha256(tok),
         vocab_size=vocab_size,
         special_ids=ids,
-        tokenizer_sha256=tokenizer_sha256(tok),
-        lowercase=lowercase,
+        dtype=dtype.name,
+        seq_len=seq_len,
+        samples_per_shard=samples_per_shard or 64 * per_block,
+        samples_per_block=min(per_block, samples_per_shard or per_block),
         seed=seed,
+        eval_fraction=eval_fraction,
+        eval_output=eval_output,
+        lowercase=lowercase,
+        chunk_bytes=chunk_bytes,
+        num_units=len(units),
     )
-    if held is not None:
-        if held[0].num_samples == 0:
-            raise DataError(
-                f"--eval-fraction {eval_fraction} held out none of the documents of {files}; raise it, or leave "
-                "it out for no held-out set"
-            )
-        save_tokenizer(tok, eval_output)
-        held[0].publish(**fields)
-    save_tokenizer(tok, output)
-    return writer.publish(**fields)
+    sha = settings_sha(settings)
+    for where in filter(None, (output, eval_output)):
+        if not storage.is_s3(where):
+            os.makedirs(where, exist_ok=True)
+        save_tokenizer(tok, where)
 
-
-def held_out(doc: Document, fraction: float) -> bool:
-    """Whether ``prepare --eval-fraction`` holds this document out: a hash of its text below ``fraction``. The
-    choice depends on the document alone, not on its place in the corpus or the seed, so the same text is held
-    out in every prepare of any corpus that has it, and a duplicate of a held-out document is held out with it."""
-    digest = hashlib.sha256("\n".join(doc).encode()).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2.0**64
+    mine = assign(units, task_index, num_tasks)
+    done = {u.index: r for u in mine if (r := done_unit(output, u.index, sha)) is not None}
+    jobs = [
+        UnitJob(
+            u,
+            output,
+            eval_output,
+            seq_len,
+            settings["samples_per_shard"],
+            settings["samples_per_block"],
+            dtype.name,
+            seed,
+            eval_fraction,
+            text_column,
+            sha,
+        )
+        for u in mine
+        if u.index not in done
+    ]
+    desc = "prepare" if num_tasks == 1 else f"prepare task {task_index}/{num_tasks}"
+    results = run_units(jobs, tokenizer_json(tok), workers, progress, desc)
+    results = sorted([*done.values(), *results], key=lambda r: r["unit"])
+    write_part(output, task_index, num_tasks, settings, results, time.monotonic() - started)
+    if num_tasks == 1:
+        manifest = finalize(output, say=say)
+        storage.delete_prefix(storage.join(output, PARTS))
+        return manifest
+    try:  # the last task to finish finalizes; finalize stays the documented step
+        return finalize(output, say=say)
+    except DataError as err:
+        if "has not finished" not in str(err) and "have not finished" not in str(err):
+            raise
+        return None
 
 
 def _batches(it: Iterator[Document], n: int) -> Iterator[list[Document]]:

@@ -184,6 +184,11 @@ class BlockTable:
 def load_manifest(prefix: str) -> Manifest:
     url = storage.join(prefix, MANIFEST)
     if not storage.exists(url):
+        if any(n.startswith("part-") for n in storage.list_files(storage.join(prefix, "parts"))):
+            raise DataError(
+                f"{prefix} is not finalized: it holds the parts of a split prepare but no manifest.json; run "
+                f"`electra-scale prepare --finalize --output {prefix}` once every task has finished"
+            )
         raise DataError(f"no manifest.json at {prefix}: is this the output of `electra-scale prepare`?")
     try:
         d = json.loads(storage.read_text(url))

@@ -82,11 +82,14 @@ def _open_local(url: str) -> BinaryIO:
         raise StorageError(f"{url} does not exist.") from err
 
 
-def open_read(url: str) -> BinaryIO:
-    """A streaming, file-like reader: a local file, or an S3 object whose body resumes where it broke."""
+def open_read(url: str, start: int = 0) -> BinaryIO:
+    """A streaming, file-like reader from byte ``start`` to the end: a local file, or an S3 object whose body
+    (one GET, ranged when ``start`` > 0) resumes where it broke."""
     if not is_s3(url):
-        return _open_local(url)
-    return io.BufferedReader(S3Reader(url), buffer_size=1 << 20)  # type: ignore[return-value]
+        f = _open_local(url)
+        f.seek(start)
+        return f
+    return io.BufferedReader(S3Reader(url, start), buffer_size=1 << 20)  # type: ignore[return-value]
 
 
 class RangedReader(io.RawIOBase):

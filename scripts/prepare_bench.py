@@ -1,0 +1,100 @@
+"""prepare's cost per MB of text against the bare tokenizer's, and its throughput with 1 and 2 workers (issue 27).
+
+    python scripts/prepare_bench.py --text wiki.txt --tokenizer tokenizer.json --repeat 4
+
+Each measurement is a process of its own; its CPU time comes from RUSAGE_CHILDREN (so a prepare's worker
+processes count), minus that of a process that only imports what it needs (reported apart). The tokenizer runs
+on one thread everywhere (RAYON_NUM_THREADS=1): ``--workers W`` is W single-threaded processes. CPU-s per MB
+is robust on a shared machine; the MB/s and the scaling ratio need a quiet one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+BARE = """
+import sys
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1])
+batch = []
+with open(sys.argv[2], encoding="utf-8") as f:
+    for line in f:
+        batch.append(line)
+        if len(batch) == 1000:
+            tok.encode_batch(batch, add_special_tokens=False)
+            batch = []
+tok.encode_batch(batch, add_special_tokens=False)
+"""
+
+
+def _run(cmd: list[str], env: dict) -> tuple[float, float]:
+    """(CPU seconds of the process and its children, wall seconds)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.monotonic()
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--text", required=True, help="a .txt corpus (documents separated by blank lines)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: train:8192 on the text, --tokenizer-only)")
+    p.add_argument("--repeat", type=int, default=1, help="concatenate the text this many times")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--units", type=int, default=8, help="work units the text is cut into (--chunk-bytes)")
+    args = p.parse_args()
+
+    env = {**os.environ, "RAYON_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cli = [sys.executable, "-m", "electra_scale", "prepare"]
+    with tempfile.TemporaryDirectory(prefix="prepare-bench-") as tmp:
+        text = Path(tmp, "corpus.txt")
+        data = Path(args.text).read_bytes().rstrip(b"\n") + b"\n\n"
+        text.write_bytes(data * args.repeat)
+        mb = text.stat().st_size / 1e6
+        tokenizer = args.tokenizer
+        if tokenizer is None:
+            vocab = Path(tmp, "vocab")
+            subprocess.run([*cli, "--input", args.text, "--output", str(vocab), "--tokenizer", "train:8192",
+                            "--tokenizer-only"], env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+            tokenizer = str(vocab / "tokenizer.json")
+
+        bare, _ = _run([sys.executable, "-c", BARE, tokenizer, str(text)], env)
+        bare_import, _ = _run([sys.executable, "-c", "from tokenizers import Tokenizer; import sys; "
+                               "Tokenizer.from_file(sys.argv[1])", tokenizer], env)  # fmt: skip
+        prep_import, _ = _run([sys.executable, "-c", "import electra_scale.cli, electra_scale.data.prepare"], env)
+        chunk = str(-(-text.stat().st_size // args.units))
+        results = {}
+        for workers in (1, 2):
+            out = Path(tmp, f"out{workers}")
+            cmd = [*cli, "--input", str(text), "--output", str(out), "--tokenizer", tokenizer]
+            cmd += ["--seq-len", str(args.seq_len), "--workers", str(workers), "--chunk-bytes", chunk]
+            results[workers] = _run(cmd, env)
+            shutil.rmtree(out)
+
+    bare_mb = (bare - bare_import) / mb
+    prep_mb = (results[1][0] - prep_import) / mb
+    print(
+        f"text: {mb:.1f} MB ({args.text} x {args.repeat}), seq {args.seq_len}, {args.units} units, one tokenizer thread"
+    )
+    print(f"imports alone (subtracted): tokenizer {bare_import:.2f} CPU-s, prepare {prep_import:.2f} CPU-s")
+    print(f"bare tokenizer (encode_batch of 1,000 lines):  {bare_mb:.3f} CPU-s/MB")
+    print(f"prepare --workers 1:                            {prep_mb:.3f} CPU-s/MB   ratio {prep_mb / bare_mb:.2f}")
+    for w, (cpu, wall) in results.items():
+        print(f"prepare --workers {w}: {wall:7.1f} s wall, {mb / wall:6.2f} MB/s, {cpu:7.1f} CPU-s ({cpu / mb:.3f}/MB)")
+    print(f"throughput 2 workers / 1 worker: {results[1][1] / results[2][1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""prepare split over workers and tasks (issue 27): real processes, real tar shards, real SeaweedFS. The same
+shards and manifest however the work is split; a failed task re-run alone; finalize and its refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from electra_scale.data import load_manifest, prepare
+from electra_scale.data.parts import assign, finalize
+from electra_scale.data.units import iter_corpus, plan_units, unit_documents
+from electra_scale.infra import storage
+from tests.cli import PATIENCE, run_cli, start_cli
+from tests.corpus import WORDS, write_corpus
+from tests.test_train import metrics, pretrain_args
+
+SPLIT = ["--seq-len", "128", "--samples-per-block", "16", "--samples-per-shard", "32", "--eval-fraction", "0.1"]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file of a prepared output but the parts, and the manifests without their creation time."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and "parts" not in p.relative_to(root).parts:
+            data = p.read_bytes()
+            if p.name == "manifest.json":
+                d = json.loads(data)
+                d.pop("created")
+                data = json.dumps(d).encode()
+            out[str(p.relative_to(root))] = data
+    return out
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> list[str]:
+    """Three inputs of ~60 kB: two .jsonl and a .txt whose documents are separated by runs of blank and
+    whitespace-only lines, with CRLF and lone-CR line ends."""
+    root = tmp_path_factory.mktemp("inputs")
+    a = write_corpus(root / "a.jsonl", documents=300, seed=1)
+    b = write_corpus(root / "b.jsonl", documents=300, seed=2)
+    rng = random.Random(3)
+    lines = []
+    for _ in range(250):
+        for _ in range(rng.randint(1, 4)):
+            lines.append(" ".join(rng.choices(WORDS, k=rng.randint(3, 15))).capitalize() + ". " + rng.choice(WORDS))
+        lines.append(rng.choice(["", "", "   ", "\t", "\n"]))
+    text = "\n".join(lines)
+    text = text.replace("\n", "\r\n", 40).replace("river", "river\r", 5)
+    (root / "c.txt").write_bytes(text.encode())
+    return [str(a), str(b), str(root / "c.txt")]
+
+
+@pytest.fixture(scope="module")
+def vocab(inputs, tmp_path_factory) -> str:
+    """The vocabulary step of its own (--tokenizer-only), learnt from a bounded sample of the inputs."""
+    out = tmp_path_factory.mktemp("vocab") / "v"
+    proc = run_cli(["prepare", "--input", *inputs, "--output", str(out), "--tokenizer", "train:300"]
+                   + ["--tokenizer-only", "--tokenizer-sample", "60KB"])  # fmt: skip
+    assert "vocabulary train:300 learnt from a sample of 0.1 MB" in proc.stdout, proc.stdout
+    assert sorted(os.listdir(out)) == ["tokenizer.json", "vocab.txt"]
+    return str(out / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, vocab, tmp_path_factory) -> tuple[Path, int]:
+    """One process (--workers 1), units of 20 kB: what every split must write byte for byte; (its output, the
+    chunk size)."""
+    out = tmp_path_factory.mktemp("ref") / "one"
+    run_cli(["prepare", "--input", *inputs, "--output", str(out), "--tokenizer", vocab, *SPLIT]
+            + ["--chunk-bytes", "20000", "--workers", "1"])  # fmt: skip
+    return out, 20000
+
+
+def test_units_hold_the_documents_of_a_single_pass(inputs):
+    """However the inputs are cut, the units' documents, in unit order, are the whole files' in order."""
+    sizes = [os.path.getsize(f) for f in inputs]
+    whole = list(iter_corpus(inputs))
+    for chunk in (1, 7, 333, 5000, 20000, sum(sizes)):
+        units = plan_units(inputs, sizes, chunk)
+        assert len(units) == -(-sum(sizes) // chunk)
+        assert [d for u in units for d in unit_documents(u)] == whole, chunk
+    assert len(whole) == 850
+
+
+def test_workers_and_tasks_write_the_same_shards(inputs, vocab, reference, tmp_path):
+    """--workers 2, and 3 tasks (two as SLURM array tasks, one as a Kubernetes Indexed Job pod) then finalize:
+    the reference's shards, held-out set and manifest, byte for byte. pretrain trains from the merged set."""
+    ref, chunk = reference
+    args = ["prepare", "--input", *inputs, "--tokenizer", vocab, *SPLIT, "--chunk-bytes", str(chunk)]
+    run_cli([*args, "--output", str(tmp_path / "two"), "--workers", "2"])
+    assert _files(tmp_path / "two") == _files(ref)
+
+    out = tmp_path / "three"
+    envs = [{"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0"},
+            {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0"},
+            {"JOB_COMPLETION_INDEX": "2", "ELECTRA_PREPARE_NUM_TASKS": "3"}]  # fmt: skip
+    runs = [start_cli([*args, "--output", str(out), "--workers", "1"], env=env) for env in envs]
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=PATIENCE)
+        assert run.returncode == 0, stderr[-3000:]
+        run.close()
+    proc = run_cli(["prepare", "--finalize", "--output", str(out), "--input", *inputs, "--seq-len", "128"])
+    assert "850 documents" in proc.stdout and "task seconds: 0: " in proc.stdout, proc.stdout
+    assert _files(out) == _files(ref)
+    assert len(load_manifest(str(out)).shards) > 6  # several units, each with its own short last shard
+
+    run_dir = str(tmp_path / "run")
+    manifest = load_manifest(str(out))
+    run_cli(pretrain_args((str(out), manifest.vocab_size), run_dir, "train.max_steps=2", "checkpoint.every_steps=100"))
+    assert [m["step"] for m in metrics(run_dir)] == [1, 2]
+
+
+def test_a_failed_task_is_rerun_alone(inputs, vocab, reference, tmp_path):
+    """Task 1 of 3 meets a corrupt line in its second unit: one line naming the file, exit 2, no part; finalize
+    and pretrain refuse, naming it; the task re-run after the fix redoes only that unit, finished tasks' files
+    are untouched, and the set is the reference's byte for byte."""
+    ref, chunk = reference
+    local = [str(tmp_path / Path(f).name) for f in inputs]
+    for src, dst in zip(inputs, local):
+        Path(dst).write_bytes(Path(src).read_bytes())
+    units = plan_units(local, [os.path.getsize(f) for f in local], chunk)
+    mine = assign(units, 1, 3)
+    seg = next(s for s in mine[-1].segments if s.url.endswith(".jsonl"))  # task 1's last unit: after its first
+    assert len(mine) >= 2 and seg.end - seg.start > 1000
+    b = Path(seg.url)
+    good = b.read_bytes()
+    broken = bytearray(good)
+    broken[good.index(b"\n", seg.start) + 1] = ord("X")  # a line of that unit is no JSON; no offset moves
+    b.write_bytes(bytes(broken))
+    out = tmp_path / "out"
+    args = ["prepare", "--input", *local, "--tokenizer", vocab, *SPLIT, "--chunk-bytes", str(chunk), "--workers", "1"]
+    for k in (0, 2):
+        run_cli([*args, "--output", str(out), "--task-index", str(k), "--num-tasks", "3"])
+    proc = run_cli([*args, "--output", str(out), "--task-index", "1", "--num-tasks", "3"], check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert (
+        proc.returncode == 2
+        and len(errors) == 1
+        and f"{b} the line at byte" in errors[0]
+        and "not valid JSON" in errors[0]
+    )
+    units_planned, units = units, sorted(os.listdir(out / "parts" / "units"))
+    assert not (out / "parts" / "part-00001-of-00003.json").exists() and len(units) == len(units_planned) - 1
+
+    proc = run_cli(["prepare", "--finalize", "--output", str(out)], check=False)
+    assert proc.returncode == 2 and "task(s) 1 of 3 have not finished" in proc.stderr
+    proc = run_cli(pretrain_args((str(out), 300), str(tmp_path / "run"), "train.max_steps=1"), check=False)
+    assert proc.returncode == 2 and f"electra-scale prepare --finalize --output {out}" in proc.stderr
+    assert "is not finalized" in proc.stderr
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and "train-" in p.name}
+    b.write_bytes(good)
+    proc = run_cli([*args, "--output", str(out), "--task-index", "1", "--num-tasks", "3"])
+    assert "finalized" in proc.stdout  # the last task to finish merges the parts
+    rewritten = {p for p, t in before.items() if p.stat().st_mtime_ns != t}
+    assert rewritten == set(), rewritten  # the broken unit wrote no shard; nothing finished was redone
+    assert _files(out) == {k: v for k, v in _files(ref).items()}
+
+
+def test_refusals(inputs, vocab, tmp_path):
+    out = str(tmp_path / "out")
+    base = ["prepare", "--input", *inputs, "--output", out, "--seq-len", "128"]
+    cases = [
+        ([*base, "--tokenizer", vocab, "--task-index", "1"], {}, "task index 1 without a task count"),
+        ([*base, "--tokenizer", vocab], {"SLURM_ARRAY_TASK_ID": "4"}, "task index 4 without a task count"),
+        ([*base, "--tokenizer", vocab], {"JOB_COMPLETION_INDEX": "1"}, "ELECTRA_PREPARE_NUM_TASKS is not set"),
+        ([*base, "--tokenizer", vocab, "--task-index", "3", "--num-tasks", "3"], {}, "task index 3 is not one of"),
+        ([*base, "--tokenizer", "train:300", "--num-tasks", "2", "--task-index", "0"], {}, "--tokenizer-only"),
+        (["prepare", "--finalize", "--output", out], {}, "no parts at"),
+    ]
+    for argv, env, message in cases:
+        proc = run_cli(argv, env=env, check=False)
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], (argv, proc.stderr[-2000:])
+    assert not Path(out, "parts").exists()
+
+    # Finalize checks the arguments it is given against the tasks'.
+    for k in range(2):
+        run_cli([*base, "--tokenizer", vocab, "--task-index", str(k), "--num-tasks", "2", "--chunk-bytes", "50000"])
+    Path(out, "manifest.json").unlink()
+    proc = run_cli(["prepare", "--finalize", "--output", out, "--seq-len", "64"], check=False)
+    assert proc.returncode == 2 and "were prepared with --seq-len 128, not 64" in proc.stderr
+    proc = run_cli(["prepare", "--finalize", "--output", out, "--input", *inputs[:2]], check=False)
+    assert proc.returncode == 2 and "were prepared with --input" in proc.stderr
+    run_cli(["prepare", "--finalize", "--output", out, "--chunk-bytes", "50000"])
+    assert load_manifest(out).num_samples > 0
+
+
+def test_s3_input_and_output_in_two_tasks(inputs, vocab, reference, s3_bucket):
+    """Inputs and shards on SeaweedFS, units read by ranged GETs, two tasks of two workers: the reference's
+    shards."""
+    ref, chunk = reference
+    urls = []
+    for f in inputs:
+        urls.append(f"{s3_bucket}/raw/{Path(f).name}")
+        storage.upload_file(f, urls[-1])
+    out = f"{s3_bucket}/shards"
+    kwargs = dict(seq_len=128, samples_per_block=16, samples_per_shard=32, eval_fraction=0.1, chunk_bytes=chunk)
+    for k in range(2):
+        prepare(urls, out, vocab, **kwargs, workers=2, task_index=k, num_tasks=2, progress=False)
+    manifest = finalize(out)
+    ref_manifest = load_manifest(str(ref))
+    assert manifest.shards == ref_manifest.shards and manifest.num_tokens == ref_manifest.num_tokens
+    for s in manifest.shards:
+        assert storage.read_bytes(f"{out}/{s.name}") == (ref / s.name).read_bytes()
+    assert load_manifest(f"{out}/eval").shards == load_manifest(str(ref / "eval")).shards
