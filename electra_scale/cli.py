@@ -126,6 +126,8 @@ def _describe(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "prepare":  # no torch (which the engine's modules import): prepare runs on CPU nodes
+        return _prepare(args)
     _setup_logging()
     from electra_scale.config import ConfigError
     from electra_scale.data.shards import DataError
@@ -134,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     from electra_scale.infra.storage import StorageError
 
     try:
-        if args.command == "prepare":
-            from electra_scale.data.prepare_cli import run as run_prepare
-
-            return run_prepare(args)
-        elif args.command == "pretrain":
+        if args.command == "pretrain":
             from electra_scale.config import load_config
             from electra_scale.engine.train import pretrain
             from electra_scale.infra import launch
@@ -177,6 +175,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"electra-scale {args.command}: error: {err}", file=sys.stderr)
         return EXIT_FAILURE
     return 0
+
+
+def _prepare(args) -> int:
+    from electra_scale.data.prepare_cli import run
+    from electra_scale.data.shards import DataError
+    from electra_scale.infra.storage import StorageError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    for name in ("botocore", "boto3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return run(args)
+    except DataError as err:
+        print(f"electra-scale prepare: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StorageError as err:
+        print(f"electra-scale prepare: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _destroy_process_group() -> None:

@@ -3,9 +3,10 @@
     python scripts/prepare_bench.py --text wiki.txt --tokenizer tokenizer.json --repeat 4
 
 Each measurement is a process of its own; its CPU time comes from RUSAGE_CHILDREN (so a prepare's worker
-processes count), minus that of a process that only imports what it needs (reported apart). The tokenizer runs
-on one thread everywhere (RAYON_NUM_THREADS=1): ``--workers W`` is W single-threaded processes. CPU-s per MB
-is robust on a shared machine; the MB/s and the scaling ratio need a quiet one.
+processes count), minus that of a process that only starts (the tokenizer loaded; the CLI with --help;
+reported apart). The tokenizer runs on one thread everywhere (RAYON_NUM_THREADS=1): ``--workers W`` is W
+single-threaded processes. CPU-s per MB is robust on a shared machine; the MB/s and the scaling ratio need a
+quiet one.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main() -> None:
         bare, _ = _run([sys.executable, "-c", BARE, tokenizer, str(text)], env)
         bare_import, _ = _run([sys.executable, "-c", "from tokenizers import Tokenizer; import sys; "
                                "Tokenizer.from_file(sys.argv[1])", tokenizer], env)  # fmt: skip
-        prep_import, _ = _run([sys.executable, "-c", "import electra_scale.cli, electra_scale.data.prepare"], env)
+        prep_import, _ = _run([*cli, "--help"], env)  # the CLI's start: its imports and parser
         chunk = str(-(-text.stat().st_size // args.units))
         results = {}
         for workers in (1, 2):

@@ -12,7 +12,7 @@ import pytest
 
 from electra_scale.data import load_manifest, prepare
 from electra_scale.data.parts import assign, finalize
-from electra_scale.data.units import iter_corpus, plan_units, unit_documents
+from electra_scale.data.units import input_sizes, iter_corpus, plan_units, unit_documents
 from electra_scale.infra import storage
 from tests.cli import PATIENCE, run_cli, start_cli
 from tests.corpus import WORDS, write_corpus
@@ -208,3 +208,24 @@ def test_s3_input_and_output_in_two_tasks(inputs, vocab, reference, s3_bucket):
     for s in manifest.shards:
         assert storage.read_bytes(f"{out}/{s.name}") == (ref / s.name).read_bytes()
     assert load_manifest(f"{out}/eval").shards == load_manifest(str(ref / "eval")).shards
+
+
+def test_parquet_is_cut_between_row_groups(inputs, vocab, tmp_path):
+    """A Parquet file of 30 row groups in units of a few row groups each: the documents of a single pass, and the
+    same shards from one process and from two tasks of two workers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = [json.loads(line)["text"] for line in Path(inputs[0]).read_text().splitlines()]
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "a.parquet", row_group_size=10)
+    files = [str(tmp_path / "a.parquet"), inputs[2]]
+    units = plan_units(files, input_sizes(files), 20000)
+    groups = [g for u in units for s in u.segments if s.row_groups for g in s.row_groups]
+    assert groups == list(range(30)) and sum(1 for u in units if any(s.row_groups for s in u.segments)) > 2
+    assert [d for u in units for d in unit_documents(u)] == list(iter_corpus(files))
+
+    kwargs = dict(seq_len=128, samples_per_block=16, eval_fraction=0.1, chunk_bytes=20000, progress=False)
+    one = prepare(files, str(tmp_path / "one"), vocab, **kwargs)
+    for k in range(2):
+        prepare(files, str(tmp_path / "two"), vocab, **kwargs, workers=2, task_index=k, num_tasks=2)
+    assert _files(tmp_path / "two") == _files(tmp_path / "one") and len(one.shards) > 3

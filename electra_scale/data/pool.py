@@ -12,7 +12,6 @@ import contextlib
 import multiprocessing
 import os
 import queue
-import sys
 import threading
 from typing import Any
 
@@ -24,8 +23,6 @@ _STATE: dict[str, Any] = {}
 def _init(tok_json: str, progress: Any) -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"  # read when the tokenizer's pool starts: one core per worker
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # webdataset (the tar writer) imports torch when it can: ~0.9 CPU-s and ~200 MB per worker for nothing.
-    sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
     from electra_scale.data.prepare import encoder
 
     _STATE["enc"], _STATE["progress"] = encoder(tok_json), progress

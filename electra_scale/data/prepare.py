@@ -65,6 +65,7 @@ from electra_scale.data.units import (  # noqa: F401 - re-exported: prepare's in
     Document,
     Unit,
     held_out,
+    input_sizes,
     iter_corpus,
     iter_documents,
     plan_units,
@@ -392,7 +393,7 @@ def prepare(
             raise DataError(
                 f"{where} already holds a prepared shard set (manifest.json); choose a new output or delete it first"
             )
-    units = plan_units(files, [storage.object_size(f) for f in files], chunk_bytes)
+    units = plan_units(files, input_sizes(files), chunk_bytes)
     if is_trained_spec(tokenizer):
         tok = train_on_sample(units, tokenizer, lowercase, tokenizer_sample, text_column, eval_fraction, say)
     else:

@@ -133,13 +133,29 @@ def check_table(url: str, column: str) -> None:
         reader.close()
 
 
-def iter_texts(url: str, column: str) -> Iterator[str]:
-    """Every non-null text of ``column`` in one Parquet or Arrow stream file, in row order."""
+def row_group_bytes(url: str) -> list[int]:
+    """The compressed size of each row group of a Parquet file (its footer only): prepare's work units cut a
+    large file between row groups (data/units.py)."""
+    pf = _open_parquet(url)
+    try:
+        meta = pf.metadata
+        return [
+            sum(meta.row_group(g).column(c).total_compressed_size for c in range(meta.num_columns))
+            for g in range(meta.num_row_groups)
+        ]
+    finally:
+        pf.close()
+
+
+def iter_texts(url: str, column: str, row_groups: list[int] | None = None) -> Iterator[str]:
+    """Every non-null text of ``column`` in one Parquet or Arrow stream file, in row order (of a Parquet file's
+    ``row_groups`` only, if given)."""
     if url.endswith(".parquet"):
         pf = _open_parquet(url)
         try:
             _text_index(url, pf.schema_arrow, column)
-            for group in range(pf.metadata.num_row_groups):  # one row group in memory at a time
+            groups = range(pf.metadata.num_row_groups) if row_groups is None else row_groups
+            for group in groups:  # one row group in memory at a time
                 batches = pf.iter_batches(batch_size=_ROWS_PER_BATCH, columns=[column], row_groups=[group])
                 yield from _texts(url, batches, 0)
         finally:

@@ -13,7 +13,15 @@ from tokenizers import Tokenizer
 
 from electra_scale.data.shards import DataError
 from electra_scale.data.tokenizer import load_tokenizer, resolve_spec, save_tokenizer
-from electra_scale.data.units import CHUNK_BYTES, Unit, held_out, plan_units, resolve_inputs, unit_documents
+from electra_scale.data.units import (
+    CHUNK_BYTES,
+    Unit,
+    held_out,
+    input_sizes,
+    plan_units,
+    resolve_inputs,
+    unit_documents,
+)
 from electra_scale.infra import storage
 
 SAMPLE_BYTES = 1 << 30  # 1 GiB of text: ~250M tokens, ample for a WordPiece vocabulary of 30k-64k
@@ -81,7 +89,7 @@ def prepare_vocabulary(
     if not is_trained_spec(spec):
         raise DataError(f"--tokenizer-only learns a vocabulary: give --tokenizer train:VOCAB_SIZE, not {spec}")
     files = resolve_inputs(inputs, text_column)
-    units = plan_units(files, [storage.object_size(f) for f in files], chunk_bytes)
+    units = plan_units(files, input_sizes(files), chunk_bytes)
     tok = train_on_sample(units, spec, lowercase, sample_bytes, text_column, eval_fraction, say)
     save_tokenizer(tok, output)
     if say is not None:
