@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="concatenate the text this many times")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--units", type=int, default=8, help="work units the text is cut into (--chunk-bytes)")
+    p.add_argument("--rounds", type=int, default=3, help="measurements of each kind; medians are printed")
     args = p.parse_args()
 
     env = {**os.environ, "RAYON_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -71,30 +72,40 @@ def main() -> None:
                             "--tokenizer-only"], env=env, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
             tokenizer = str(vocab / "tokenizer.json")
 
-        bare, _ = _run([sys.executable, "-c", BARE, tokenizer, str(text)], env)
         bare_import, _ = _run([sys.executable, "-c", "from tokenizers import Tokenizer; import sys; "
                                "Tokenizer.from_file(sys.argv[1])", tokenizer], env)  # fmt: skip
         prep_import, _ = _run([*cli, "--help"], env)  # the CLI's start: its imports and parser
         chunk = str(-(-text.stat().st_size // args.units))
-        results = {}
-        for workers in (1, 2):
-            out = Path(tmp, f"out{workers}")
-            cmd = [*cli, "--input", str(text), "--output", str(out), "--tokenizer", tokenizer]
-            cmd += ["--seq-len", str(args.seq_len), "--workers", str(workers), "--chunk-bytes", chunk]
-            results[workers] = _run(cmd, env)
-            shutil.rmtree(out)
+        rounds: list[dict] = []
+        for _ in range(args.rounds):  # interleaved, so that a busy spell of the machine hits all alike
+            r = {"bare": _run([sys.executable, "-c", BARE, tokenizer, str(text)], env)}
+            for workers in (1, 2):
+                out = Path(tmp, f"out{workers}")
+                cmd = [*cli, "--input", str(text), "--output", str(out), "--tokenizer", tokenizer]
+                cmd += ["--seq-len", str(args.seq_len), "--workers", str(workers), "--chunk-bytes", chunk]
+                r[workers] = _run(cmd, env)
+                shutil.rmtree(out)
+            rounds.append(r)
 
-    bare_mb = (bare - bare_import) / mb
-    prep_mb = (results[1][0] - prep_import) / mb
-    print(
-        f"text: {mb:.1f} MB ({args.text} x {args.repeat}), seq {args.seq_len}, {args.units} units, one tokenizer thread"
-    )
+    def median(values: list[float]) -> float:
+        return sorted(values)[len(values) // 2]
+
+    bare_mb = median([(r["bare"][0] - bare_import) / mb for r in rounds])
+    prep_mb = median([(r[1][0] - prep_import) / mb for r in rounds])
+    print(f"text: {mb:.1f} MB ({args.text} x {args.repeat}), seq {args.seq_len}, {args.units} units, one tokenizer "
+          f"thread; medians of {args.rounds} rounds")  # fmt: skip
     print(f"imports alone (subtracted): tokenizer {bare_import:.2f} CPU-s, prepare {prep_import:.2f} CPU-s")
     print(f"bare tokenizer (encode_batch of 1,000 lines):  {bare_mb:.3f} CPU-s/MB")
-    print(f"prepare --workers 1:                            {prep_mb:.3f} CPU-s/MB   ratio {prep_mb / bare_mb:.2f}")
-    for w, (cpu, wall) in results.items():
+    ratios = [(r[1][0] - prep_import) / (r["bare"][0] - bare_import) for r in rounds]
+    print(f"prepare --workers 1:                            {prep_mb:.3f} CPU-s/MB   ratio {median(ratios):.2f}")
+    print("  ratio per round: " + ", ".join(f"{x:.2f}" for x in ratios))
+    for w in (1, 2):
+        cpu, wall = median([r[w][0] for r in rounds]), median([r[w][1] for r in rounds])
         print(f"prepare --workers {w}: {wall:7.1f} s wall, {mb / wall:6.2f} MB/s, {cpu:7.1f} CPU-s ({cpu / mb:.3f}/MB)")
-    print(f"throughput 2 workers / 1 worker: {results[1][1] / results[2][1]:.2f}x")
+    speedup = median([r[1][1] / r[2][1] for r in rounds])
+    print(f"throughput 2 workers / 1 worker: {speedup:.2f}x")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+    print(f"largest resident set of any one process (the runs above, workers included): {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from electra_scale.data import load_manifest, prepare
@@ -91,7 +92,9 @@ def test_workers_and_tasks_write_the_same_shards(inputs, vocab, reference, tmp_p
     the reference's shards, held-out set and manifest, byte for byte. pretrain trains from the merged set."""
     ref, chunk = reference
     args = ["prepare", "--input", *inputs, "--tokenizer", vocab, *SPLIT, "--chunk-bytes", str(chunk)]
-    run_cli([*args, "--output", str(tmp_path / "two"), "--workers", "2"])
+    proc = run_cli([*args, "--output", str(tmp_path / "two"), "--workers", "2"])
+    last = proc.stderr.replace("\r", "\n").strip().splitlines()[-1]  # the progress bar, in bytes of input
+    assert "prepare: 100%|" in last and "B/s]" in last, last
     assert _files(tmp_path / "two") == _files(ref)
 
     out = tmp_path / "three"
@@ -229,3 +232,24 @@ def test_parquet_is_cut_between_row_groups(inputs, vocab, tmp_path):
     for k in range(2):
         prepare(files, str(tmp_path / "two"), vocab, **kwargs, workers=2, task_index=k, num_tasks=2)
     assert _files(tmp_path / "two") == _files(tmp_path / "one") and len(one.shards) > 3
+
+
+def test_the_stream_over_many_units_follows_its_definition(reference):
+    """A set of many units (each with its short last shard and block) streams as any set does: every position
+    holds the example the documented order puts there, each epoch trains every example once plus the padding."""
+    from tests.test_data import SEED, all_shard_samples, expected_examples, global_batches, make_stream, take
+
+    out, _ = reference
+    manifest = load_manifest(str(out))
+    blocks = [b.samples for s in manifest.shards for b in s.blocks]
+    assert len(manifest.shards) > 6 and min(blocks) < max(blocks)  # short blocks inside the set, not only last
+    corpus = all_shard_samples(str(out), manifest)
+    stream = make_stream(str(out), manifest, global_batch_size=16, micro_batch_size=8, partitions=4,
+                         shuffle_blocks=2, num_workers=2)  # fmt: skip
+    epoch = stream.layout.epoch_size
+    batches = global_batches([take(stream, 2 * epoch // 16 + 1)])
+    samples = np.concatenate([b[4] for b in batches])
+    assert samples.tolist() == expected_examples(manifest, corpus, SEED, 4, 2, len(samples))
+    for e in range(2):
+        counts = np.bincount(samples[e * epoch : (e + 1) * epoch], minlength=manifest.num_samples)
+        assert counts.min() == 1 and counts.sum() == epoch

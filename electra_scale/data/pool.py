@@ -60,5 +60,8 @@ def run_units(jobs: list, tok_json: str, workers: int, progress: bool, desc: str
         finally:
             done.set()
             drainer.join()
+            with contextlib.suppress(queue.Empty):  # what the workers reported last
+                while True:
+                    bar.update(reports.get_nowait())
     finally:
         bar.close()

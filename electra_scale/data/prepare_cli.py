@@ -82,6 +82,12 @@ def add_arguments(pr: argparse.ArgumentParser) -> None:
     )
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity mask (set by SLURM's and cgroups' cpusets), where the OS
+    has one."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def task_of(args, env=os.environ) -> tuple[int, int]:
     """(K, N): the flags, else a SLURM array task's variables, else a Kubernetes Indexed Job pod's, else (0, 1)."""
     k, n = args.task_index, args.num_tasks
@@ -182,7 +188,7 @@ def run(args) -> int:
         text_column=_value(args, "text_column"),
         eval_fraction=_value(args, "eval_fraction"),
         eval_output=args.eval_out,
-        workers=args.workers or len(os.sched_getaffinity(0)),
+        workers=args.workers or usable_cores(),
         task_index=task,
         num_tasks=num_tasks,
         chunk_bytes=_value(args, "chunk_bytes"),

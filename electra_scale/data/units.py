@@ -254,21 +254,29 @@ def segment_documents(
     seg: Segment, text_column: str = "text", report: Callable[[int], None] = lambda n: None
 ) -> Iterator[Document]:
     """The documents of one segment, each as its list of paragraphs (non-empty, stripped lines); ``report``
-    is called with the bytes read as reading progresses."""
+    is called with the segment's bytes as reading progresses, ``seg.end - seg.start`` in all."""
+    size, told = seg.end - seg.start, 0
+
+    def partial(n: int) -> None:  # reads run past the segment's end (to a document's end), not its count
+        nonlocal told
+        n = min(n, size - told)
+        if n > 0:
+            told += n
+            report(n)
+
     kind = input_kind(seg.url)
     if seg.whole and kind != "table":  # a .gz reports its (compressed) size when done, as tables do
         yield from _jsonl_documents(seg, text_column, _quiet) if kind == "jsonl" else _txt_documents(seg, _quiet)
-        report(seg.end - seg.start)
     elif kind == "table":
         for text in iter_texts(seg.url, text_column, seg.row_groups):
             doc = _paragraphs(text)
             if doc:
                 yield doc
-        report(seg.end - seg.start)
     elif kind == "jsonl":
-        yield from _jsonl_documents(seg, text_column, report)
+        yield from _jsonl_documents(seg, text_column, partial)
     else:
-        yield from _txt_documents(seg, report)
+        yield from _txt_documents(seg, partial)
+    partial(size)
 
 
 def _quiet(n: int) -> None:
