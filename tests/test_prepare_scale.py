@@ -253,3 +253,53 @@ def test_the_stream_over_many_units_follows_its_definition(reference):
     for e in range(2):
         counts = np.bincount(samples[e * epoch : (e + 1) * epoch], minlength=manifest.num_samples)
         assert counts.min() == 1 and counts.sum() == epoch
+
+
+def test_a_killed_task_is_rerun_alone(inputs, vocab, tmp_path):
+    """Task 0 of 2 is SIGKILLed mid-slice, inside a unit (it blocks reading a named pipe, one of its inputs,
+    after its earlier units are done): no part, that unit unmarked while its earlier ones are; finalize refuses
+    naming task 0; re-run alone (the pipe now an empty file, as the reference has), it redoes that unit only,
+    and the set is the reference's byte for byte."""
+    import signal
+    import time
+
+    root = tmp_path / "in"
+    root.mkdir()
+    files = [str(root / n) for n in ("a.jsonl", "e.txt", "b.jsonl", "c.txt")]
+    for src, dst in zip([inputs[0], None, inputs[1], inputs[2]], files):
+        if src is not None:
+            Path(dst).write_bytes(Path(src).read_bytes())
+    os.mkfifo(files[1])
+    chunk = 20000
+    units = plan_units(files, [os.path.getsize(f) for f in files], chunk)  # the pipe's size is 0, as the file's
+    stuck = next(u.index for u in units if any(s.url == files[1] for s in u.segments))
+    assert stuck > 0 and stuck in [u.index for u in assign(units, 0, 2)]
+    out = tmp_path / "out"
+    args = ["prepare", "--input", *files, "--output", str(out), "--tokenizer", vocab, *SPLIT]
+    args += ["--chunk-bytes", str(chunk), "--workers", "1", "--num-tasks", "2"]
+    run = start_cli([*args, "--task-index", "0"])
+    markers = [out / "parts" / "units" / f"unit-{i:06d}.json" for i in range(stuck)]
+    deadline = time.monotonic() + PATIENCE
+    while not all(m.exists() for m in markers):  # then the task is blocked opening the pipe, for good
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1][-3000:]
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait(PATIENCE)
+    run.close()
+    assert not (out / "parts" / "part-00000-of-00002.json").exists()
+    assert not (out / "parts" / "units" / f"unit-{stuck:06d}.json").exists()
+
+    run_cli([*args, "--task-index", "1"])
+    proc = run_cli(["prepare", "--finalize", "--output", str(out)], check=False)
+    assert proc.returncode == 2 and "task(s) 0 of 2 have not finished" in proc.stderr
+    done = {p: p.stat().st_mtime_ns for p in out.glob("train-*.tar") if not p.name.startswith(f"train-{stuck:06d}-")}
+    os.unlink(files[1])
+    Path(files[1]).write_bytes(b"")
+    proc = run_cli([*args, "--task-index", "0"])
+    assert "finalized" in proc.stdout
+    assert all(p.stat().st_mtime_ns == t for p, t in done.items()) and done  # finished units were not redone
+
+    ref = tmp_path / "ref"
+    run_cli(["prepare", "--input", *files, "--output", str(ref), "--tokenizer", vocab, *SPLIT]
+            + ["--chunk-bytes", str(chunk), "--workers", "1"])  # fmt: skip
+    assert _files(out) == _files(ref)
