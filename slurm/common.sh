@@ -1,5 +1,9 @@
-# The shared body of every slurm/pretrain_*.sh (they differ only in #SBATCH lines and CONFIG).
-# Sourced, not run. Starts one `electra-scale pretrain` task per GPU with srun; electra_scale/infra/launch.py reads
+# The shared body of every slurm/*.sh script. Sourced, not run.
+#
+# slurm/pretrain_*.sh (they differ only in #SBATCH lines and CONFIG) call run_pretrain; slurm/prepare.sh and
+# slurm/prepare_finalize.sh call run_prepare (see there).
+#
+# run_pretrain starts one `electra-scale pretrain` task per GPU with srun; electra_scale/infra/launch.py reads
 # rank, world size and master from SLURM's variables. On SIGUSR1 (--signal=USR1@N before the time limit, or
 # `scancel --signal=USR1 JOB`) every task finishes its step, saves a checkpoint and exits 75; then the job
 # requeues itself, and the requeued run resumes from that checkpoint.
@@ -22,22 +26,26 @@ cd "$ELECTRA_HOME"
 #   export NCCL_ASYNC_ERROR_HANDLING=1 # fail fast instead of hanging when a peer dies
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
+# The srun options and the command that run electra-scale: in ELECTRA_IMAGE's container, else from the venv.
+electra_command() {
+    SRUN_ARGS=()
+    if [ -n "${ELECTRA_IMAGE:-}" ]; then
+        SRUN_ARGS+=(--container-image="$ELECTRA_IMAGE" --container-workdir=/opt/electra-scale)
+        ELECTRA=(electra-scale)
+    else
+        ELECTRA=("${ELECTRA_VENV:-$ELECTRA_HOME/.venv}/bin/electra-scale")
+    fi
+}
+
 run_pretrain() {
     # No --kill-on-bad-exit: after a signal every task saves and exits 75, and srun must let the last one
     # finish its save rather than kill it when the first one exits. A crashed task is still caught: the
     # others fail in their next collective (timeout) or at the time limit.
-    local srun_args=(--cpu-bind=none)
-    local cmd
-    if [ -n "${ELECTRA_IMAGE:-}" ]; then
-        srun_args+=(--container-image="$ELECTRA_IMAGE" --container-workdir=/opt/electra-scale)
-        cmd=(electra-scale)
-    else
-        cmd=("${ELECTRA_VENV:-$ELECTRA_HOME/.venv}/bin/electra-scale")
-    fi
+    electra_command
     echo "electra-scale: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${CONFIG} $*"
     # srun in the background so that this shell can wait and still react; the tasks get the signal.
     set +e
-    srun "${srun_args[@]}" "${cmd[@]}" pretrain --config "$CONFIG" "$@" &
+    srun --cpu-bind=none "${SRUN_ARGS[@]}" "${ELECTRA[@]}" pretrain --config "$CONFIG" "$@" &
     local pid=$!
     wait "$pid"
     local rc=$?
@@ -59,4 +67,19 @@ run_pretrain() {
         exit 0
     fi
     exit "$rc"
+}
+
+run_prepare() {
+    # One `electra-scale prepare` process: a task of a job array (it reads SLURM_ARRAY_TASK_ID/COUNT), the
+    # finalize step, or the vocabulary step. No --cpu-bind=none here: the task keeps the CPUs the job was
+    # given as its affinity, and prepare's --workers defaults to them (--cpus-per-task). srun is told them
+    # again because since Slurm 22.11 it no longer inherits --cpus-per-task from sbatch.
+    electra_command
+    local task=""
+    if [ -n "${SLURM_ARRAY_TASK_ID:-}" ]; then
+        task=" (array job ${SLURM_ARRAY_JOB_ID}, task ${SLURM_ARRAY_TASK_ID} of ${SLURM_ARRAY_TASK_COUNT:-?})"
+    fi
+    echo "electra-scale: job ${SLURM_JOB_ID}${task} on ${SLURM_JOB_NODELIST}, ${SLURM_CPUS_PER_TASK:-all} CPU(s): prepare $*"
+    exec srun --ntasks=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} "${SRUN_ARGS[@]}" \
+        "${ELECTRA[@]}" prepare "$@"
 }

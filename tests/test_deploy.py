@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -238,9 +240,11 @@ def test_container_test_script_parses_and_hashes_the_images_inputs():
 
 
 SLURM_SCRIPTS = ["pretrain_large.sh", "pretrain_small.sh", "pretrain_tiny_cpu.sh"]
+# The prepare flow's scripts and the last line of each: the call into common.sh, which only adds arguments.
+PREPARE_SCRIPTS = {"prepare.sh": 'run_prepare "$@"', "prepare_finalize.sh": 'run_prepare --finalize "$@"'}
 
 
-@pytest.mark.parametrize("script", [*SLURM_SCRIPTS, "common.sh"])
+@pytest.mark.parametrize("script", [*SLURM_SCRIPTS, *PREPARE_SCRIPTS, "common.sh"])
 def test_slurm_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "slurm" / script)], check=True)
 
@@ -258,6 +262,17 @@ def test_slurm_scripts_share_one_body(script):
     load_config(config)
 
 
+@pytest.mark.parametrize("script", sorted(PREPARE_SCRIPTS))
+def test_slurm_prepare_scripts_share_one_body(script):
+    text = (ROOT / "slurm" / script).read_text()
+    directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
+    # One process per task (its workers are its own processes), on the CPUs it asks for.
+    assert directives["ntasks"] == "1" and int(directives["cpus-per-task"]) >= 1 and "time" in directives
+    assert "array" not in directives  # the array's size is the user's --array, to match --num-tasks
+    assert "slurm/common.sh" in text and text.rstrip().endswith(PREPARE_SCRIPTS[script])
+    assert "srun" not in text  # launch logic lives in common.sh only
+
+
 def test_large_script_has_one_task_per_gpu():
     text = (ROOT / "slurm" / "pretrain_large.sh").read_text()
     directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
@@ -266,3 +281,156 @@ def test_large_script_has_one_task_per_gpu():
     cfg = load_config("configs/large.yaml")
     tasks = int(directives["nodes"]) * int(directives["ntasks-per-node"])
     assert cfg.train.global_batch_size % (cfg.train.micro_batch_size * tasks) == 0
+
+
+# The prepare flow on Kubernetes (k8s/prepare): the vocabulary step, the Indexed Job of tasks, the finalize step,
+# and the Job that re-runs one failed index.
+PREPARE_STEPS = ["tokenizer", "tasks", "finalize", "rerun"]
+
+
+def prepare_job(step: str) -> dict:
+    (job,) = kustomize_dir(ROOT / "k8s" / "prepare" / step)
+    return job
+
+
+@pytest.mark.parametrize("step", PREPARE_STEPS)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_prepare_manifests_build_and_validate(step, version, tmp_path):
+    built = tmp_path / f"prepare-{step}.yaml"
+    built.write_text(yaml.safe_dump(prepare_job(step)))
+    validate(built, version)
+
+
+def test_prepare_job_semantics_schemas_do_not_check():
+    """What kubernetes-validate passes unchecked (enums, agreements between fields), and the three steps' commands:
+    the tasks' own arguments, plus --finalize for the finalize step, and a trained vocabulary for the first."""
+    jobs = {step: prepare_job(step) for step in PREPARE_STEPS}
+    tasks = jobs["tasks"]
+    spec, pod = tasks["spec"], tasks["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = env_of(container)
+    n = int(env["ELECTRA_PREPARE_NUM_TASKS"]["value"])
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == n > 1
+    # A failed index is retried alone, and a bad input (exit 2) fails its own index at once, not the Job.
+    assert spec["backoffLimitPerIndex"] >= 1 and "maxFailedIndexes" not in spec
+    rules = spec["podFailurePolicy"]["rules"]
+    assert [r["onExitCodes"]["values"] for r in rules if r["action"] == "FailIndex"] == [[2]]
+    assert all(r["onExitCodes"]["containerName"] == container["name"] for r in rules if "onExitCodes" in r)
+    assert any(c["type"] == "DisruptionTarget" for r in rules if r["action"] == "Ignore" for c in r["onPodConditions"])
+    assert pod["restartPolicy"] == "Never"
+    # --workers is the CPU request: a pod sees all of the node's cores, not its share.
+    args = container["args"]
+    assert args[0] == "prepare" and args[args.index("--workers") + 1] == container["resources"]["requests"]["cpu"]
+    output = args[args.index("--output") + 1]
+    assert output.startswith("s3://") and args[args.index("--tokenizer") + 1] == f"{output}/tokenizer.json"
+
+    image = parts("large")[0]["spec"]["template"]["spec"]["containers"][0]["image"]
+    finalize, tokenizer = jobs["finalize"], jobs["tokenizer"]
+    assert finalize["spec"]["template"]["spec"]["containers"][0]["args"] == ["prepare", "--finalize", *args[1:]]
+    vocab = tokenizer["spec"]["template"]["spec"]["containers"][0]["args"]
+    i = args.index("--tokenizer") + 1
+    assert vocab[:i] + vocab[i + 1 : len(args)] == args[:i] + args[i + 1 :]
+    assert re.fullmatch(r"train:\d+", vocab[i]) and vocab[len(args)] == "--tokenizer-only"
+    rerun = jobs["rerun"]["spec"]["template"]["spec"]["containers"][0]
+    assert rerun["args"] == [
+        *args,
+        "--task-index=$(ELECTRA_PREPARE_TASK_INDEX)",
+        "--num-tasks=$(ELECTRA_PREPARE_NUM_TASKS)",
+    ]
+    assert 0 <= int(env_of(rerun)["ELECTRA_PREPARE_TASK_INDEX"]["value"]) < n
+    for step, job in jobs.items():
+        pod = job["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        env = env_of(container)
+        assert job["metadata"]["name"] == "electra-prepare" + ("" if step == "tasks" else f"-{step}")
+        assert container["image"] == image  # the training job's
+        if step != "tasks":
+            assert job["spec"]["completions"] == job["spec"]["parallelism"] == 1
+        # finalize and the re-run know the tasks' N; the vocabulary step is a single task.
+        assert int(env["ELECTRA_PREPARE_NUM_TASKS"]["value"]) == (1 if step == "tokenizer" else n)
+        # Non-root, like the training job; credentials only from a Secret, by reference.
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert container["envFrom"] == [{"secretRef": {"name": "electra-s3"}}]
+        assert not any(re.search(r"KEY|SECRET|TOKEN|PASSWORD", name) for name in env), sorted(env)
+
+
+def pod_command(job: dict, bucket: str) -> tuple[list[str], dict[str, str]]:
+    """A prepare pod's command and the env its manifest gives it, with the manifest's buckets moved to the test's
+    S3 server, --workers (the pod's CPU request) to what this machine runs N of at once, and work units small
+    enough (--chunk-bytes) that each of the N pods has some of this small corpus."""
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    args = [a.replace("s3://electra-data/", f"{bucket}/") for a in container["args"]]
+    args[args.index("--workers") + 1] = "1"
+    args += ["--chunk-bytes", "16384"]
+    env = {name: e["value"] for name, e in env_of(container).items() if "value" in e}
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]  # as the kubelet expands them
+    return [str(BIN / "electra-scale"), *args], env
+
+
+def test_prepare_runs_as_the_indexed_jobs_pods_then_finalize(s3_bucket, tmp_path):
+    """The three Jobs' commands on a real S3 server (SeaweedFS; its keys in the env stand for the Secret): the
+    vocabulary step's one pod, then the tasks' pods at once, each with the manifest's env plus the
+    JOB_COMPLETION_INDEX the Job controller adds, then finalize. One index is lost for good (its pod never ran):
+    finalize refuses, naming it; the re-run Job, set to that index, completes the set, the same bytes as one
+    local prepare of the same text with the same vocabulary."""
+    from electra_scale.infra import storage
+    from tests.corpus import write_corpus
+
+    for i in range(4):
+        corpus = write_corpus(tmp_path / f"docs-{i}.jsonl", documents=100, seed=200 + i)
+        storage.upload_file(corpus, f"{s3_bucket}/raw/docs-{i}.jsonl")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JOB_COMPLETION", "ELECTRA_PREPARE"))}
+
+    def run(job: dict, index: int) -> subprocess.Popen:
+        cmd, env = pod_command(job, s3_bucket)
+        # Indexed Job pods get their index from the controller (JOB_COMPLETION_INDEX, and a label/annotation).
+        return subprocess.Popen(cmd, env={**base, **env, "JOB_COMPLETION_INDEX": str(index)}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def finish(procs: list[subprocess.Popen], rc: int = 0) -> list[str]:
+        logs = [proc.communicate(timeout=900)[0] for proc in procs]
+        for proc, log in zip(procs, logs):
+            assert proc.returncode == rc, log[-3000:]
+        return logs
+
+    jobs = {step: prepare_job(step) for step in PREPARE_STEPS}
+    finish([run(jobs["tokenizer"], 0)])
+    tasks = jobs["tasks"]
+    n, lost = tasks["spec"]["completions"], 2
+    finish([run(tasks, k) for k in range(n) if k != lost])
+    cmd, _ = pod_command(tasks, s3_bucket)
+    out = cmd[cmd.index("--output") + 1]
+    (log,) = finish([run(jobs["finalize"], 0)], rc=2)
+    assert log.count("error:") == 1 and f"task(s) {lost} of {n} have not finished" in log, log
+    assert not storage.exists(f"{out}/manifest.json")
+    rerun = jobs["rerun"]
+    index = env_of(rerun["spec"]["template"]["spec"]["containers"][0])["ELECTRA_PREPARE_TASK_INDEX"]
+    index["value"] = str(lost)  # what the user sets in k8s/prepare/rerun
+    (log,) = finish([run(rerun, 0)])
+    assert f"finalized {out}" in log, log  # the last task to finish finalizes
+    # The finalize Job then says so and succeeds.
+    (log,) = finish([run(jobs["finalize"], 0)])
+    assert "finalized" in log and storage.exists(f"{out}/manifest.json"), log
+
+    reference = f"{s3_bucket}/reference"
+    local = [*cmd[: cmd.index("--output") + 1], reference, *cmd[cmd.index("--output") + 2 :], "--num-tasks", "1"]
+    local[local.index("--tokenizer") + 1] = f"{out}/tokenizer.json"
+    subprocess.run(local, env=base, check=True, capture_output=True, timeout=900)
+    want, got = shard_set(reference), shard_set(out)
+    assert sorted(got) == sorted(want) and all(got[name] == want[name] for name in want)
+    assert sum(name.endswith(".tar") for name in got) >= n, "every pod wrote shards"
+
+
+def shard_set(prefix: str) -> dict[str, bytes]:
+    """A shard set's objects but parts/ (the tasks' records), its manifests without their `created` time."""
+    from electra_scale.infra import storage
+
+    out = {}
+    for name in storage.list_files(prefix):
+        if not name.startswith("parts/"):
+            data = storage.read_bytes(f"{prefix}/{name}")
+            out[name] = json.dumps({**json.loads(data), "created": None}) if name.endswith("manifest.json") else data
+    return out
