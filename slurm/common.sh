@@ -24,9 +24,11 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 
 run_pretrain() {
     # No --kill-on-bad-exit: after a signal every task saves and exits 75, and srun must let the last one
-    # finish its save rather than kill it when the first one exits. A crashed task is still caught: the
-    # others fail in their next collective (timeout) or at the time limit.
-    local srun_args=(--cpu-bind=none)
+    # finish its save rather than kill it when the first one exits (they leave within seconds of each other:
+    # the save ends in a collective). --wait ends the tasks left ELECTRA_SRUN_WAIT seconds after the first one
+    # exits: a rank frozen (SIGSTOP, a hung driver) cannot run its own watchdog, and without it srun would wait
+    # for it forever while its peers' watchdogs have already exited 75 (engine/watchdog.py).
+    local srun_args=(--cpu-bind=none "--wait=${ELECTRA_SRUN_WAIT:-120}")
     local cmd
     if [ -n "${ELECTRA_IMAGE:-}" ]; then
         srun_args+=(--container-image="$ELECTRA_IMAGE" --container-workdir=/opt/electra-scale)
@@ -47,7 +49,8 @@ run_pretrain() {
     done
     set -e
     if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
-        echo "electra-scale: checkpoint saved after a signal; requeueing job ${SLURM_JOB_ID}"
+        # 75: a checkpoint saved after a signal, or a rank's watchdog that found the run stuck (engine/watchdog.py).
+        echo "electra-scale: exit 75 (a stuck rank's watchdog, or a checkpoint saved after a signal; requeueing job ${SLURM_JOB_ID})"
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi

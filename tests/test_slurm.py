@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -268,3 +269,49 @@ def test_a_second_job_on_the_output_dir_of_a_running_one_is_refused(slurm, shard
         deadline = time.monotonic() + PATIENCE
         while slurm.job(job_a).get("JobState") in ("PENDING", "RUNNING", "COMPLETING") and time.monotonic() < deadline:
             time.sleep(0.5)
+
+
+def task_pid(job: str, procid: int) -> int | None:
+    """The pid of task ``procid`` of ``job``'s training step (its environment says which), if it runs."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\0") if "=" in v)
+            cmd = (proc / "cmdline").read_text()
+        except OSError:
+            continue
+        ours = env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == str(procid)
+        in_step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")) not in (None, "batch")
+        if ours and in_step and "pretrain" in cmd and "srun" not in cmd:  # the task, not the batch script's srun
+            return int(proc.name)
+    return None
+
+
+def test_a_frozen_rank_ends_in_a_requeue_and_the_job_finishes(slurm, shards, tmp_path):
+    """A task frozen with SIGSTOP mid-run: the other task's watchdog exits 75 after run.timeouts.step_s, srun
+    ends the frozen one (--wait, slurm/common.sh), the script requeues the job, and the requeued run takes the
+    lease over (a later SLURM_RESTART_COUNT), resumes from its last complete checkpoint and finishes."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    step_s, total = 30, 12
+    args = sbatch_args(shards, out, log, f"train.max_steps={total}", "checkpoint.every_steps=4")
+    args.append(f"run.timeouts.step_s={step_s}")
+    env = {**job_env(slurm), "ELECTRA_SRUN_WAIT": "20"}
+    job = _run(*args, env=env).strip().split(";")[0]
+    deadline = time.monotonic() + PATIENCE
+    while 5 not in steps(out) or not (out / "checkpoints" / "step_0000004" / "COMPLETE").exists():
+        assert time.monotonic() < deadline, log_tail(log)
+        assert slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), log_tail(log)
+        time.sleep(0.2)
+    pid = task_pid(job, 1)
+    assert pid is not None, "task 1 of the training step was not found"
+    os.kill(pid, signal.SIGSTOP)
+    info = follow(slurm, job, log, PATIENCE, completed)
+
+    text = log.read_text()
+    stuck = [line for line in text.splitlines() if "watchdog: rank 0 stuck in step" in line]
+    assert len(stuck) == 1 and f"run.timeouts.step_s={step_s}" in stuck[0], log_tail(log)
+    assert "exit 75" in text and f"requeueing job {job}" in text
+    assert re.search(r"resumed from \S+/step_0000004 at step 4\b", text), log_tail(log)
+    assert f"this is a later incarnation of job slurm {job}" in text  # the lease, taken over by the requeue
+    assert steps(out) == list(range(1, total + 1))
+    assert int(info["Restarts"]) >= 1
+    print(f"\njob {job}: {stuck[0]}\n{info['JobState']}, restarts {info['Restarts']}")

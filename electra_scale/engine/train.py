@@ -26,6 +26,7 @@ from electra_scale.config import Config, ConfigError, cache_root, deepspeed_conf
 from electra_scale.data.shards import DataError
 from electra_scale.data.stream import PretrainStream, check_same_mix, load_sources, resolve_partitions
 from electra_scale.data.tokenizer import continuation_ids, load_tokenizer, model_dir_tokenizer
+from electra_scale.engine import watchdog
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.evaluate import Evaluator, describe
 from electra_scale.engine.lease import LeaseLost, hold
@@ -33,7 +34,10 @@ from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, Sam
 from electra_scale.engine.model import SHAPE_KEYS, peak_tflops, training_flops
 from electra_scale.engine.objective import build_objective, summarize
 from electra_scale.engine.pretrained import check_vocabulary, fetch_weights, load_weights
+from electra_scale.engine.startup import StartupClock
 from electra_scale.engine.step import all_reduce_host, build_engine, real_counts, train_step
+from electra_scale.engine.stragglers import StragglerReport
+from electra_scale.engine.watchdog import process_group_timeout
 from electra_scale.infra import launch, storage
 
 log = logging.getLogger("electra_scale")
@@ -104,16 +108,21 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     them); it runs outside the timed windows."""
     # ---------------------------------------------------------------------------------------- set up
     stop = StopRequest()  # from the start: a signal during set-up stops the run after its first step
+    clock = StartupClock()  # restart latency, part by part (engine/startup.py)
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
         torch.use_deterministic_algorithms(True)
     dist_env = launch.detect()
-    device = launch.init_distributed(dist_env)
+    dog = watchdog.start(cfg, dist_env.rank, EXIT_PREEMPTED)  # a stuck phase ends the process: exit 75
+    device = launch.init_distributed(dist_env, process_group_timeout(dog.limits))
     if device.type == "cuda" and cfg.train.precision != "fp32":
         # The only fp32 matmul of a bf16/fp16 run is the vocabulary projection (objective.masked_lm_logits),
         # whose inputs are bf16/fp16 values: TF32 tensor cores compute it exactly, at half the bf16 rate.
         torch.backends.cuda.matmul.allow_tf32 = True
-    host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # collective: every rank
+    pg_timeout = process_group_timeout(dog.limits)
+    host_group = dist.new_group(backend="gloo", timeout=pg_timeout) if device.type == "cuda" else None  # collective
+    clock.mark("distributed_init")
+    dog.waiting("the inputs, then the lease")
     world, main = dist_env.world_size, dist_env.is_main
     # The inputs first, so that a run that cannot start leaves nothing behind; then the output.
     sources = load_sources(cfg.data.resolved_sources())  # one tokenizer and seq_len for all, or refused
@@ -151,16 +160,24 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         resolve_partitions(cfg.data.partitions, world, fewest, saved_partitions(saved))
         check_same_mix(saved.get("data_position", {}), sources)
 
+    clock.mark("inputs_and_lease")
+    dog.waiting("checkpoint fetch and verify (storage requests, then every rank)")
     resume_from = checkpointer.select(zero_stage, check_state=check_data)
+    clock.mark("checkpoint_fetch")
     if cfg.model.init_from:
         if resume_from is not None:  # the run's own checkpoint is newer than where it started
             log.info("resuming %s: model.init_from (%s) is not used", cfg.run.output_dir, cfg.model.init_from)
         else:
             check_vocabulary(cfg.model.init_from, cfg.data.tokenizer_prefix)
             init_weights(cfg, objective, cache, dist_env.local_rank)
+    dog.waiting("the engine's build (deepspeed.initialize)")
     engine = build_engine(cfg, objective, world, device, universal=resume_from is not None and resume_from.universal)
+    clock.mark("engine")
+    stragglers = StragglerReport(dist_env.rank, world, cfg.run.straggler, engine.module, device)
     torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout differs between ranks
+    dog.waiting("checkpoint load")
     state = checkpointer.load(engine, resume_from) if resume_from is not None else {}
+    clock.mark("checkpoint_load")
     start_step = state.get("step", 0)
     if state and state["global_batch_size"] != cfg.train.global_batch_size:
         raise ConfigError(
@@ -191,8 +208,10 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     # corrupt under data.on_corrupt_shard=error) stops a new run with its output dir as it was. No rank writes
     # until every rank has its batches: one that fails exits, and its launcher ends the others at the barrier.
     batches = iter(stream)
+    dog.waiting("the data stream's first batches, then every rank's (a barrier)")
     first_batches = next(batches) if start_step < stop_step else None
     dist.barrier(group=host_group)
+    clock.mark("data_seek")
     metrics = None
     if main:
         metrics = MetricsLogger(
@@ -247,9 +266,12 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     source_window = [0] * len(sources)  # this rank's, in the window
     sums: dict[str, torch.Tensor | float] = defaultdict(float)
     for step in range(start_step, stop_step):
+        # The first step of a start compiles and JITs: it has the setup's timeout.
+        dog.phase("step", step + 1, "the data loader's next batch", limit="setup" if step == start_step else None)
         waited = time.perf_counter()
         micro_batches, first_batches = first_batches or next(batches), None
         data_wait += time.perf_counter() - waited  # the step blocked on its input for this long
+        dog.waiting("the step's compute and collectives (stop vote, global counts, gradient all-reduce)")
         tokens, pairs = real_counts(micro_batches)
         real_tokens, real_pairs = real_tokens + tokens, real_pairs + pairs
         if mixed:
@@ -265,6 +287,8 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
                 sums[key] += value.detach()  # stays on the device: one sync per logging step, not per metric
         window_steps += 1
         done = step + 1
+        if step == start_step:
+            clock.first_step_done(main, resume_from.tag if resume_from is not None else None)
         if samples is not None:
             samples.log(
                 done,
@@ -278,7 +302,10 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
             values = [sums[k] for k in keys]  # device tensors, the AUC's histograms among them
             values += [float(len(stream.skipped) - skipped_logged), data_wait, float(real_tokens), float(real_pairs)]
             values += [float(n) for n in source_window]  # rides along: no collective of its own
+            values += stragglers.slots(data_wait, window_steps)  # each rank's own slot of W + W (stragglers.py)
+            dog.waiting("the logging all-reduce")
             summed = all_reduce_host(values, host_group)
+            summed, straggler_slots = summed[: -stragglers.size], summed[-stragglers.size :]
             *reduced_values, skipped_new, wait_sum, tokens, pairs = summed[: len(summed) - len(sources)]
             drawn = summed[len(summed) - len(sources) :]
             reduced = dict(zip(keys, reduced_values))
@@ -301,6 +328,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
                 data_wait=wait_sum / world / elapsed,
                 skipped_blocks=skipped_new,  # bad blocks left out in this window, all ranks (data.on_corrupt_shard)
             )
+            record.update(stragglers.report(done, straggler_slots, main), **clock.take())
             if mixed:  # each source's examples so far, and the epochs of it they make (each source has its own)
                 record["source_examples"] = dict(zip(stream.source_names, source_examples))
                 record["source_epochs"] = {
@@ -321,6 +349,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         # Held-out evaluation, before the checkpoint of the same step (a resume from it does not evaluate again);
         # skipped on the step a signal stops at, which should save and exit quickly.
         if evaluator is not None and evaluator.due(done) and not preempted:
+            dog.phase("eval", done, "the held-out evaluation's forward passes and all-reduce")
             evaluation = evaluator.run(engine, done, host_group)
             if main:
                 metrics.log(done, evaluation, split="eval")
@@ -342,12 +371,14 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
             }
             # metrics.jsonl first: once the checkpoint is marked complete (in the background), a kill -9 must not
             # leave a resume point whose steps the remote log lacks (a resume drops lines past it, never adds).
+            dog.phase("checkpoint", done, "the previous upload, then the local save and its barriers")
             if main and lease.lost is None:
                 metrics.sync()
             checkpointer.save(engine, done, trainer_state, extra_files)
         if preempted:
             break
 
+    dog.phase("checkpoint", done, "the last checkpoint's upload and the run's end (every rank)")
     lease_lost = vote.close()[1] or lease_lost  # the last vote's all-reduce: no collective is left in flight
     checkpointer.close()  # the last checkpoint is complete (uploaded, marked) before the run reports done
     if lease_lost or lease.lost is not None:  # metrics.jsonl is the new holder's now: not synced
@@ -363,6 +394,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
     if samples is not None:
         samples.close()
     lease.release()  # the next run on this output dir starts without waiting
+    dog.close()
     return {
         "start_step": start_step,
         "end_step": done,
@@ -479,6 +511,8 @@ class _Progress:
             if rec.get("disc_auc") is not None:  # None while a window has no replaced token
                 parts.append(f"auc {rec['disc_auc']:.3f}")
         parts += [f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:.0f} tok/s", f"eta {eta:.0f}s"]
+        if rec.get("slowest_vs_median") is not None:  # several ranks: the one the others wait for (stragglers.py)
+            parts.append(f"slowest rank {rec['slowest_rank']} {rec['slowest_vs_median']:.2f}x")
         if "source_examples" in rec:  # a mix: each source's examples so far and its epochs
             epochs = rec["source_epochs"]
             parts.append(", ".join(f"{k} {n:,} (ep {epochs[k]:.2f})" for k, n in rec["source_examples"].items()))
