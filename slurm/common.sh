@@ -39,7 +39,12 @@ run_pretrain() {
     echo "electra-scale: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${CONFIG} $*"
     # srun in the background so that this shell can wait and still react; the tasks get the signal.
     set +e
-    srun "${srun_args[@]}" "${cmd[@]}" pretrain --config "$CONFIG" "$@" &
+    # srun's own lines about its tasks' ends are kept aside (a copy; everything still reaches the job's log):
+    # when a task's watchdog exited 75 and srun then killed a frozen one, srun reports the kill, not the 75.
+    local ends
+    ends=$(mktemp)
+    srun "${srun_args[@]}" "${cmd[@]}" pretrain --config "$CONFIG" "$@" \
+        2> >(tee >(grep --line-buffered -E "^srun: error: .*: tasks? [0-9,-]+: Exited with exit code" >"$ends") >&2) &
     local pid=$!
     wait "$pid"
     local rc=$?
@@ -47,6 +52,17 @@ run_pretrain() {
         wait "$pid"
         rc=$?
     done
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne "$EXIT_PREEMPTED" ]; then
+        for _ in $(seq 50); do # the copy may lag srun's exit by a moment
+            grep -q "Exited with exit code $EXIT_PREEMPTED\$" "$ends" && break
+            sleep 0.1
+        done
+        if grep -q "Exited with exit code $EXIT_PREEMPTED\$" "$ends"; then
+            echo "electra-scale: srun exited $rc after a task exited $EXIT_PREEMPTED (the others ended by srun --wait)"
+            rc=$EXIT_PREEMPTED
+        fi
+    fi
+    rm -f "$ends"
     set -e
     if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
         # 75: a checkpoint saved after a signal, or a rank's watchdog that found the run stuck (engine/watchdog.py).

@@ -142,3 +142,20 @@ def test_a_rank_slowed_by_the_scheduler_is_named_the_straggler(shards, tmp_path)
     late = records[len(records) // 2 :]
     assert sum(m["slowest_rank"] == 1 for m in late) > len(late) // 2, [m["slowest_rank"] for m in late]
     print(json.dumps({k: v for k, v in records[-1].items() if k.startswith("slowest")}))
+
+
+def test_the_default_timeouts_scale_with_the_model_and_bad_ones_are_refused():
+    from electra_scale.config import ConfigError, load_config
+    from electra_scale.engine.watchdog import process_group_timeout, resolve_timeouts
+
+    tiny, large = (resolve_timeouts(load_config(f"configs/{name}.yaml")) for name in ("tiny", "large"))
+    assert tiny["setup"] >= 600 and tiny["checkpoint"] >= 420 and tiny["step"] == 180
+    assert large["setup"] > tiny["setup"] and large["checkpoint"] > tiny["checkpoint"], "a Large checkpoint is slower"
+    assert large["step"] == tiny["step"] and large["eval"] == tiny["eval"]
+    set_ = resolve_timeouts(load_config("configs/tiny.yaml", ["run.timeouts.setup_s=42", "run.timeouts.step_s=7"]))
+    assert set_["setup"] == 42 and set_["step"] == 7
+    assert process_group_timeout(large).total_seconds() == pytest.approx(max(large.values()))
+    with pytest.raises(ConfigError, match=r"run.timeouts.step_s=0.0 is not allowed; it must be > 0 \(seconds\)"):
+        load_config("configs/tiny.yaml", ["run.timeouts.step_s=0"])
+    with pytest.raises(ConfigError, match=r"run.straggler.factor=1.0 is not allowed; it must be > 1"):
+        load_config("configs/tiny.yaml", ["run.straggler.factor=1"])

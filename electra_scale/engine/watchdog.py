@@ -31,6 +31,7 @@ import time
 from datetime import timedelta
 
 from electra_scale.config import Config
+from electra_scale.infra import launch
 
 log = logging.getLogger("electra_scale")
 
@@ -144,6 +145,8 @@ class Watchdog:
             self.exit_code,
         )
         _end_descendants()  # data loader workers (and their forkserver) would outlive an os._exit
+        with contextlib.suppress(Exception):  # a Kubernetes pod's torchrun says 1; its supervisor then says 75
+            launch.mark_preempted()
         for stream in [*logging.getLogger().handlers, *log.handlers, sys.stdout, sys.stderr]:
             with contextlib.suppress(Exception):  # a broken stream must not keep a stuck process alive
                 stream.flush()
