@@ -50,7 +50,7 @@ def wait_for(predicate, run, log: Path, what: str) -> None:
 def test_a_frozen_rank_is_named_by_the_other_which_exits_75_and_the_rerun_resumes_exactly(shards, reference, tmp_path):
     """Rank 1 frozen (SIGSTOP) after step 5, past the step-4 checkpoint: rank 0 blocks in the step's collective;
     its watchdog names the phase, the step and what it waited for, and exits 75 within the step timeout plus a
-    margin. The frozen rank is then killed (as the launcher would), and the same command resumes from step 4 and
+    margin. The frozen rank, thawed, ends too and saves nothing; the same command then resumes from step 4 and
     trains steps 5..8 to the reference's losses."""
     out, log = tmp_path / "run", tmp_path / "run.log"
     args = pretrain_args(shards, str(out), *common(f"run.timeouts.step_s={STEP_S}"))
@@ -64,12 +64,18 @@ def test_a_frozen_rank_is_named_by_the_other_which_exits_75_and_the_rerun_resume
         run.procs[0].join(STEP_S + MARGIN)
         detected = time.monotonic() - stopped
         assert run.procs[0].exitcode == 75, (run.procs[0].exitcode, log.read_text()[-3000:])
+        # Thawed (SIGCONT) after its peer has gone, the frozen rank ends too, without a save: its phase is long
+        # expired (its watchdog fires at its next look) or its collective fails on the closed connection.
+        os.kill(frozen, signal.SIGCONT)
+        run.procs[1].join(STEP_S + MARGIN)
+        assert run.procs[1].exitcode not in (None, 0), run.procs[1].exitcode
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(frozen, signal.SIGKILL)
         run.kill()
         run.close()
     text = log.read_text()
+    print(f"\nthe thawed rank 1 exited {run.procs[1].exitcode}")
     (line,) = [x for x in text.splitlines() if "watchdog: rank 0 stuck" in x]
     m = re.search(r"watchdog: rank 0 stuck in step for (\d+)s at step (\d+), waiting for (.+) \(run\.timeouts", line)
     assert m, line

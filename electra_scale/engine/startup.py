@@ -2,9 +2,10 @@
 
 A restart's GPU-hours are lost from the failure to the first step after it. The launcher's part (a requeue,
 a new pod) is outside the process; from the process's start on, each part is a mark here: imports (the kernel's
-process start time to ``pretrain``), distributed init, the run's inputs and lease, checkpoint fetch and verify,
-the engine, checkpoint load, the data stream's seek to the resumed step (its first batches), and the first step
-(compile and JIT included). Rank 0 logs them once per start in one line, and the first metrics.jsonl record of
+process start time to ``pretrain``, DeepSpeed's import included), distributed init (the rendezvous: it ends
+when the slowest rank has joined, so another rank's slower start shows here), the run's inputs and lease,
+checkpoint fetch and verify, the engine, checkpoint load, the data stream's seek to the resumed step (its first
+batches), and the first step (compile and JIT included). Rank 0 logs them once per start in one line, and the first metrics.jsonl record of
 the start carries them under ``startup`` (with the wall-clock times of the process start and the first step,
 so that a supervisor that knows when the failure was, scripts/soak.py, can add the launcher's part).
 """
@@ -44,6 +45,10 @@ def process_start_time() -> float:
 class StartupClock:
     def __init__(self):
         self.process_start = process_start_time()
+        # DeepSpeed is imported lazily (by launch.init_distributed): imported here, so that its seconds count as
+        # imports, not as distributed init.
+        import deepspeed  # noqa: F401
+
         now = time.time()
         self.parts: dict[str, float] = {"imports": max(0.0, now - self.process_start)}
         self._last = time.monotonic()
