@@ -271,8 +271,9 @@ def test_a_second_job_on_the_output_dir_of_a_running_one_is_refused(slurm, shard
             time.sleep(0.5)
 
 
-def task_pid(job: str, procid: int) -> int | None:
-    """The pid of task ``procid`` of ``job``'s training step (its environment says which), if it runs."""
+def task_pid(job: str, procid: int, out: Path) -> int | None:
+    """The pid of task ``procid`` of ``job``'s training step, writing to ``out`` (other clusters on this machine
+    number their jobs from 1 too: the output dir is what is this test's), if it runs."""
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\0") if "=" in v)
@@ -281,7 +282,8 @@ def task_pid(job: str, procid: int) -> int | None:
             continue
         ours = env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == str(procid)
         in_step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")) not in (None, "batch")
-        if ours and in_step and "pretrain" in cmd and "srun" not in cmd:  # the task, not the batch script's srun
+        mine = f"run.output_dir={out}\0" in cmd and "srun" not in cmd  # the task, not the batch script's srun
+        if ours and in_step and mine:
             return int(proc.name)
     return None
 
@@ -301,7 +303,7 @@ def test_a_frozen_rank_ends_in_a_requeue_and_the_job_finishes(slurm, shards, tmp
         assert time.monotonic() < deadline, log_tail(log)
         assert slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), log_tail(log)
         time.sleep(0.2)
-    pid = task_pid(job, 1)
+    pid = task_pid(job, 1, out)
     assert pid is not None, "task 1 of the training step was not found"
     os.kill(pid, signal.SIGSTOP)
     info = follow(slurm, job, log, PATIENCE, completed)

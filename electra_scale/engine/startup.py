@@ -5,9 +5,10 @@ a new pod) is outside the process; from the process's start on, each part is a m
 process start time to ``pretrain``, DeepSpeed's import included), distributed init (the rendezvous: it ends
 when the slowest rank has joined, so another rank's slower start shows here), the run's inputs and lease,
 checkpoint fetch and verify, the engine, checkpoint load, the data stream's seek to the resumed step (its first
-batches), and the first step (compile and JIT included). Rank 0 logs them once per start in one line, and the first metrics.jsonl record of
-the start carries them under ``startup`` (with the wall-clock times of the process start and the first step,
-so that a supervisor that knows when the failure was, scripts/soak.py, can add the launcher's part).
+batches), and the first step (compile and JIT included). Rank 0 logs them once per start in one line, and the
+first metrics.jsonl record of the start carries them under ``startup`` (with the wall-clock times of the process
+start and the first step, so that a supervisor that knows when the failure was, scripts/soak.py, can add the
+launcher's part).
 """
 
 from __future__ import annotations
