@@ -114,12 +114,12 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         torch.use_deterministic_algorithms(True)
     dist_env = launch.detect()
     dog = watchdog.start(cfg, dist_env.rank, EXIT_PREEMPTED)  # a stuck phase ends the process: exit 75
-    device = launch.init_distributed(dist_env, process_group_timeout(dog.limits))
+    pg_timeout = process_group_timeout(dog.limits)  # a collective blocked on a dead peer fails after this
+    device = launch.init_distributed(dist_env, pg_timeout)
     if device.type == "cuda" and cfg.train.precision != "fp32":
         # The only fp32 matmul of a bf16/fp16 run is the vocabulary projection (objective.masked_lm_logits),
         # whose inputs are bf16/fp16 values: TF32 tensor cores compute it exactly, at half the bf16 rate.
         torch.backends.cuda.matmul.allow_tf32 = True
-    pg_timeout = process_group_timeout(dog.limits)
     host_group = dist.new_group(backend="gloo", timeout=pg_timeout) if device.type == "cuda" else None  # collective
     clock.mark("distributed_init")
     dog.waiting("the inputs, then the lease")
