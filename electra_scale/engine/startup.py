@@ -46,11 +46,9 @@ def process_start_time() -> float:
 class StartupClock:
     def __init__(self):
         self.process_start = process_start_time()
-        # DeepSpeed and transformers (the model) are imported lazily (by launch.init_distributed, by the watchdog's
-        # model size): imported here, so that their seconds count as imports, not as distributed init.
+        # DeepSpeed is imported lazily (by launch.init_distributed): imported here, so that its seconds count as
+        # imports, not as distributed init.
         import deepspeed  # noqa: F401
-
-        import electra_scale.engine.model  # noqa: F401
 
         now = time.time()
         self.parts: dict[str, float] = {"imports": max(0.0, now - self.process_start)}
