@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 result = pretrain(cfg)
             finally:
+                from electra_scale.engine import watchdog
+
+                watchdog.close_all()  # an error ends the run: it is reported, not turned into a restart
                 _destroy_process_group()
             if result["preempted"]:
                 launch.mark_preempted()

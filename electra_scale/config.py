@@ -227,6 +227,29 @@ def cache_root() -> Path:
 
 
 @dataclass
+class TimeoutsConfig:
+    """How long each phase of the loop may take on one rank before its watchdog (engine/watchdog.py) ends the
+    process with the restartable exit code 75. null = derived from the model's size (watchdog.resolve_timeouts,
+    docs/faults.md "Hangs"): setup from NVIDIA NVRx's 600 s plus the checkpoint's fetch, checkpoint from its
+    420 s plus the upload; step and eval are fixed (NVRx's 180 s; the first step of a start counts as setup,
+    which covers compile and JIT). The process group's own timeout is the largest of them."""
+
+    setup_s: float | None = None
+    step_s: float = 180.0
+    checkpoint_s: float | None = None
+    eval_s: float = 600.0
+
+
+@dataclass
+class StragglerConfig:
+    """A rank whose own time per step (its forward passes and its wait for data, engine/watchdog.py) stays above
+    ``factor`` x the median of the other ranks' for ``window`` logging steps in a row is named in one warning."""
+
+    factor: float = 1.5
+    window: int = 5
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs/default"  # local dir or s3://bucket/prefix
     # Node-local staging for checkpoints/metrics when output_dir is on S3 (default: under cache_root()).
@@ -246,6 +269,8 @@ class RunConfig:
     # (the other run then stops writing); a lease without a heartbeat for lease_timeout_s is taken anyway.
     take_over: bool = False
     lease_timeout_s: float = 600.0
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    straggler: StragglerConfig = field(default_factory=StragglerConfig)
 
 
 @dataclass
@@ -569,6 +594,10 @@ def validate(cfg: Config) -> None:
     need(cfg.eval.examples > 0, "eval.examples", cfg.eval.examples, "> 0")
     need(cfg.checkpoint.upload_timeout_s > 0, "checkpoint.upload_timeout_s", cfg.checkpoint.upload_timeout_s, "> 0")
     need(cfg.run.lease_timeout_s > 0, "run.lease_timeout_s", cfg.run.lease_timeout_s, "> 0 (seconds)")
+    for key, value in asdict(cfg.run.timeouts).items():
+        need(value is None or value > 0, f"run.timeouts.{key}", value, "> 0 (seconds) or null (derived)")
+    need(cfg.run.straggler.factor > 1, "run.straggler.factor", cfg.run.straggler.factor, "> 1")
+    need(cfg.run.straggler.window >= 1, "run.straggler.window", cfg.run.straggler.window, ">= 1")
     need(
         bool(cfg.run.output_dir),
         "run.output_dir",

@@ -9,11 +9,16 @@ What it does (docs/faults.md, "Soak"):
    reference run straight from the server;
 2. trains the same run again, with every request of every rank going through tests/faultproxy.py, which resets
    connections, answers 503 SlowDown and truncates bodies at the rates given, and counts what it injected;
-3. kills the run with SIGKILL (launcher and ranks at once) ``--kills`` times, at seeded moments of three kinds in
+3. kills the run with SIGKILL (launcher and ranks at once) ``--kills`` times, at seeded moments of four kinds in
    turn: during a checkpoint's upload (at a drawn write request of the attempt's second checkpoint, seen by the
-   proxy, before it goes on), a drawn number of steps into the attempt, and while the attempt resumes (at a
-   drawn checkpoint download, plus a drawn delay: downloading, verifying, converting, loading); then restarts
-   it on the next world size of ``--world-sizes``, the data's partition count fixed by data.partitions;
+   proxy, before it goes on), a drawn number of steps into the attempt, while the attempt resumes (at a
+   drawn checkpoint download, plus a drawn delay: downloading, verifying, converting, loading), and a "freeze":
+   a drawn rank stopped with SIGSTOP a drawn number of steps in, which the other ranks' watchdogs must notice
+   (run.timeouts.step_s = ``--step-timeout``) and end with exit 75, the launcher then tearing the attempt down
+   (on one rank, with no peer to notice, a freeze is a step kill); then restarts it on the next world size of
+   ``--world-sizes``, the data's partition count fixed by data.partitions, and measures each restart's latency:
+   from the failure (the kill, or the freeze) to the restarted attempt's first step, split into the parts its
+   ``startup:`` line gives (engine/startup.py);
 4. checks: every checkpoint ever marked COMPLETE in the bucket is whole (sizes, sha256) and loads, and every
    restart resumed from one of those; each step was trained once, on the reference's examples (so every example
    once an epoch); the losses equal the reference's within the tolerance of another world size; the prefix
@@ -71,11 +76,13 @@ RETRIES = {
 PATIENCE = 1800
 # Another world size sums the same gradients in another order (tests/test_resilience.py's tolerance).
 LOSS_REL = 1e-4
-KINDS = ("upload", "step", "resume")  # the kill moments, in turn
+KINDS = ("upload", "step", "resume", "freeze")  # the kill moments, in turn
 FAULT_KINDS = ("reset", "slowdown", "truncate")
 _STEP_LINE = re.compile(r"\bstep (\d+)/\d+ \|")
 _START = re.compile(r"pretrain electra: steps (\d+) ->")
 _RESUMED = re.compile(r"resumed from (\S+)/(step_\d+) at step (\d+)")
+_STARTUP = re.compile(r"startup: (.*?); ([\d.]+)s from process start to the first step done")
+_WATCHDOG = re.compile(r"watchdog: rank \d+ stuck in .*")
 
 
 # ------------------------------------------------------------------------------------------------ processes
@@ -105,6 +112,25 @@ def launch(args: list[str], ranks: int, env: dict[str, str], log: Path) -> subpr
         return subprocess.Popen(cli_command(args, ranks), cwd=ROOT, env=full_env, stdout=err, stderr=err)
 
 
+def rank_pid(launcher: int, rank: int) -> int | None:
+    """The pid of ``rank`` among a launcher's descendants (torchrun's workers carry RANK in their environment)."""
+    todo = [launcher]
+    while todo:
+        pid = todo.pop()
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if (
+                pid != launcher
+                and f"RANK={rank}".encode() in env
+                and b"electra_scale" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            ):
+                return pid
+            todo += [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+        except OSError:
+            continue
+    return None
+
+
 def logged_steps(log: Path) -> int:
     """Training steps this attempt has logged (rank 0's ``step N/M |`` lines)."""
     return len(_STEP_LINE.findall(log.read_text())) if log.exists() else 0
@@ -115,9 +141,21 @@ def logged_steps(log: Path) -> int:
 class Kill:
     attempt: int
     world: int
-    kind: str  # upload | step | resume: the moment drawn
+    kind: str  # upload | step | resume | freeze: the moment drawn
     at: str = ""  # what was going on: the request the proxy held, or the steps and the delay
     last_step: int = 0  # the last step the attempt logged before it died
+    when: float = 0.0  # time.time() of the failure (the kill, or the SIGSTOP)
+    detected_s: float | None = None  # a freeze: how long until the launcher had ended the attempt
+    watchdog: str = ""  # a freeze: the watchdog's line
+
+
+@dataclass
+class Restart:
+    attempt: int
+    world: int
+    since_failure_s: float  # the previous attempt's failure to this attempt's first step done
+    parts: str  # the startup line's parts
+    process_s: float  # process start to the first step done
 
 
 class Attempt:
@@ -138,6 +176,9 @@ class Attempt:
         self.write_k = rng.randint(1, 8 + 3 * world)
         self.read_k = rng.randint(1, 8)  # resume: the k-th checkpoint download ...
         self.read_delay = rng.uniform(0.0, 3.0)  # ... plus this long
+        self.freeze_rank = rng.randrange(world)  # freeze: this rank, after_steps steps into the attempt
+        self.first_step_at: float | None = None  # time.time() when its startup line appeared
+        self._frozen: int | None = None
         self._tags: list[str] = []
         self._writes = self._reads = 0
         self._kill_after: float | None = None  # a resume kill: monotonic time it is due
@@ -178,7 +219,20 @@ class Attempt:
             if self.proc is None:
                 return
             kill_9_tree(self.proc.pid)
-            self.kill = Kill(self.index, self.world, self.kind, at, self.soak.last_logged())
+            self.kill = Kill(self.index, self.world, self.kind, at, self.soak.last_logged(), time.time())
+
+    def _freeze(self, after: int) -> None:
+        """SIGSTOP one rank (not the launcher): the others must notice, and the launcher end the attempt."""
+        with self._lock:
+            if self.kill is not None or self.proc is None:
+                return
+            pid = rank_pid(self.proc.pid, self.freeze_rank)
+            if pid is None:  # not started yet, or gone: try again at the next look
+                return
+            os.kill(pid, signal.SIGSTOP)
+            self._frozen = pid
+            at = f"rank {self.freeze_rank} frozen after {after} step(s)"
+            self.kill = Kill(self.index, self.world, "freeze", at, self.soak.last_logged(), time.time())
 
     def run(self) -> int:
         """Start, wait for the planned moment, kill (or let the last attempt finish); the exit code."""
@@ -189,20 +243,37 @@ class Attempt:
             start = self.start_step()
             # A kill a few steps in comes before the attempt's last step, so that it cannot end the run first.
             after = None if start is None else min(self.after_steps, max(1, self.soak.args.steps - start - 1))
-            if self.kind == "step" and after is not None and logged_steps(self.log) >= after:
-                time.sleep(self.extra)
-                self._kill(f"after {after} step(s) + {self.extra:.2f}s")
+            if self.first_step_at is None and _STARTUP.search(self.log.read_text()):
+                self.first_step_at = time.time()
+            freeze = self.kind == "freeze" and self.world > 1  # one rank: no peer to notice; a step kill
+            if freeze and after is not None and self.kill is None and logged_steps(self.log) >= after:
+                self._freeze(after)
+            elif self.kind in ("step", "freeze") and after is not None and logged_steps(self.log) >= after:
+                if self.kill is None:
+                    time.sleep(self.extra)
+                    self._kill(f"after {after} step(s) + {self.extra:.2f}s")
             elif self.kind == "resume":
                 if self._kill_after is not None and time.monotonic() >= self._kill_after:
                     self._kill(f"{self.read_delay:.2f}s after checkpoint download {self.read_k}")
                 elif self._kill_after is None and logged_steps(self.log) >= 1:
                     self._kill("at its first step (fewer checkpoint downloads than drawn)")
             time.sleep(0.02)
+        if self._frozen is not None:
+            with contextlib.suppress(ProcessLookupError):  # the launcher killed it; if not, it goes now
+                os.kill(self._frozen, signal.SIGKILL)
+            if self.proc.poll() is not None:
+                self.kill.detected_s = time.time() - self.kill.when
+                found = _WATCHDOG.search(self.log.read_text())
+                self.kill.watchdog = found.group(0) if found else ""
         if self.proc.poll() is None:  # hung: end it, and say so
             kill_9_tree(self.proc.pid)
             self.proc.wait()
             return -1
         return self.proc.wait()
+
+    def startup(self) -> tuple[str, float] | None:
+        m = _STARTUP.search(self.log.read_text())
+        return (m.group(1), float(m.group(2))) if m else None
 
     def resumed(self) -> tuple[str, int] | None:
         m = _RESUMED.search(self.log.read_text())
@@ -213,6 +284,7 @@ class Attempt:
 @dataclass
 class Report:
     kills: list[Kill] = field(default_factory=list)
+    restarts: list[Restart] = field(default_factory=list)
     worlds: list[int] = field(default_factory=list)
     resumes: list[str] = field(default_factory=list)  # per attempt: "fresh" or the step it resumed from
     faults: dict[str, int] = field(default_factory=dict)
@@ -254,6 +326,7 @@ class Soak:
             "train.log_every=1",
             f"checkpoint.every_steps={a.every}",
             f"checkpoint.keep_last={a.keep}",
+            f"run.timeouts.step_s={a.step_timeout}",
             f"data.partitions={a.partitions}",
             "run.record_samples=true",
             "model.dropout=0",
@@ -302,6 +375,13 @@ class Soak:
                     rep.failures.append(f"attempt {i} resumed from {resumed[0]}, which was never seen whole")
                 if "fails verification" in attempt.log.read_text():
                     rep.failures.append(f"attempt {i} met a checkpoint marked complete that is not whole")
+                started = attempt.startup()
+                if rep.kills and rep.kills[-1].attempt == i - 1 and started and attempt.first_step_at:
+                    since = attempt.first_step_at - rep.kills[-1].when
+                    rep.restarts.append(Restart(i, attempt.world, since, started[0], started[1]))
+                freeze = attempt.kill is not None and attempt.kill.kind == "freeze"
+                if freeze and (not attempt.kill.watchdog or code == 0):
+                    rep.failures.append(f"attempt {i}: no watchdog noticed the frozen rank: {attempt.log}")
                 if attempt.kill is not None:
                     rep.kills.append(attempt.kill)
                 elif kind is not None:  # it ended before its kill
@@ -470,6 +550,15 @@ class Soak:
         lines += [f"|{'-' * (width + 2)}|---|", *(f"| {k:{width}} | {v} |" for k, v in rows)]
         lines += ["", "kills:"]
         lines += [f"  {k.attempt:2d}  {k.world} rank(s)  {k.kind:6s}  step {k.last_step:4d}  {k.at}" for k in rep.kills]
+        for k in rep.kills:
+            if k.kind == "freeze" and k.detected_s is not None:
+                lines += [f"  freeze of attempt {k.attempt}: ended {k.detected_s:.1f}s after the SIGSTOP; {k.watchdog}"]
+        lines += ["", "restarts (failure -> the restarted attempt's first step done; its startup line's parts):"]
+        lines += [
+            f"  {r.attempt:2d}  {r.world} rank(s)  {r.since_failure_s:6.1f}s  "
+            f"(in the process {r.process_s:.1f}s: {r.parts})"
+            for r in rep.restarts
+        ]
         lines += ["checks: " + ("all passed" if not rep.failures else f"{len(rep.failures)} failed")]
         lines += [f"  FAILED: {f}" for f in rep.failures]
         return "\n".join(lines)
@@ -478,6 +567,7 @@ class Soak:
         rep = self.report
         return {
             "kills": len(rep.kills),
+            "restart_s": [round(r.since_failure_s, 1) for r in rep.restarts],
             "faults": rep.faults,
             "lost": rep.lost,
             "duplicated": rep.duplicated,
@@ -516,6 +606,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32, help="train.global_batch_size (default 32, the tiny preset's)")
     p.add_argument("--every", type=int, default=10, help="checkpoint.every_steps (default 10)")
     p.add_argument("--keep", type=int, default=2, help="checkpoint.keep_last (default 2)")
+    p.add_argument(
+        "--step-timeout", type=float, default=60.0, help="run.timeouts.step_s: how soon a freeze is noticed (60)"
+    )
     for kind in FAULT_KINDS:
         p.add_argument(f"--{kind}-rate", type=float, default=0.02, help=f"share of requests given a {kind} (0.02)")
     p.add_argument("--bucket", help="s3://bucket of the S3 named by AWS_ENDPOINT_URL etc. (default: a SeaweedFS)")

@@ -39,13 +39,20 @@ electra_command() {
 
 run_pretrain() {
     # No --kill-on-bad-exit: after a signal every task saves and exits 75, and srun must let the last one
-    # finish its save rather than kill it when the first one exits. A crashed task is still caught: the
-    # others fail in their next collective (timeout) or at the time limit.
+    # finish its save rather than kill it when the first one exits (they leave within seconds of each other:
+    # the save ends in a collective). --wait ends the tasks left ELECTRA_SRUN_WAIT seconds after the first one
+    # exits: a rank frozen (SIGSTOP, a hung driver) cannot run its own watchdog, and without it srun would wait
+    # for it forever while its peers' watchdogs have already exited 75 (engine/watchdog.py).
     electra_command
     echo "electra-scale: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${CONFIG} $*"
     # srun in the background so that this shell can wait and still react; the tasks get the signal.
     set +e
-    srun --cpu-bind=none "${SRUN_ARGS[@]}" "${ELECTRA[@]}" pretrain --config "$CONFIG" "$@" &
+    # srun's own lines about its tasks' ends are kept aside (a copy; everything still reaches the job's log):
+    # when a task's watchdog exited 75 and srun then killed a frozen one, srun reports the kill, not the 75.
+    local ends
+    ends=$(mktemp)
+    srun --cpu-bind=none "--wait=${ELECTRA_SRUN_WAIT:-120}" "${SRUN_ARGS[@]}" "${ELECTRA[@]}" pretrain --config "$CONFIG" "$@" \
+        2> >(tee >(grep --line-buffered -E "^srun: error: .*: tasks? [0-9,-]+: Exited with exit code" >"$ends") >&2) &
     local pid=$!
     wait "$pid"
     local rc=$?
@@ -53,9 +60,21 @@ run_pretrain() {
         wait "$pid"
         rc=$?
     done
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne "$EXIT_PREEMPTED" ]; then
+        for _ in $(seq 50); do # the copy may lag srun's exit by a moment
+            grep -q "Exited with exit code $EXIT_PREEMPTED\$" "$ends" && break
+            sleep 0.1
+        done
+        if grep -q "Exited with exit code $EXIT_PREEMPTED\$" "$ends"; then
+            echo "electra-scale: srun exited $rc after a task exited $EXIT_PREEMPTED (the others ended by srun --wait)"
+            rc=$EXIT_PREEMPTED
+        fi
+    fi
+    rm -f "$ends"
     set -e
     if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
-        echo "electra-scale: checkpoint saved after a signal; requeueing job ${SLURM_JOB_ID}"
+        # 75: a checkpoint saved after a signal, or a rank's watchdog that found the run stuck (engine/watchdog.py).
+        echo "electra-scale: exit 75 (a stuck rank's watchdog, or a checkpoint saved after a signal; requeueing job ${SLURM_JOB_ID})"
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -268,3 +269,58 @@ def test_a_second_job_on_the_output_dir_of_a_running_one_is_refused(slurm, shard
         deadline = time.monotonic() + PATIENCE
         while slurm.job(job_a).get("JobState") in ("PENDING", "RUNNING", "COMPLETING") and time.monotonic() < deadline:
             time.sleep(0.5)
+
+
+def task_pid(job: str, procid: int, out: Path) -> int | None:
+    """The pid of task ``procid`` of ``job``'s training step, writing to ``out`` (other clusters on this machine
+    number their jobs from 1 too: the output dir is what is this test's), if it runs."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\0") if "=" in v)
+            cmd = (proc / "cmdline").read_text()
+        except OSError:
+            continue
+        ours = env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == str(procid)
+        in_step = env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")) not in (None, "batch")
+        mine = f"run.output_dir={out}\0" in cmd and "srun" not in cmd  # the task, not the batch script's srun
+        if ours and in_step and mine:
+            return int(proc.name)
+    return None
+
+
+def test_a_frozen_rank_ends_in_a_requeue_and_the_job_finishes(slurm, shards, tmp_path):
+    """A task frozen with SIGSTOP mid-run: the other task's watchdog exits 75 after run.timeouts.step_s, srun
+    ends the frozen one (--wait, slurm/common.sh) and exits 137, which the script reads as the 75 it follows,
+    and requeues the job; the requeued run takes the lease over, resumes from its last complete checkpoint and
+    finishes."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    step_s, total = 30, 100  # enough steps that the freeze lands mid-run
+    args = sbatch_args(shards, out, log, f"train.max_steps={total}", "checkpoint.every_steps=4")
+    args.append(f"run.timeouts.step_s={step_s}")
+    env = {**job_env(slurm), "ELECTRA_SRUN_WAIT": "20"}
+    job = _run(*args, env=env).strip().split(";")[0]
+    deadline = time.monotonic() + PATIENCE
+    while 5 not in steps(out) or not (out / "checkpoints" / "step_0000004" / "COMPLETE").exists():
+        assert time.monotonic() < deadline, log_tail(log)
+        assert slurm.job(job).get("JobState") in ("PENDING", "RUNNING"), log_tail(log)
+        time.sleep(0.2)
+    pid = task_pid(job, 1, out)
+    assert pid is not None, "task 1 of the training step was not found"
+    os.kill(pid, signal.SIGSTOP)
+    info = follow(slurm, job, log, PATIENCE, completed)
+
+    text = log.read_text()
+    stuck = [line for line in text.splitlines() if "watchdog: rank 0 stuck in step" in line]
+    assert len(stuck) == 1 and f"run.timeouts.step_s={step_s}" in stuck[0], log_tail(log)
+    assert "exit 75" in text and f"requeueing job {job}" in text
+    stuck_at = int(re.search(r"stuck in step for \d+s at step (\d+)", stuck[0]).group(1))
+    resumed = re.search(r"resumed from \S+/step_(\d+) at step (\d+)\b", text)
+    assert resumed and int(resumed.group(2)) % 4 == 0 and 4 <= int(resumed.group(2)) < stuck_at, log_tail(log)
+    # The lease, taken over by the requeue: its holder's process is gone (one machine here), else the requeue is a
+    # later incarnation of the same job (engine/lease.py).
+    assert re.search(
+        rf"lease: taking over .* job slurm {job}, .*: (its process \d+ on this machine is gone|this is a later)", text
+    )
+    assert steps(out) == list(range(1, total + 1))
+    assert int(info["Restarts"]) >= 1
+    print(f"\njob {job}: {stuck[0]}\n{info['JobState']}, restarts {info['Restarts']}")

@@ -51,7 +51,8 @@ def metrics(output: str, split: str = "train") -> list[dict]:
 NO_DROPOUT = ("model.dropout=0", "model.attention_dropout=0")
 # Keys of a training record that an evaluation's record has no use for (it has no update, no data stream).
 TRAIN_ONLY = ("lr", "grad_norm", "step_time_s", "tokens_per_s", "pad_frac", "tflops", "mfu", "samples_seen",
-              "data_wait", "skipped_blocks")  # fmt: skip
+              "data_wait", "skipped_blocks", "slowest_rank", "slowest_step_s", "slowest_data_wait_s",
+              "slowest_vs_median", "startup")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,7 @@ import torch.distributed as dist
 import yaml
 
 from electra_scale.config import CheckpointConfig
+from electra_scale.engine import watchdog
 from electra_scale.infra import storage
 from electra_scale.infra.launch import DistEnv
 
@@ -296,6 +297,8 @@ class Checkpointer:
         marker = {"step": step, "tag": tag, "world_size": world_size, "zero_stage": zero_stage, "files": files}
         marker["writer"] = writer  # the lease token of the run that marked it
         self._check_lease()  # a run whose lease was taken marks nothing complete
+        if watchdog.fired():  # ... nor one whose watchdog is ending it (engine/watchdog.py)
+            raise CheckpointError("this rank's watchdog is ending the process; the checkpoint stays incomplete")
         storage.write_text(storage.join(self.remote, tag, MARKER), json.dumps(marker, indent=1))
         storage.write_text(storage.join(self.remote, LATEST), tag + "\n")
         self._check_lease()  # ... and prunes nothing

@@ -28,6 +28,7 @@ from electra_scale.data.shards import DataError
 from electra_scale.data.stream import PretrainStream, check_same_mix, load_sources, resolve_partitions
 from electra_scale.data.tokenizer import load_tokenizer, model_dir_tokenizer
 from electra_scale.data.words import WordConventionError, continuation_ids, warn_if_unsegmented
+from electra_scale.engine import watchdog
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.evaluate import Evaluator, describe
 from electra_scale.engine.lease import Follower, Lease, LeaseLost, hold
@@ -35,7 +36,9 @@ from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, Sam
 from electra_scale.engine.model import SHAPE_KEYS, peak_tflops
 from electra_scale.engine.objective import build_objective
 from electra_scale.engine.pretrained import check_vocabulary, fetch_weights, load_weights
+from electra_scale.engine.startup import StartupClock
 from electra_scale.engine.step import build_engine, train_step
+from electra_scale.engine.stragglers import StragglerReport
 from electra_scale.engine.window import LogWindow
 from electra_scale.infra import launch, storage
 
@@ -130,6 +133,10 @@ class Run:
     samples: SampleLog | None
     progress: _Progress
     health: DiscriminatorHealth
+    dog: watchdog.Watchdog  # this rank's watchdog: a phase stuck past its run.timeouts ends the process (exit 75)
+    clock: StartupClock  # restart latency, part by part (engine/startup.py)
+    stragglers: StragglerReport  # each rank's own time per step, riding on the logging all-reduce
+    resumed_from: str | None  # the checkpoint this start resumed from (its tag), for the startup line
 
     @property
     def main(self) -> bool:
@@ -159,16 +166,21 @@ def train(run: Run, on_log: Callable[[int, dict], None] | None) -> dict:
         peak_tflops(cfg.train.peak_tflops),
         run.start_step,
         run.host_group,
+        run.stragglers,
     )
+    dog = run.dog
     vote = StopVote(run.host_group)
     done, preempted, lease_lost = run.start_step, False, False
     history: list[dict] = []
     evaluations: list[dict] = []
     first_batches = run.first_batches
     for step in range(run.start_step, run.stop_step):
+        # The first step of a start compiles and JITs: it has the setup's timeout.
+        dog.phase("step", step + 1, "the data loader's next batch", limit="setup" if step == run.start_step else None)
         waited = time.perf_counter()
         micro_batches, first_batches = first_batches or next(run.batches), None
         window.add_batches(micro_batches, time.perf_counter() - waited)  # the step blocked on its input this long
+        dog.waiting("the step's compute and collectives (stop vote, global counts, gradient all-reduce)")
         # A rank asked at the previous step: this one is the last. A lost lease: no step more, and no save.
         preempted, lease_lost = vote.cast(run.stop.requested, run.lease.lost is not None)
         if lease_lost:
@@ -177,6 +189,8 @@ def train(run: Run, on_log: Callable[[int, dict], None] | None) -> dict:
         for out in train_step(engine, micro_batches, cfg, run.device, run.dist_env.world_size):
             window.add_outputs(out)
         done = step + 1
+        if step == run.start_step:
+            run.clock.first_step_done(main, run.resumed_from)
         if run.samples is not None:
             run.samples.log(
                 done,
@@ -186,7 +200,9 @@ def train(run: Run, on_log: Callable[[int, dict], None] | None) -> dict:
             )
 
         if done % cfg.train.log_every == 0 or done == run.stop_step or preempted:
-            record = window.record(done, lr, float(engine.get_global_grad_norm() or 0.0))
+            dog.waiting("the logging all-reduce")
+            record = window.record(done, lr, float(engine.get_global_grad_norm() or 0.0), main)
+            record.update(run.clock.take())  # the first record of a start: where the start's time went
             if main:
                 run.metrics.log(done, record)
                 history.append({"step": done, **record})
@@ -199,6 +215,7 @@ def train(run: Run, on_log: Callable[[int, dict], None] | None) -> dict:
         # Held-out evaluation, before the checkpoint of the same step (a resume from it does not evaluate again);
         # skipped on the step a signal stops at, which should save and exit quickly.
         if run.evaluator is not None and run.evaluator.due(done) and not preempted:
+            dog.phase("eval", done, "the held-out evaluation's forward passes and all-reduce")
             evaluation = run.evaluator.run(engine, done, run.host_group)
             if main:
                 run.metrics.log(done, evaluation, split="eval")
@@ -209,12 +226,14 @@ def train(run: Run, on_log: Callable[[int, dict], None] | None) -> dict:
         if done % cfg.checkpoint.every_steps == 0 or done == run.stop_step or preempted:
             # metrics.jsonl first: once the checkpoint is marked complete (in the background), a kill -9 must not
             # leave a resume point whose steps the remote log lacks (a resume drops lines past it, never adds).
+            dog.phase("checkpoint", done, "the previous upload, then the local save and its barriers")
             if main and run.lease.lost is None:
                 run.metrics.sync()
             run.checkpointer.save(engine, done, trainer_state(run, done), run.extra_files)
         if preempted:
             break
 
+    dog.phase("checkpoint", done, "the last checkpoint's upload and the run's end (every rank)")
     lease_lost = vote.close()[1] or lease_lost  # the last vote's all-reduce: no collective is left in flight
     finish(run, done, preempted, lease_lost)
     return {
@@ -231,16 +250,21 @@ def setup(cfg: Config, stop: StopRequest) -> Run:
     """Build the run's components in dependency order: distributed init; the inputs (checked before anything is
     written); the lease; the objective; the checkpoint to resume; the engine; the stream; the evaluator; the
     first batches; then the logs."""
+    clock = StartupClock()  # from the process's start: imports are its first part
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
         torch.use_deterministic_algorithms(True)
     dist_env = launch.detect()
-    device = launch.init_distributed(dist_env)
+    dog = watchdog.start(cfg, dist_env.rank, EXIT_PREEMPTED)  # a stuck phase ends the process: exit 75
+    pg_timeout = watchdog.process_group_timeout(dog.limits)  # a collective blocked on a dead peer fails after this
+    device = launch.init_distributed(dist_env, pg_timeout)
     if device.type == "cuda" and cfg.train.precision != "fp32":
         # The only fp32 matmul of a bf16/fp16 run is the vocabulary projection (objective.masked_lm_logits),
         # whose inputs are bf16/fp16 values: TF32 tensor cores compute it exactly, at half the bf16 rate.
         torch.backends.cuda.matmul.allow_tf32 = True
-    host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # collective: every rank
+    host_group = dist.new_group(backend="gloo", timeout=pg_timeout) if device.type == "cuda" else None  # collective
+    clock.mark("distributed_init")
+    dog.waiting("the inputs, then the lease")
     world, main = dist_env.world_size, dist_env.is_main
     # The inputs first, so that a run that cannot start leaves nothing behind; then the output.
     sources = load_sources(cfg.data.resolved_sources())  # one tokenizer and seq_len for all, or refused
@@ -275,16 +299,23 @@ def setup(cfg: Config, stop: StopRequest) -> Run:
         resolve_partitions(cfg.data.partitions, world, fewest, saved_partitions(saved))
         check_same_mix(saved.get("data_position", {}), sources)
 
+    clock.mark("inputs_and_lease")
+    dog.waiting("checkpoint fetch and verify (storage requests, then every rank)")
     resume_from = checkpointer.select(zero_stage, check_state=check_data)
+    clock.mark("checkpoint_fetch")
     if cfg.model.init_from:
         if resume_from is not None:  # the run's own checkpoint is newer than where it started
             log.info("resuming %s: model.init_from (%s) is not used", cfg.run.output_dir, cfg.model.init_from)
         else:
             check_vocabulary(cfg.model.init_from, cfg.data.tokenizer_prefix)
             init_weights(cfg, objective, cache, dist_env.local_rank)
+    dog.waiting("the engine's build (deepspeed.initialize)")
     engine = build_engine(cfg, objective, world, device, universal=resume_from is not None and resume_from.universal)
+    clock.mark("engine")
     torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout differs between ranks
+    dog.waiting("checkpoint load")
     state = checkpointer.load(engine, resume_from) if resume_from is not None else {}
+    clock.mark("checkpoint_load")
     start_step = state.get("step", 0)
     stop_step = cfg.train.stop_at_step or cfg.train.max_steps
     if state and state["global_batch_size"] != cfg.train.global_batch_size:
@@ -315,8 +346,10 @@ def setup(cfg: Config, stop: StopRequest) -> Run:
     # corrupt under data.on_corrupt_shard=error) stops a new run with its output dir as it was. No rank writes
     # until every rank has its batches: one that fails exits, and its launcher ends the others at the barrier.
     batches = iter(stream)
+    dog.waiting("the data stream's first batches, then every rank's (a barrier)")
     first_batches = next(batches) if start_step < stop_step else None
     dist.barrier(group=host_group)
+    clock.mark("data_seek")
     metrics = None
     if main:
         metrics = MetricsLogger(
@@ -351,6 +384,10 @@ def setup(cfg: Config, stop: StopRequest) -> Run:
         samples=SampleLog(cache, dist_env.rank, world, start_step) if cfg.run.record_samples else None,
         progress=_progress(cfg, main, start_step, stop_step),
         health=DiscriminatorHealth(cfg.optim.warmup_steps, cfg.train.max_steps),
+        dog=dog,
+        clock=clock,
+        stragglers=StragglerReport(dist_env.rank, world, cfg.run.straggler, engine.module, device),
+        resumed_from=resume_from.tag if resume_from is not None else None,
     )
 
 
@@ -369,6 +406,7 @@ def finish(run: Run, done: int, preempted: bool, lease_lost: bool) -> None:
     if run.samples is not None:
         run.samples.close()
     run.lease.release()  # the next run on this output dir starts without waiting
+    run.dog.close()
 
 
 def trainer_state(run: Run, done: int) -> dict:
@@ -530,6 +568,8 @@ class _Progress:
             if rec.get("disc_auc") is not None:  # None while a window has no replaced token
                 parts.append(f"auc {rec['disc_auc']:.3f}")
         parts += [f"lr {rec['lr']:.2e}", f"{rec['tokens_per_s']:.0f} tok/s", f"eta {eta:.0f}s"]
+        if rec.get("slowest_vs_median") is not None:  # several ranks: the one the others wait for (stragglers.py)
+            parts.append(f"slowest rank {rec['slowest_rank']} {rec['slowest_vs_median']:.2f}x")
         if "source_examples" in rec:  # a mix: each source's examples so far and its epochs
             epochs = rec["source_epochs"]
             parts.append(", ".join(f"{k} {n:,} (ep {epochs[k]:.2f})" for k, n in rec["source_examples"].items()))

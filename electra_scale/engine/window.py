@@ -19,9 +19,11 @@ from electra_scale.engine.step import all_reduce_host, real_counts
 
 
 class LogWindow:
-    def __init__(self, cfg, stream, sources, world: int, peak: float | None, start_step: int, host_group=None):
+    def __init__(
+        self, cfg, stream, sources, world: int, peak: float | None, start_step: int, host_group=None, stragglers=None
+    ):
         self.cfg, self.stream, self.sources, self.world, self.peak = cfg, stream, sources, world, peak
-        self.host_group = host_group
+        self.host_group, self.stragglers = host_group, stragglers  # stragglers: engine/stragglers.py, or None
         self.mixed = len(sources) > 1
         self.tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len  # positions, padding included
         self.source_examples = stream.source_examples(start_step)  # all ranks' draws of each source so far
@@ -52,7 +54,7 @@ class LogWindow:
         """Leave time out of the window's throughput (a held-out evaluation)."""
         self.start += seconds
 
-    def record(self, done: int, lr: float, grad_norm: float) -> dict:
+    def record(self, done: int, lr: float, grad_norm: float, main: bool = True) -> dict:
         """The window's metrics summed over every rank (one all-reduce), as metrics.jsonl's record. The loop
         starts the next window (``reset``) once it has logged the record: logging is outside every window."""
         cfg, stream, world = self.cfg, self.stream, self.world
@@ -61,8 +63,13 @@ class LogWindow:
         values += [float(len(stream.skipped) - self.skipped_logged), self.data_wait]
         values += [float(self.real_tokens), float(self.real_pairs)]
         values += [float(n) for n in self.source_window]  # rides along: no collective of its own
+        if self.stragglers is not None:
+            values += self.stragglers.slots(self.data_wait, self.steps)  # each rank's own slot of W + W
         n_sources = len(self.sources)
         summed = all_reduce_host(values, self.host_group)
+        straggler_slots = []
+        if self.stragglers is not None:
+            summed, straggler_slots = summed[: -self.stragglers.size], summed[-self.stragglers.size :]
         *reduced_values, skipped_new, wait_sum, tokens, pairs = summed[: len(summed) - n_sources]
         drawn = summed[len(summed) - n_sources :]
         self.source_examples = [n + round(d) for n, d in zip(self.source_examples, drawn)]
@@ -83,6 +90,8 @@ class LogWindow:
             data_wait=wait_sum / world / elapsed,
             skipped_blocks=skipped_new,  # bad blocks left out in this window, all ranks (data.on_corrupt_shard)
         )
+        if self.stragglers is not None:
+            record.update(self.stragglers.report(done, straggler_slots, main))
         if self.mixed:  # each source's examples so far, and the epochs of it they make (each source has its own)
             record["source_examples"] = dict(zip(stream.source_names, self.source_examples))
             record["source_epochs"] = {

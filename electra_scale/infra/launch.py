@@ -28,6 +28,7 @@ import re
 import socket
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -331,8 +332,10 @@ def cuda_index(local_rank: int, visible: int) -> int:
     return local_rank
 
 
-def init_distributed(dist_env: DistEnv) -> torch.device:
-    """Export the env torch.distributed reads, initialise DeepSpeed's process group, pick the device."""
+def init_distributed(dist_env: DistEnv, timeout: timedelta | None = None) -> torch.device:
+    """Export the env torch.distributed reads, initialise DeepSpeed's process group, pick the device.
+    ``timeout``: how long a collective may wait before it fails (engine/watchdog.py sets it from run.timeouts;
+    gloo honours it, NCCL with its async error handling)."""
     import deepspeed
 
     os.environ.update(
@@ -352,7 +355,8 @@ def init_distributed(dist_env: DistEnv) -> torch.device:
         # Share the cores between the ranks of this machine instead of oversubscribing them.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist_env.local_world_size))
         device, backend = torch.device("cpu"), "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    deadline = {"timeout": timeout} if timeout is not None else {}  # else DeepSpeed's default
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **deadline)
     if dist_env.is_main:
         log.info(
             "launch: %s, world size %d (%d node(s) x %d), backend %s, master %s:%d",
