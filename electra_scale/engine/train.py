@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -28,12 +29,13 @@ from electra_scale.data.stream import PretrainStream, check_same_mix, load_sourc
 from electra_scale.data.tokenizer import continuation_ids, load_tokenizer, model_dir_tokenizer
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.evaluate import Evaluator, describe
+from electra_scale.engine.guard import check_finite
 from electra_scale.engine.lease import LeaseLost, hold
 from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
 from electra_scale.engine.model import SHAPE_KEYS, peak_tflops, training_flops
 from electra_scale.engine.objective import build_objective, summarize
 from electra_scale.engine.pretrained import check_vocabulary, fetch_weights, load_weights
-from electra_scale.engine.step import all_reduce_host, build_engine, real_counts, train_step
+from electra_scale.engine.step import all_reduce_host, build_engine, real_counts, settle_device, train_step
 from electra_scale.infra import launch, storage
 
 log = logging.getLogger("electra_scale")
@@ -50,8 +52,12 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+    def restore(self) -> None:
+        """The handlers as they were: a caller that runs pretrain in-process (bench) gets its own back."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, _frame) -> None:
         if self.signal_name is None:
@@ -98,21 +104,25 @@ class StopVote:
         return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
-def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> dict:
+def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None, save: bool = True) -> dict:
     """Pretrain as ``cfg`` says, resuming from its output dir's newest checkpoint. ``on_log(step, record)`` is
     called on rank 0 after each logging step, with the record written to metrics.jsonl (bench times between
-    them); it runs outside the timed windows."""
-    # ---------------------------------------------------------------------------------------- set up
+    them); it runs outside the timed windows. ``save=False``: no checkpoint at all (bench)."""
     stop = StopRequest()  # from the start: a signal during set-up stops the run after its first step
+    try:
+        return _pretrain(cfg, on_log, save, stop)
+    finally:
+        stop.restore()
+
+
+def _pretrain(cfg: Config, on_log, save: bool, stop: StopRequest) -> dict:
+    # ---------------------------------------------------------------------------------------- set up
     if cfg.train.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
         torch.use_deterministic_algorithms(True)
     dist_env = launch.detect()
     device = launch.init_distributed(dist_env)
-    if device.type == "cuda" and cfg.train.precision != "fp32":
-        # The only fp32 matmul of a bf16/fp16 run is the vocabulary projection (objective.masked_lm_logits),
-        # whose inputs are bf16/fp16 values: TF32 tensor cores compute it exactly, at half the bf16 rate.
-        torch.backends.cuda.matmul.allow_tf32 = True
+    settle_device(cfg, device)  # TF32 for a bf16/fp16 run; fp32 refused with unpad on a GPU (before any write)
     host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # collective: every rank
     world, main = dist_env.world_size, dist_env.is_main
     # The inputs first, so that a run that cannot start leaves nothing behind; then the output.
@@ -236,6 +246,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
 
     # ---------------------------------------------------------------------------------------- train
     done, preempted, lease_lost = start_step, False, False
+    saved_at = start_step or None  # the newest checkpoint: where a diverged run resumes (engine/guard.py)
     vote = StopVote(host_group)
     history: list[dict] = []
     evaluations: list[dict] = []
@@ -301,6 +312,8 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
                 data_wait=wait_sum / world / elapsed,
                 skipped_blocks=skipped_new,  # bad blocks left out in this window, all ranks (data.on_corrupt_shard)
             )
+            if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):  # every rank alike
+                _stop_diverged(done, record["loss"], record["grad_norm"], lr, saved_at, vote, checkpointer, lease)
             if mixed:  # each source's examples so far, and the epochs of it they make (each source has its own)
                 record["source_examples"] = dict(zip(stream.source_names, source_examples))
                 record["source_epochs"] = {
@@ -328,7 +341,10 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
                 log.info(describe(done, evaluation))
             window_start += evaluation["eval_time_s"]  # the next training record's throughput leaves it out
 
-        if done % cfg.checkpoint.every_steps == 0 or done == stop_step or preempted:
+        if save and (done % cfg.checkpoint.every_steps == 0 or done == stop_step or preempted):
+            norm = engine.get_global_grad_norm()  # global, the same on every rank; a checkpoint step syncs anyway
+            if norm is not None and not math.isfinite(float(norm)):
+                _stop_diverged(done, None, float(norm), lr, saved_at, vote, checkpointer, lease)
             trainer_state = {
                 "step": done,
                 "model": {key: getattr(cfg.model, key) for key in SHAPE_KEYS},
@@ -345,6 +361,7 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
             if main and lease.lost is None:
                 metrics.sync()
             checkpointer.save(engine, done, trainer_state, extra_files)
+            saved_at = done
         if preempted:
             break
 
@@ -371,6 +388,15 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> 
         "evaluations": evaluations,
         "world_size": world,
     }
+
+
+def _stop_diverged(step, loss, grad_norm, lr, saved_at, vote, checkpointer, lease) -> None:
+    """A non-finite loss or gradient norm: the earlier checkpoints finish (uploaded, marked), this step's is never
+    written, the lease is let go, and the run stops in one line (exit 2: engine/guard.py)."""
+    vote.close()
+    checkpointer.close()
+    lease.release()
+    check_finite(step, loss, grad_norm, lr, saved_at)
 
 
 def init_weights(cfg: Config, objective: torch.nn.Module, cache: Path, local_rank: int) -> None:
