@@ -20,7 +20,8 @@
 #   5. gpu-rest: the other GPU tests (NCCL + the gloo side group, a bf16 step with FusedAdam, NaN-free sampling,
 #      exact resume with the device's RNG, export) -> pytest-rest.xml
 #   6. a 100-step pretrain of Small from local shards, stopped at 50 and resumed -> pretrain-metrics.jsonl
-#   7. bench of Large, Small and Base, bf16, ZeRO-2 at the largest micro-batch that fits, then ZeRO-0
+#   7. bench of Large (micro-batch 128, known to fit), Small and Base (the largest micro-batch that fits), bf16,
+#      ZeRO-2 (bare loop, engine, pretrain), then ZeRO-0 (bare loop, engine) -> bench-<shape>-<zero>.json
 #   8. where a step's time goes, padded and padding-free (scripts/step_profile.py), and ELECTRA's cost per token
 #      over MLM's (scripts/objective_cost.py) -> profile-*.json, objective_cost.log
 # Missing packages (deepspeed, webdataset, boto3, ...) are installed from --wheels DIR into a private directory;
@@ -99,8 +100,10 @@ fi
 if [ "$DRY" = 1 ]; then
     export CUDA_VISIBLE_DEVICES=""  # the CPU, even where a GPU is
     # The CPU is slower, and CI's may be shared: generous limits, so that only a real failure fails the run.
-    BUDGET=${GPU_CHECK_BUDGET_S:-1800} TESTS_LIMIT=600 ABLATION_LIMIT=400
+    BUDGET=${GPU_CHECK_BUDGET_S:-1800} TESTS_LIMIT=600 ABLATION_LIMIT=400 RUN_LIMIT=400 BENCH_LIMIT=400
+    PROFILE_LIMIT=200 PRETRAIN_SIZE=(train.global_batch_size=8 train.micro_batch_size=8)
     SHAPES="large:configs/tiny.yaml small:configs/tiny.yaml"
+    BENCH_SHAPES="large:configs/tiny.yaml:8 small:configs/tiny.yaml:find"
     # shape:config:micro-batch. Compile rows with dynamo's aot_eager backend (named in the rows): it traces the
     # compiled layers' forward and backward as inductor would, without inductor's C++ build (minutes on 2 cores).
     SMALL_ABLATION="small:configs/tiny.yaml:8" LARGE_ABLATION="large:configs/tiny.yaml:8"
@@ -113,9 +116,11 @@ else
     # tests/conftest.py puts DeepSpeed on the CPU unless told otherwise; here its accelerator is the GPU.
     export DS_ACCELERATOR=cuda
     SHAPES="large:configs/large.yaml small:configs/small.yaml base:configs/base.yaml"
+    # Large at 128, the largest that fit under ZeRO-2 on 2026-11-29 (no search: each trial is a Large build).
+    BENCH_SHAPES="large:configs/large.yaml:128 small:configs/small.yaml:find base:configs/base.yaml:find"
     SMALL_ABLATION="small:configs/small.yaml:128" LARGE_ABLATION="large:configs/large.yaml:64"
     ABLATION_BASE=()
-    TESTS_LIMIT=120 ABLATION_LIMIT=150
+    TESTS_LIMIT=120 ABLATION_LIMIT=150 RUN_LIMIT=90 BENCH_LIMIT=150 PROFILE_LIMIT=60 PRETRAIN_SIZE=()
     FIND=512 STEPS=10 WARMUP=3 SAMPLES=65536 PRETRAIN="configs/small.yaml" PRECISION=bf16
     COST_CONFIG=configs/compare/gpu.yaml DEVICE=cuda
 fi
@@ -182,43 +187,55 @@ ablation ablation-large "$LARGE_ABLATION" --ablate train.unpad=false,true
 step gpu-rest "$TESTS_LIMIT" "$PY" -m pytest -q -m gpu tests/test_gpu.py -k "not ($VARLEN_TESTS)" \
     -p no:cacheprovider --junitxml="$OUT/pytest-rest.xml"
 
-# ---------------------------------------------------------------------------------------------- 6-7. pretrain, bench
-for entry in $SHAPES; do
-    shape=${entry%%:*} config=${entry#*:}
+# ---------------------------------------------------------------------------------------------- 6. stop, resume
+# Local shards (no S3 server on a lent GPU machine): synthetic ids, written straight as blocks.
+shards() {  # shards CONFIG: the directory of its synthetic shards, written once (as a step)
+    local config=$1 seq vocab
     read -r seq vocab < <("$PY" -c "from electra_scale.config import load_config as l; c = l('$config'); \
 print(c.data.seq_len, c.model.vocab_size)")
-    # Local shards (no S3 server on a lent GPU machine): synthetic ids, written straight as blocks.
-    data="$WORK/shards-$seq-$vocab"
-    [ -f "$data/manifest.json" ] || step "shards-$shape" 60 "$PY" -c \
-        "from electra_scale.tools.bench.data import synthetic_shards; synthetic_shards('$data', $vocab, $seq, $SAMPLES)"
+    SHARDS="$WORK/shards-$seq-$vocab" VOCAB=$vocab
+    [ -f "$SHARDS/manifest.json" ] || step "shards-$seq-$vocab" 60 "$PY" -c \
+        "from electra_scale.tools.bench.data import synthetic_shards; synthetic_shards('$SHARDS', $vocab, $seq, $SAMPLES)"
+}
+shards "$PRETRAIN"
+run="$WORK/pretrain-small"
+args=(-m electra_scale pretrain --config "$PRETRAIN" "data.shards=$SHARDS" "run.output_dir=$run"
+    "model.vocab_size=$VOCAB" "train.precision=$PRECISION" train.max_steps=100 train.log_every=10
+    checkpoint.every_steps=50 optim.warmup_steps=10 data.num_workers=2 ${PRETRAIN_SIZE[@]+"${PRETRAIN_SIZE[@]}"})
+step pretrain-to-50 "$RUN_LIMIT" "$PY" "${args[@]}" train.stop_at_step=50
+cp "$run/metrics.jsonl" "$OUT/pretrain-metrics.jsonl" 2>/dev/null
+step pretrain-resume "$RUN_LIMIT" "$PY" "${args[@]}"
+cp "$run/metrics.jsonl" "$OUT/pretrain-metrics.jsonl" 2>/dev/null
+"$PY" scripts/gpu_summary.py "$OUT" >/dev/null 2>&1
+
+# ---------------------------------------------------------------------------------------------- 7. bench
+# shape:config:micro-batch, "find" for the largest that fits (--find-micro-batch doubles up to $FIND).
+for entry in $BENCH_SHAPES; do
+    IFS=: read -r shape config micro <<<"$entry"
+    shards "$config"
     bench=(-m electra_scale bench --config "$config" "train.precision=$PRECISION" data.num_workers=2)
-    opts=(--data "$data" --steps "$STEPS" --warmup "$WARMUP")
-    step "bench-$shape-zero2" 150 "$PY" "${bench[@]}" train.deepspeed_config=ds_configs/zero2.json "${opts[@]}" \
-        --find-micro-batch "$FIND" --json-out "$OUT/bench-$shape-zero2.json" --skip data
+    opts=(--data "$SHARDS" --steps "$STEPS" --warmup "$WARMUP")
+    if [ "$micro" = find ]; then size=(--find-micro-batch "$FIND"); else size=("train.micro_batch_size=$micro"); fi
+    step "bench-$shape-zero2" "$BENCH_LIMIT" "$PY" "${bench[@]}" train.deepspeed_config=ds_configs/zero2.json \
+        "${size[@]}" "${opts[@]}" --json-out "$OUT/bench-$shape-zero2.json" --skip data
     micro=$("$PY" -c "import json; print(json.load(open('$OUT/bench-$shape-zero2.json'))['micro_batch_size'])" \
         2>/dev/null || echo "")
-    step "bench-$shape-zero0" 90 "$PY" "${bench[@]}" train.deepspeed_config=ds_configs/zero0.json \
+    step "bench-$shape-zero0" "$BENCH_LIMIT" "$PY" "${bench[@]}" train.deepspeed_config=ds_configs/zero0.json \
         ${micro:+train.micro_batch_size=$micro} "${opts[@]}" --json-out "$OUT/bench-$shape-zero0.json" --skip data pretrain
-    if [ "$shape" = small ]; then
-        # ---------------------------------------------------------------------------------- pretrain 100
-        run="$WORK/pretrain-small"
-        args=(-m electra_scale pretrain --config "$PRETRAIN" "data.shards=$data" "run.output_dir=$run"
-            "model.vocab_size=$vocab" "train.precision=$PRECISION" train.max_steps=100 train.log_every=10
-            checkpoint.every_steps=50 optim.warmup_steps=10 data.num_workers=2)
-        step pretrain-to-50 120 "$PY" "${args[@]}" train.stop_at_step=50
-        step pretrain-resume 120 "$PY" "${args[@]}"
-        cp "$run/metrics.jsonl" "$OUT/pretrain-metrics.jsonl" 2>/dev/null
-    fi
 done
 
 # ---------------------------------------------------------------------------------------------- 8. profile, cost
 for entry in $SHAPES; do
     shape=${entry%%:*} config=${entry#*:}
-    step "profile-$shape" 60 "$PY" scripts/step_profile.py --config "$config" --json-out "$OUT/profile-$shape.json"
-    step "profile-$shape-unpad" 60 "$PY" scripts/step_profile.py --config "$config" train.unpad=true \
+    step "profile-$shape" "$PROFILE_LIMIT" "$PY" scripts/step_profile.py --config "$config" \
+        --json-out "$OUT/profile-$shape.json"
+    step "profile-$shape-unpad" "$PROFILE_LIMIT" "$PY" scripts/step_profile.py --config "$config" train.unpad=true \
         "train.precision=$PRECISION" --json-out "$OUT/profile-$shape-unpad.json"
 done
-step objective_cost 60 "$PY" scripts/objective_cost.py --rounds 5 --config "$COST_CONFIG" --device "$DEVICE"
+step objective_cost "$PROFILE_LIMIT" "$PY" scripts/objective_cost.py --rounds 5 --config "$COST_CONFIG" \
+    --device "$DEVICE"
 
-"$PY" scripts/gpu_summary.py "$OUT"
+rc=0
+"$PY" scripts/gpu_summary.py "$OUT" || rc=$?  # 1 when a step failed (a step not run for the budget is no failure)
 log "done; summary: $OUT/summary.md"
+exit $rc

@@ -141,3 +141,31 @@ def test_bench_pretrain_writes_no_checkpoint_and_restores_signals(tmp_path, monk
     assert signal.getsignal(signal.SIGTERM) is before
     run = tmp_path / "work" / "pretrain-run"
     assert (run / "metrics.jsonl").exists() and not list(run.glob("checkpoints/step_*"))
+
+
+def test_the_gpu_checks_summary_keeps_what_a_killed_run_left(tmp_path):
+    """scripts/gpu_summary.py runs after every step of the check: from a run killed mid-step (an ablation row cut
+    mid-line, a pytest XML never written, a step that timed out) it still makes summary.json and summary.md with
+    every finished figure, and exits 1 for the failed step."""
+    import subprocess
+    import sys
+
+    (tmp_path / "steps.jsonl").write_text(
+        '{"step": "gpu-varlen", "status": 0, "seconds": 50, "limit": 120}\n'
+        '{"step": "ablation-small", "status": 124, "seconds": 150, "limit": 150}\n'
+    )
+    row = {"lever": "train.compile", "value": "true", "micro_batch_size": 128, "unpad": True, "compile": "inductor"}
+    row.update(zero_stage=1, step_time_s=0.08, tokens_per_s=1e5, mfu=0.2, peak_memory_bytes=2**30, pad_frac=0.78)
+    row.update(caveat="host sync per step", data_wait=0.01, error=None)
+    (tmp_path / "ablation-small.jsonl").write_text(json.dumps(row) + '\n{"lever": "train.deepsp')
+    (tmp_path / "pytest-varlen.xml").write_text('<testsuite><testcase name="test_x" time="1.5"/></testsuite>')
+    (tmp_path / "pytest-rest.xml").write_text("<testsuite><testcase")  # killed while writing
+    proc = subprocess.run([sys.executable, "scripts/gpu_summary.py", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 1, proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    (kept,) = summary["ablation"]
+    assert kept["shape"] == "small" and kept["compile"] == "inductor" and kept["zero_stage"] == 1
+    assert summary["pytest"] == [{"test": "test_x", "outcome": "passed", "seconds": 1.5}]
+    md = (tmp_path / "summary.md").read_text()
+    assert "| small | 128 | 78% | compile = true | True | inductor | 1 (host sync) | 80.0 ms |" in md
+    assert "| ablation-small | 124 | 150 | 150 |" in md
