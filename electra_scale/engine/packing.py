@@ -162,7 +162,8 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
 def _packed_attention(query, key, value, p: Packing, scale, dropout: float) -> torch.Tensor:
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # [T, heads, d], as the kernel's
     check_varlen(q, k, v, p.cu_seqlens, p.max_seqlen)
-    return varlen_attention(q, k, v, p.cu_seqlens, p.max_seqlen, float(dropout), float(scale))[0][None]
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5  # transformers passes its own
+    return varlen_attention(q, k, v, p.cu_seqlens, p.max_seqlen, float(dropout), scale)[0][None]
 
 
 def check_varlen(q, k, v, cu_seqlens, max_seqlen) -> None:
