@@ -55,3 +55,30 @@ def test_pretrain_restores_the_signal_handlers(tmp_path, monkeypatch):
             signal.signal(sig, handler)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_one_place_settles_the_device_for_every_path():
+    """step.settle_device, which pretrain, bench's loops, find-micro-batch, the profiles and objective_cost all call:
+    on a GPU, TF32 for a bf16 run's fp32 matmuls, and fp32 with padding-free batches refused in one line (the
+    varlen kernel has no fp32; the fallback would attend example by example). The device is only looked at, so
+    the CPU can show both."""
+    import torch
+
+    from electra_scale.config import ConfigError
+    from electra_scale.engine.step import settle_device
+
+    cuda, saved = torch.device("cuda"), torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        settle_device(load_config("configs/tiny.yaml", ["train.precision=bf16", "train.unpad=true"]), cuda)
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        settle_device(load_config("configs/tiny.yaml", ["train.precision=fp32"]), cuda)
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # an fp32 run keeps fp32 matmuls
+        with pytest.raises(ConfigError, match="train.unpad=true on a GPU needs train.precision=bf16 or fp16"):
+            settle_device(load_config("configs/tiny.yaml", ["train.precision=fp32", "train.unpad=true"]), cuda)
+        settle_device(
+            load_config("configs/tiny.yaml", ["train.precision=fp32", "train.unpad=true"]), torch.device("cpu")
+        )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
