@@ -151,8 +151,12 @@ log "environment: $(cat "$OUT/env.json" | tr -d '\n' | cut -c1-200)"
 # DeepSpeed's FusedAdam (optim.bias_correction=false, the presets') JIT-builds in ~42 s on a fresh machine
 # (2026-11-29): in the background now, while steps 2-4 use the GPU without it; step 5 waits for it.
 if [ "$DRY" = 0 ]; then
-    (timeout -k 10 240 "$PY" -c "from deepspeed.ops.op_builder import FusedAdamBuilder as B; B().load()" \
-        >"$OUT/fused_adam_build.log" 2>&1; echo "exit $? at $(($(date +%s) - START))s" >>"$OUT/fused_adam_build.log") &
+    # The arch list made readable first, as choose_adam does (the image's "9.0a" broke the build on 2026-11-29),
+    # so that the build and the runs' loads agree on its flags and the runs find it built.
+    build="from electra_scale.engine.optim import deepspeed_arch_list as fix; fix(); \
+from deepspeed.ops.op_builder import FusedAdamBuilder as B; B().load()"
+    (timeout -k 10 240 "$PY" -c "$build" >"$OUT/fused_adam_build.log" 2>&1
+        echo "exit $? at $(($(date +%s) - START))s" >>"$OUT/fused_adam_build.log") &
     BUILD_PID=$!
 fi
 
