@@ -70,7 +70,7 @@ def collect(out: Path) -> dict:
                 continue
             keep = ("lever", "value", "micro_batch_size", "unpad", "compile", "zero_stage", "precision", "step_time_s",
                     "tokens_per_s", "examples_per_s", "mfu", "peak_memory_bytes", "data_wait", "pad_frac", "caveat",
-                    "error")  # fmt: skip
+                    "first_window_s", "error")  # fmt: skip
             summary["ablation"].append({"shape": path.stem.removeprefix("ablation-"), **{k: row.get(k) for k in keep}})
     metrics = out / "pretrain-metrics.jsonl"
     if metrics.exists():
@@ -133,8 +133,8 @@ def markdown(s: dict) -> str:
             "## ablation: one lever at a time, the real pretrain path",
             "",
             "| shape | micro-batch | padding | lever = value | unpad | compile | ZeRO | step | real tokens/s | MFU "
-            "| peak memory | data wait |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| peak memory | data wait | warm-up window |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in s["ablation"]:
             pad = f"{r['pad_frac']:.0%}" if r.get("pad_frac") is not None else "-"
@@ -145,11 +145,12 @@ def markdown(s: dict) -> str:
                 f"| {r.get('unpad')} | {r.get('compile')} | {zero} |"
             )
             if r.get("error"):
-                lines.append(f"{where} failed: {r['error'][:80]} | | | | |")
+                lines.append(f"{where} failed: {r['error'][:80]} | | | | | |")
                 continue
+            first = f"{r['first_window_s']:.1f} s" if r.get("first_window_s") is not None else "-"
             lines.append(
                 f"{where} {r['step_time_s'] * 1e3:.1f} ms | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
-                f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {r['data_wait'] or 0:.1%} |"
+                f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {r['data_wait'] or 0:.1%} | {first} |"
             )
         if any(r.get("caveat") for r in s["ablation"]):
             lines += ["", "(host sync): DeepSpeed's BF16/FP16_Optimizer tests the gradient norm on the host every step "

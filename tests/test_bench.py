@@ -110,7 +110,7 @@ def test_bench_ablation_alone_streams_rows_with_every_lever_named(tmp_path):
     assert compiled["error"] is None and compiled["compile"] == "aot_eager" and compiled["unpad"] is True
     assert compiled["zero_stage"] == 2 and zero0["zero_stage"] == 0 and zero0["compile"] == "off"
     assert "caveat" not in zero0  # fp32: DeepSpeed's bf16/fp16 wrappers (and their host sync) are not in play
-    assert all(r["step_time_s"] > 0 and r["micro_batch_size"] == 4 for r in rows)
+    assert all(r["step_time_s"] > 0 and r["micro_batch_size"] == 4 and r["first_window_s"] > 0 for r in rows)
     assert "ablation train.compile=true:" in proc.stdout
 
 
@@ -156,7 +156,7 @@ def test_the_gpu_checks_summary_keeps_what_a_killed_run_left(tmp_path):
     )
     row = {"lever": "train.compile", "value": "true", "micro_batch_size": 128, "unpad": True, "compile": "inductor"}
     row.update(zero_stage=1, step_time_s=0.08, tokens_per_s=1e5, mfu=0.2, peak_memory_bytes=2**30, pad_frac=0.78)
-    row.update(caveat="host sync per step", data_wait=0.01, error=None)
+    row.update(caveat="host sync per step", data_wait=0.01, first_window_s=41.0, error=None)
     (tmp_path / "ablation-small.jsonl").write_text(json.dumps(row) + '\n{"lever": "train.deepsp')
     (tmp_path / "pytest-varlen.xml").write_text('<testsuite><testcase name="test_x" time="1.5"/></testsuite>')
     (tmp_path / "pytest-rest.xml").write_text("<testsuite><testcase")  # killed while writing
@@ -168,4 +168,5 @@ def test_the_gpu_checks_summary_keeps_what_a_killed_run_left(tmp_path):
     assert summary["pytest"] == [{"test": "test_x", "outcome": "passed", "seconds": 1.5}]
     md = (tmp_path / "summary.md").read_text()
     assert "| small | 128 | 78% | compile = true | True | inductor | 1 (host sync) | 80.0 ms |" in md
+    assert "| 1.00 GiB | 1.0% | 41.0 s |" in md  # the warm-up window: a compile row's compilation
     assert "| ablation-small | 124 | 150 | 150 |" in md

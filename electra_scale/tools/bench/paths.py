@@ -265,6 +265,8 @@ def bench_pretrain(cfg, shards: str, workdir: Path, device, steps: int, warmup: 
             "pad_frac": statistics.fmean(r["pad_frac"] for r in records),
         },
     )
+    if warmup:  # the untimed first window: start-up and warm-up, train.compile's compilation included
+        result.extra["first_window_s"] = steps_in[0] * history[0]["step_time_s"]
     waits = [r["data_wait"] for r in history[1 if warmup else 0 :] if r.get("data_wait") is not None]
     if waits:  # the share of the step the rank spent blocked on its next batch
         result.extra["data_wait"] = statistics.median(waits)

@@ -270,6 +270,8 @@ def run_ablation(
                     "peak_memory_bytes": r.peak_memory_bytes,
                     "data_wait": r.extra.get("data_wait"),
                     "cpu_time_s": r.extra.get("cpu_time_s"),  # CPU only: the steadier figure on a busy machine
+                    # The warm-up window, compilation included: a compile row's over the eager row's is its cost.
+                    "first_window_s": r.extra.get("first_window_s"),
                     "error": None,
                 }
             )
