@@ -184,6 +184,9 @@ class TrainConfig:
     # torch.compile each encoder layer (regional; in place: checkpoints keep their names). Compiles at the first
     # steps, about a layer's worth of time.
     compile: bool = False
+    # torch.compile's backend for it: inductor (the GPU's; fuses kernels) or aot_eager (traces forward and backward
+    # without generating code: the CPU dry run checks the compiled path's graphs with it in seconds).
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
     # Bitwise-reproducible steps on GPUs (torch.use_deterministic_algorithms; slower attention backward). CPU
     # runs are reproducible anyway.
     deterministic: bool = False

@@ -60,7 +60,11 @@ def main() -> None:
     p.add_argument("--json-out")
     args = p.parse_args()
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed's accelerator follows the device: the GPU's where there is one (a CPU accelerator there would
+    # profile DeepSpeed's CPU code paths next to CUDA tensors).
+    import torch
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
     from electra_scale.config import load_config

@@ -41,6 +41,14 @@ def load(config: str, overrides: list[str]):
     return lambda kind: load_config(config, [*overrides, f"objective.kind={kind}"])
 
 
+def _bf16(cfg):
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    cfg.train.precision = "bf16"
+    return cfg
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/compare/cpu.yaml")
@@ -56,6 +64,7 @@ def main() -> int:
     from electra_scale.engine.masking import count_targets
     from electra_scale.engine.model import flops_per_token
     from electra_scale.engine.objective import build_objective, training_loss
+    from electra_scale.engine.step import settle_device
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -63,6 +72,8 @@ def main() -> int:
     special = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
     cfgs = {kind: config_for(kind) for kind in ("electra", "mlm")}
     cfg = cfgs["electra"]
+    # TF32 as pretrain sets it for the bf16 run these objectives are on a GPU (their fp32 vocabulary projection).
+    settle_device(config_for("electra") if device.type != "cuda" else _bf16(cfg), device)
     batch, seq = cfg.train.micro_batch_size, cfg.data.seq_len
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, cfg.model.vocab_size, (batch, seq), generator=gen)

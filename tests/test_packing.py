@@ -31,12 +31,97 @@ def test_pack_lays_out_tokens_slots_and_sequence_bounds():
     assert p.position_ids.tolist() == [[0, 1, 2, 0, 0, 1, 2, 3]]
     assert p.cu_seqlens.tolist() == [0, 3, 4, 8] and p.cu_seqlens.dtype == torch.int32
     assert p.slots.tolist() == [0, 4, 5]  # rows of 2 slots: example 0's first, example 2's two
-    assert p.max_seqlen == 4
-    # The CPU's attention groups examples by length (1, 3, 4 here): their tokens, and the way back.
-    assert [g.tolist() for g in p.groups] == [[[3]], [[0, 1, 2]], [[4, 5, 6, 7]]]
-    assert torch.cat([g.flatten() for g in p.groups])[p.ungroup].tolist() == list(range(8))
-    same = pack(torch.tensor([4, 2, 4]), torch.tensor([1, 1, 1]), seq_len=4, slots_per_example=1, device="cpu")
-    assert [g.tolist() for g in same.groups] == [[[4, 5]], [[0, 1, 2, 3], [6, 7, 8, 9]]]
+    # The kernel's bound is the padded length, the same every batch (a compiled layer sees one constant), and
+    # the packing holds nothing per length: the CPU's grouping is its attention's own (packing.py).
+    assert p.max_seqlen == 5 and isinstance(p.max_seqlen, int)
+    assert sorted(vars(p)) == ["cu_seqlens", "max_seqlen", "position_ids", "slots", "tokens"]
+
+
+def _varlen_inputs(lengths, heads=2, d=8, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, heads, d, generator=g, dtype=dtype, requires_grad=True) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cu
+
+
+def test_the_varlen_ops_cpu_implementation_is_per_example_attention_with_its_gradients():
+    """electra_scale::varlen_attention on the CPU (the reference the CUDA kernel stands in for) against plain
+    attention example by example, in float64: outputs, logsumexp and the three gradients through its registered
+    backward; with dropout, the backward replays the forward's mask (torch.autograd.gradcheck)."""
+    from electra_scale.engine.packing import varlen_attention
+
+    lengths = [5, 1, 7, 5, 3]
+    q, k, v, cu = _varlen_inputs(lengths)
+    out, lse, _, _ = varlen_attention(q, k, v, cu, 7, 0.0, 0.3)
+    expected, expected_lse, start = [], [], 0
+    for n in lengths:
+        qi, ki, vi = (x[start : start + n].transpose(0, 1) for x in (q, k, v))  # [heads, n, d]
+        scores = qi @ ki.transpose(-1, -2) * 0.3
+        expected.append((scores.softmax(-1) @ vi).transpose(0, 1))
+        expected_lse.append(scores.logsumexp(-1))
+        start += n
+    expected = torch.cat(expected)
+    assert torch.allclose(out, expected, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(lse.double(), torch.cat(expected_lse, dim=1), rtol=1e-6)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    theirs = torch.autograd.grad(expected, (q, k, v), grad)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+    def dropped(q, k, v):  # the same seed drawn at every call: a function gradcheck can differentiate
+        torch.manual_seed(0)
+        return varlen_attention(q, k, v, cu, 7, 0.5, 0.3)[0]
+
+    assert not torch.allclose(dropped(q, k, v), out)  # some weights were dropped
+    assert torch.autograd.gradcheck(dropped, (q, k, v))  # the backward replays the forward's mask
+
+
+def test_the_varlen_contract_is_checked_before_the_call():
+    """What aten::_flash_attention_forward's variable-length path wants (docs/gpu.md), refused in one line on
+    any device: contiguous [T, heads, d] q/k/v, int32 cu_seqlens, a Python int bound."""
+    from electra_scale.engine.packing import check_varlen
+
+    q, k, v, cu = (x.detach() for x in _varlen_inputs([3, 4], dtype=torch.float32))
+    check_varlen(q, k, v, cu, 4)
+    cases = {
+        "contiguous": (q.transpose(0, 1).contiguous().transpose(0, 1), k, v, cu, 4),
+        "int32": (q, k, v, cu.long(), 4),
+        "Python int": (q, k, v, cu, torch.tensor(4)),
+        "one shape": (q[:, :1], k, v, cu, 4),
+        "multiple of 8": (q[..., :6].contiguous(), k[..., :6].contiguous(), v[..., :6].contiguous(), cu, 4),
+    }
+    for words, args in cases.items():
+        with pytest.raises(ValueError, match=words):
+            check_varlen(*args)
+
+
+def test_a_compiled_layer_traces_the_varlen_op_into_one_graph():
+    """train.compile on padding-free batches: the attention is a custom op with a fake implementation, so each
+    compiled encoder layer is one graph with no break, reused across batches of other lengths (dynamic shapes);
+    forward and backward as eager's. aot_eager traces what inductor would compile, without generating code."""
+    from torch._dynamo.utils import counters
+
+    from electra_scale.engine.model import build_electra
+
+    cfg = load_config("configs/tiny.yaml", ["model.dropout=0", "model.attention_dropout=0", "train.unpad=true"])
+    torch.manual_seed(0)
+    _, disc = build_electra(cfg.model)
+    layer = disc.electra.encoder.layer[0]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=True)
+    for lengths in ([9, 30, 17], [64, 3, 12, 40], [5, 5]):
+        packing = pack(torch.tensor(lengths), torch.ones(len(lengths)), 128, 20, "cpu")
+        x = torch.randn(1, sum(lengths), cfg.model.hidden_size, requires_grad=True)
+        eager_out = layer(x, packing=packing)[0]
+        compiled_out = compiled(x, packing=packing)[0]
+        assert torch.allclose(compiled_out, eager_out, rtol=1e-5, atol=1e-6)
+        g_eager, g_compiled = (torch.autograd.grad(o.square().sum(), x)[0] for o in (eager_out, compiled_out))
+        assert torch.allclose(g_compiled, g_eager, rtol=1e-4, atol=1e-6)
+    assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
 def _objective_inputs(ids, attn, cfg, unpad: bool) -> dict:
@@ -161,3 +246,21 @@ def test_unpadded_pretraining_matches_padded_across_world_sizes_and_a_resume(sho
         # Throughput counts real tokens: the padding share is reported, and most of these batches are padding.
         assert y["pad_frac"] == pytest.approx(x["pad_frac"]) and x["pad_frac"] > 0.5
     assert a[-1]["loss"] < a[0]["loss"]
+
+
+def test_the_padding_free_step_has_no_host_sync_outside_the_attention():
+    """On a GPU every host sync stalls the step. scripts/step_profile.py counts them in one forward and backward
+    (torch.profiler: .item()/.tolist(), nonzero, boolean-mask indexing); the padding-free step's only ones are
+    inside the varlen op's CPU implementation, which reads the example lengths on the host where the GPU's
+    FlashAttention kernel reads them on the device. The rest of the step, the same code on both, has none."""
+    import importlib.util
+
+    from electra_scale.config import load_config as load
+
+    spec = importlib.util.spec_from_file_location("step_profile", "scripts/step_profile.py")
+    step_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_profile)
+    cfg = load("configs/tiny.yaml", ["train.unpad=true", "model.vocab_size=512"])
+    report = step_profile.profile_step(cfg, 8, torch.device("cpu"))
+    assert report["cpu_reference_attention_syncs"] > 0  # the profile does see syncs where there are some
+    assert report["host_syncs"] == 0, report["syncs_by_op"]

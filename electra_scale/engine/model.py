@@ -122,7 +122,7 @@ def prepare_encoders(objective: torch.nn.Module, train) -> None:
             # and LayerNorms around the matmuls; attention is left to its own kernels (engine/packing.py).
             # Padding-free batches change length every step: compiled for dynamic shapes then.
             for layer in encoder.encoder.layer:
-                layer.compile(dynamic=True if train.unpad else None)
+                layer.compile(backend=train.compile_backend, dynamic=True if train.unpad else None)
 
 
 def count_params(module: torch.nn.Module) -> int:

@@ -16,12 +16,30 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from electra_scale.config import Config, deepspeed_config
+from electra_scale.config import Config, ConfigError, deepspeed_config
 from electra_scale.engine.masking import count_batch_targets, max_predictions, predictions_for
 from electra_scale.engine.model import prepare_encoders
 from electra_scale.engine.objective import training_loss
 from electra_scale.engine.optim import choose_adam, electra_schedule, param_groups
 from electra_scale.engine.packing import pack
+
+
+def settle_device(cfg: Config, device: torch.device) -> None:
+    """What every path that trains or times a step sets first, in one place (pretrain, bench's bare and engine
+    loops, --find-micro-batch, scripts/step_profile.py, engine_profile.py, objective_cost.py), so that their
+    figures compare: TF32 for the fp32 matmuls of a bf16/fp16 run, and padding-free batches refused in fp32 on
+    a GPU, whose FlashAttention variable-length kernel takes bf16 or fp16 only."""
+    if device.type != "cuda":
+        return
+    if cfg.train.unpad and cfg.train.precision == "fp32":
+        raise ConfigError(
+            "train.unpad=true on a GPU needs train.precision=bf16 or fp16 (FlashAttention's variable-length kernel "
+            "has no fp32); set train.precision=bf16, or train.unpad=false to train fp32 on padded batches"
+        )
+    if cfg.train.precision != "fp32":
+        # The only fp32 matmul of a bf16/fp16 run is the vocabulary projection (objective.masked_lm_logits),
+        # whose inputs are bf16/fp16 values: TF32 tensor cores compute it exactly, at half the bf16 rate.
+        torch.backends.cuda.matmul.allow_tf32 = True
 
 
 def build_engine(cfg: Config, objective: torch.nn.Module, world_size: int, device: torch.device, universal=False):
@@ -31,6 +49,7 @@ def build_engine(cfg: Config, objective: torch.nn.Module, world_size: int, devic
     converted from another world size."""
     import deepspeed
 
+    settle_device(cfg, device)
     ds_config = deepspeed_config(cfg, world_size)
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True

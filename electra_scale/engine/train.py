@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -31,13 +32,14 @@ from electra_scale.data.words import WordConventionError, continuation_ids, warn
 from electra_scale.engine import watchdog
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.evaluate import Evaluator, describe
+from electra_scale.engine.guard import check_finite
 from electra_scale.engine.lease import Follower, Lease, LeaseLost, hold
 from electra_scale.engine.metrics import DiscriminatorHealth, MetricsLogger, SampleLog
 from electra_scale.engine.model import SHAPE_KEYS, peak_tflops
 from electra_scale.engine.objective import build_objective
 from electra_scale.engine.pretrained import check_vocabulary, fetch_weights, load_weights
 from electra_scale.engine.startup import StartupClock
-from electra_scale.engine.step import build_engine, train_step
+from electra_scale.engine.step import build_engine, settle_device, train_step
 from electra_scale.engine.stragglers import StragglerReport
 from electra_scale.engine.window import LogWindow
 from electra_scale.infra import launch, storage
@@ -143,19 +145,19 @@ class Run:
         return self.dist_env.is_main
 
 
-def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None) -> dict:
+def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None, save: bool = True) -> dict:
     """Pretrain as ``cfg`` says, resuming from its output dir's newest checkpoint. ``on_log(step, record)`` is
     called on rank 0 after each logging step, with the record written to metrics.jsonl (bench times between
-    them); it runs outside the timed windows."""
+    them); it runs outside the timed windows. ``save=False``: no checkpoint at all (bench)."""
     stop = StopRequest()  # from the start: a signal during set-up stops the run after its first step
     try:
         run = setup(cfg, stop)
-        return train(run, on_log)
+        return train(run, on_log, save)
     finally:
         stop.restore()
 
 
-def train(run: Run, on_log: Callable[[int, dict], None] | None) -> dict:
+def train(run: Run, on_log: Callable[[int, dict], None] | None, save: bool = True) -> dict:
     """The loop: step, log, evaluate, checkpoint, stop; then the run's teardown."""
     cfg, engine, stream, main = run.cfg, run.engine, run.stream, run.main
     window = LogWindow(
@@ -171,6 +173,7 @@ def train(run: Run, on_log: Callable[[int, dict], None] | None) -> dict:
     dog = run.dog
     vote = StopVote(run.host_group)
     done, preempted, lease_lost = run.start_step, False, False
+    saved_at = run.start_step or None  # the newest checkpoint: where a diverged run resumes (engine/guard.py)
     history: list[dict] = []
     evaluations: list[dict] = []
     first_batches = run.first_batches
@@ -203,6 +206,8 @@ def train(run: Run, on_log: Callable[[int, dict], None] | None) -> dict:
             dog.waiting("the logging all-reduce")
             record = window.record(done, lr, float(engine.get_global_grad_norm() or 0.0), main)
             record.update(run.clock.take())  # the first record of a start: where the start's time went
+            if not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])):  # every rank alike
+                _stop_diverged(run, vote, done, record["loss"], record["grad_norm"], lr, saved_at)
             if main:
                 run.metrics.log(done, record)
                 history.append({"step": done, **record})
@@ -223,13 +228,17 @@ def train(run: Run, on_log: Callable[[int, dict], None] | None) -> dict:
                 log.info(describe(done, evaluation))
             window.exclude(evaluation["eval_time_s"])  # the next training record's throughput leaves it out
 
-        if done % cfg.checkpoint.every_steps == 0 or done == run.stop_step or preempted:
+        if save and (done % cfg.checkpoint.every_steps == 0 or done == run.stop_step or preempted):
+            norm = engine.get_global_grad_norm()  # global, the same on every rank; a checkpoint step syncs anyway
+            if norm is not None and not math.isfinite(float(norm)):
+                _stop_diverged(run, vote, done, None, float(norm), lr, saved_at)
             # metrics.jsonl first: once the checkpoint is marked complete (in the background), a kill -9 must not
             # leave a resume point whose steps the remote log lacks (a resume drops lines past it, never adds).
             dog.phase("checkpoint", done, "the previous upload, then the local save and its barriers")
             if main and run.lease.lost is None:
                 run.metrics.sync()
             run.checkpointer.save(engine, done, trainer_state(run, done), run.extra_files)
+            saved_at = done
         if preempted:
             break
 
@@ -258,10 +267,7 @@ def setup(cfg: Config, stop: StopRequest) -> Run:
     dog = watchdog.start(cfg, dist_env.rank, EXIT_PREEMPTED)  # a stuck phase ends the process: exit 75
     pg_timeout = watchdog.process_group_timeout(dog.limits)  # a collective blocked on a dead peer fails after this
     device = launch.init_distributed(dist_env, pg_timeout)
-    if device.type == "cuda" and cfg.train.precision != "fp32":
-        # The only fp32 matmul of a bf16/fp16 run is the vocabulary projection (objective.masked_lm_logits),
-        # whose inputs are bf16/fp16 values: TF32 tensor cores compute it exactly, at half the bf16 rate.
-        torch.backends.cuda.matmul.allow_tf32 = True
+    settle_device(cfg, device)  # TF32 for a bf16/fp16 run; fp32 refused with unpad on a GPU (before any write)
     host_group = dist.new_group(backend="gloo", timeout=pg_timeout) if device.type == "cuda" else None  # collective
     clock.mark("distributed_init")
     dog.waiting("the inputs, then the lease")
@@ -407,6 +413,16 @@ def finish(run: Run, done: int, preempted: bool, lease_lost: bool) -> None:
         run.samples.close()
     run.lease.release()  # the next run on this output dir starts without waiting
     run.dog.close()
+
+
+def _stop_diverged(run: Run, vote: StopVote, step, loss, grad_norm, lr, saved_at) -> None:
+    """A non-finite loss or gradient norm: the earlier checkpoints finish (uploaded, marked), this step's is never
+    written, the lease is let go, and the run stops in one line (exit 2: engine/guard.py)."""
+    vote.close()
+    run.checkpointer.close()
+    run.lease.release()
+    run.dog.close()
+    check_finite(step, loss, grad_norm, lr, saved_at)
 
 
 def trainer_state(run: Run, done: int) -> dict:

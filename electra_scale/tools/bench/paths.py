@@ -54,7 +54,9 @@ class BareLoop:
     """The least a training step can do: forward, backward, clip, AdamW, schedule, on a batch already on the
     device. In bf16 the weights are bf16, as the engine's are (DeepSpeed's bf16 mode runs the model in bf16 and
     keeps fp32 master weights in the optimizer, which the bare loop does without); fp16 is torch's autocast
-    with a loss scaler. On CUDA the AdamW is torch's fused one, as DeepSpeed's FusedAdam."""
+    with a loss scaler. On CUDA the AdamW is torch's fused one, as DeepSpeed's FusedAdam. train.unpad and
+    train.compile apply here as in the engine (the fixed batch packed once, the encoders' layers compiled), so
+    that "engine vs bare" compares like with like."""
 
     name = "bare"
 
@@ -62,12 +64,16 @@ class BareLoop:
         import torch
 
         from electra_scale.engine.masking import count_targets
+        from electra_scale.engine.model import prepare_encoders
         from electra_scale.engine.objective import build_objective
         from electra_scale.engine.optim import electra_schedule, param_groups
+        from electra_scale.engine.step import objective_inputs, settle_device
 
         self.cfg, self.device, p = cfg, device, cfg.optim
+        settle_device(cfg, device)
         torch.manual_seed(cfg.train.seed)
         self.model = build_objective(cfg, special).to(device)
+        prepare_encoders(self.model, cfg.train)  # compile (and activation checkpointing), as build_engine does
         if cfg.train.precision == "bf16":
             self.model = self.model.to(torch.bfloat16)
         self.opt = torch.optim.AdamW(
@@ -81,7 +87,7 @@ class BareLoop:
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
         counts = [count_targets(mb.input_ids, mb.attention_mask, special, cfg.objective.mask_prob) for mb in batches]
         self.totals = {"n_masked": float(sum(c[0] for c in counts)), "n_tokens": float(sum(c[1] for c in counts))}
-        self.batches = [mb.model_inputs(device) for mb in batches]
+        self.batches = [objective_inputs(mb, cfg, device) for mb in batches]  # packed too, with train.unpad
 
     def step(self) -> None:
         import torch
@@ -235,7 +241,6 @@ def bench_pretrain(cfg, shards: str, workdir: Path, device, steps: int, warmup: 
     run_cfg.run.progress = run_cfg.run.record_samples = False
     run_cfg.run.trackers = []
     run_cfg.train.max_steps, run_cfg.train.stop_at_step, run_cfg.train.log_every = total, None, window
-    run_cfg.checkpoint.every_steps = 10 * total  # only the final save, after the timed windows
     validate(run_cfg)
     free_memory(device)
     baseline = current_memory(device)
@@ -243,7 +248,7 @@ def bench_pretrain(cfg, shards: str, workdir: Path, device, steps: int, warmup: 
     hook = _BetweenWindows(bare, window, total, device)
     # launch.init_distributed gives a CPU rank all the cores: keep the threads the other paths ran with.
     with threads_pinned(device):
-        history = pretrain(run_cfg, on_log=hook)["history"]
+        history = pretrain(run_cfg, on_log=hook, save=False)["history"]  # no checkpoint: GBs per row at Large
     # Each record covers the steps since the previous one.
     steps_in = [r["step"] - a for a, r in zip([0] + [r["step"] for r in history[:-1]], history)]
     timed = [(n, n * r["step_time_s"]) for n, r in zip(steps_in, history)][1 if warmup else 0 :]
@@ -261,6 +266,8 @@ def bench_pretrain(cfg, shards: str, workdir: Path, device, steps: int, warmup: 
             "pad_frac": statistics.fmean(r["pad_frac"] for r in records),
         },
     )
+    if warmup:  # the untimed first window: start-up and warm-up, train.compile's compilation included
+        result.extra["first_window_s"] = steps_in[0] * history[0]["step_time_s"]
     waits = [r["data_wait"] for r in history[1 if warmup else 0 :] if r.get("data_wait") is not None]
     if waits:  # the share of the step the rank spent blocked on its next batch
         result.extra["data_wait"] = statistics.median(waits)

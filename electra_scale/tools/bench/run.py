@@ -77,6 +77,7 @@ def run_bench(
     threads: int | None = None,
     find_micro_batch: int = 0,
     ablate: tuple[tuple[str, tuple[str, ...]], ...] = (),
+    rows_out: str | None = None,
 ) -> dict:
     import torch
 
@@ -188,7 +189,7 @@ def run_bench(
                 if bare is not None:
                     bare.close()
         if ablate:
-            report["ablation"] = run_ablation(cfg, shards, work, device, steps, warmup, ablate, peak)
+            report["ablation"] = run_ablation(cfg, shards, work, device, steps, warmup, ablate, peak, rows_out)
 
     if batches is not None:  # the fixed batch's real tokens (not padding) and the FLOPs they need
         tokens, pairs = real_counts(batches)
@@ -222,30 +223,42 @@ def run_bench(
     return report
 
 
-def run_ablation(cfg, shards: str, work: Path, device, steps: int, warmup: int, levers, peak) -> list[dict]:
+def run_ablation(
+    cfg, shards: str, work: Path, device, steps: int, warmup: int, levers, peak, rows_out: str | None = None
+) -> list[dict]:
     """One lever at a time, in the same process and on the same data: for each ``KEY=V1,V2,...``, the real
     pretrain path with the bench's config and ``KEY=V`` for each value, one row each (step time, real tokens/s,
-    MFU, peak memory, data wait). A setting that fails (out of memory, a kernel missing here) is a row with its
-    error, and the others still run."""
+    MFU, peak memory, data wait), each naming every lever's setting (unpad, compile and its backend, ZeRO stage,
+    precision). A setting that fails (out of memory, a kernel missing here) is a row with its error, and the
+    others still run. ``rows_out``: each row is appended there (JSON Lines) as soon as it is measured, so a run
+    killed at its time limit keeps the rows it finished."""
     from electra_scale.config import config_from_dict, read_layered
 
     rows = []
+
+    def finish(row: dict) -> None:
+        rows.append(row)
+        if rows_out:
+            Path(rows_out).parent.mkdir(parents=True, exist_ok=True)
+            with open(rows_out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     for key, values in levers:
         for value in values:
-            row: dict = {"lever": key, "value": value}
+            trial = config_from_dict(read_layered([cfg.to_dict()], [f"{key}={value}"], "train.unpad=true"))
+            row: dict = {"lever": key, "value": value, **settings(trial)}
             try:
-                trial = config_from_dict(read_layered([cfg.to_dict()], [f"{key}={value}"], "train.unpad=true"))
                 log.info("bench: ablation %s=%s, %d warm-up + %d timed steps", key, value, warmup, steps)
                 r = bench_pretrain(trial, shards, work / f"ablation-{len(rows)}", device, steps, warmup)
             except user_errors():
                 raise
             except Exception as err:  # e.g. out of memory at this setting: a row that says so
                 log.exception("bench: ablation %s=%s failed", key, value)
-                rows.append({**row, "error": f"{type(err).__name__}: {err}"})
+                finish({**row, "error": f"{type(err).__name__}: {err}"})
                 continue
             tokens_per_s = r.extra["real_tokens_per_step"] / r.step_time_s
             tflops = r.extra["flops_per_step"] / r.step_time_s / 1e12
-            rows.append(
+            finish(
                 {
                     **row,
                     "step_time_s": r.step_time_s,
@@ -257,10 +270,32 @@ def run_ablation(cfg, shards: str, work: Path, device, steps: int, warmup: int, 
                     "peak_memory_bytes": r.peak_memory_bytes,
                     "data_wait": r.extra.get("data_wait"),
                     "cpu_time_s": r.extra.get("cpu_time_s"),  # CPU only: the steadier figure on a busy machine
+                    # The warm-up window, compilation included: a compile row's over the eager row's is its cost.
+                    "first_window_s": r.extra.get("first_window_s"),
                     "error": None,
                 }
             )
     return rows
+
+
+def settings(cfg) -> dict:
+    """Every lever's setting in a row: what the row measured, whichever lever it changed."""
+    zero = _zero_stage(cfg)
+    row = {
+        "model": f"{cfg.model.num_layers} layers x {cfg.model.hidden_size}",
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "seq_len": cfg.data.seq_len,
+        "precision": cfg.train.precision,
+        "unpad": cfg.train.unpad,
+        "compile": cfg.train.compile_backend if cfg.train.compile else "off",
+        "zero_stage": zero,
+    }
+    if cfg.train.precision != "fp32" and zero < 2:
+        # DeepSpeed 0.19.8 wraps bf16 at ZeRO-1 in BF16_Optimizer and bf16/fp16 at ZeRO-0 in FP16_Optimizer, whose
+        # step tests the gradient norm with bool(tensor), a host sync every step (docs/gpu.md): the row measures
+        # that sync with the stage; ZeRO-2 has none (check_grad_overflow off).
+        row["caveat"] = "host sync per step (DeepSpeed's BF16/FP16_Optimizer norm check)"
+    return row
 
 
 def _lever(text: str) -> tuple[str, tuple[str, ...]]:
@@ -332,6 +367,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "the report's `ablation` has a row per setting",
     )
     p.add_argument("--json-out", help="write the full report here as JSON")
+    p.add_argument("--rows-out", help="append each ablation row here (JSON Lines) as soon as it is measured")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -355,6 +391,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         find_micro_batch=args.find_micro_batch,
         ablate=tuple(args.ablate),
+        rows_out=args.rows_out,
     )
     print_report(report)
     if args.json_out:
