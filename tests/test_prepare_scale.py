@@ -298,6 +298,22 @@ def test_s3_input_and_output_in_two_tasks(inputs, vocab, reference, s3_bucket):
     assert load_manifest(f"{out}/eval").shards == load_manifest(str(ref / "eval")).shards
 
 
+def test_a_prefix_or_directory_with_a_trailing_slash(inputs, s3_bucket, tmp_path):
+    """`--input s3://bucket/prefix/` is the prefix (SeaweedFS answers a HEAD of a "directory" key with 200, which
+    must not make it one unsupported input), and a local directory with a trailing slash is the directory."""
+    from electra_scale.data.units import resolve_inputs
+
+    for f in inputs:
+        storage.upload_file(f, f"{s3_bucket}/slash/{Path(f).name}")
+    names = sorted(Path(f).name for f in inputs)
+    want = [f"{s3_bucket}/slash/{n}" for n in names]
+    assert resolve_inputs([f"{s3_bucket}/slash"]) == want
+    assert resolve_inputs([f"{s3_bucket}/slash/"]) == want
+    for f in inputs:
+        Path(tmp_path, Path(f).name).write_bytes(Path(f).read_bytes())
+    assert resolve_inputs([f"{tmp_path}/"]) == resolve_inputs([str(tmp_path)]) == [str(tmp_path / n) for n in names]
+
+
 def test_parquet_is_cut_between_row_groups(inputs, vocab, tmp_path):
     """A Parquet file of 30 row groups in units of a few row groups each: the documents of a single pass, and the
     same shards from one process and from two tasks of two workers."""

@@ -59,8 +59,9 @@ def resolve_inputs(inputs: list[str], text_column: str = "text") -> list[str]:
     files: list[str] = []
     for url in inputs:
         url = str(url)
-        is_local_dir = not storage.is_s3(url) and Path(url).is_dir()
-        if not is_local_dir and storage.exists(url):
+        # A URL ending in "/" is a prefix: SeaweedFS (and others) answer a HEAD of a "directory" key with 200.
+        is_dir = url.endswith("/") or (not storage.is_s3(url) and Path(url).is_dir())
+        if not is_dir and storage.exists(url):
             input_kind(url)
             files.append(url)
             continue
