@@ -253,6 +253,45 @@ def test_a_task_after_the_set_is_finalized(inputs, vocab, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_the_vocabulary_sample_counts_compressed_inputs_by_their_compressed_bytes(tmp_path):
+    """The sample's budget is in the inputs' own bytes, compressed for .gz and Parquet: a compressed corpus no
+    larger than the sample is learnt from whole, and a sample that ends half-way through a compressed file's
+    bytes reads about half its documents (not that many bytes of decompressed text)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from electra_scale.data.vocab import prepare_vocabulary
+
+    files = []
+    for i in range(2):
+        plain = write_corpus(tmp_path / f"c{i}.jsonl", documents=1500, seed=40 + i)
+        files.append(tmp_path / f"c{i}.jsonl.gz")
+        files[-1].write_bytes(gzip.compress(plain.read_bytes(), mtime=0))
+        plain.unlink()
+    texts = [json.loads(line)["text"] for line in write_corpus(tmp_path / "p.jsonl", 1500, 42).read_text().splitlines()]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "p.parquet", row_group_size=100)
+    files.append(tmp_path / "p.parquet")
+    everything = sum(1 for _ in iter_corpus([str(f) for f in files]))
+    compressed = sum(os.path.getsize(f) for f in files)
+    assert everything == 4500 and sum(len(t) for t in texts) > 2 * os.path.getsize(files[-1])
+
+    def sampled(sample: int) -> int:
+        said: list[str] = []
+        out = tmp_path / f"vocab-{sample}"
+        prepare_vocabulary([str(f) for f in files], str(out), "train:300", sample_bytes=sample, say=said.append)
+        line = next(s for s in said if s.startswith("vocabulary train:300 learnt from a sample of"))
+        return int(line.split(" MB (")[1].split(" documents")[0].replace(",", ""))
+
+    assert sampled(compressed) == everything
+    # Half of the second .gz file's bytes: about half its documents (gz is read 16 KiB at a time: ~10% of it).
+    c0, c1, p = (os.path.getsize(f) for f in files)
+    assert 1500 + 600 <= sampled(c0 + c1 // 2) <= 1500 + 900
+    # Half of the Parquet file's bytes: about half its rows (its row groups' bytes x the share of rows read).
+    assert 3000 + 700 <= sampled(c0 + c1 + p // 2) <= 3000 + 800
+
+
 def test_the_task_of_an_array_job_or_a_pod():
     """Neither flag: the SLURM array is the whole prepare (ID - MIN of COUNT). --num-tasks N alone: the absolute
     index, so `sbatch --array=K ... --num-tasks N` re-runs task K of N, not "task 0 of 1"."""
