@@ -110,7 +110,8 @@ def read_parts(output: str) -> tuple[int, list[dict]]:
     if missing:
         raise DataError(
             f"{output} is not complete: task(s) {', '.join(map(str, missing))} of {n} have not finished (no "
-            f"{PARTS}/{part_name(missing[0], n)}); run them again with --task-index K --num-tasks {n}, then finalize"
+            f"{PARTS}/{part_name(missing[0], n)}); run them again with --task-index K --num-tasks {n} (a SLURM array "
+            f"of one: sbatch --array=K slurm/prepare.sh ... --num-tasks {n}), then finalize"
         )
     return n, [json.loads(storage.read_text(storage.join(output, PARTS, part_name(k, n)))) for k in range(n)]
 
