@@ -6,7 +6,8 @@
 #   ARGS=(--input s3://bucket/raw --output s3://bucket/owt-512 --tokenizer vocab.txt --seq-len 512)
 #   array=$(sbatch --parsable --array=0-63 slurm/prepare.sh "${ARGS[@]}")
 #   sbatch --dependency=afterok:$array slurm/prepare_finalize.sh "${ARGS[@]}"
-#   sbatch slurm/prepare.sh "${ARGS[@]}" --task-index 17 --num-tasks 64    # re-runs task 17 of 64 alone
+#   sbatch --array=17 slurm/prepare.sh "${ARGS[@]}" --num-tasks 64    # re-runs task 17 of 64 alone
+# (--num-tasks N makes the array index absolute: without it, an array of one would be task 0 of 1).
 # Without --array it is one prepare on one node (also the vocabulary step: --tokenizer train:V --tokenizer-only).
 #SBATCH --job-name=electra-prepare
 #SBATCH --ntasks=1

@@ -414,6 +414,9 @@ def test_prepare_runs_as_the_indexed_jobs_pods_then_finalize(s3_bucket, tmp_path
     # The finalize Job then says so and succeeds.
     (log,) = finish([run(jobs["finalize"], 0)])
     assert "finalized" in log and storage.exists(f"{out}/manifest.json"), log
+    # A task pod that starts after that (the Job applied again) has nothing to do, and succeeds.
+    (log,) = finish([run(tasks, 1)])
+    assert "already finalized: " in log and "; nothing to do" in log, log
 
     reference = f"{s3_bucket}/reference"
     local = [*cmd[: cmd.index("--output") + 1], reference, *cmd[cmd.index("--output") + 2 :], "--num-tasks", "1"]

@@ -193,6 +193,130 @@ def test_refusals(inputs, vocab, tmp_path):
     assert load_manifest(out).num_samples > 0
 
 
+def test_a_changed_input_invalidates_the_markers(inputs, vocab, tmp_path):
+    """An input whose size changed (its unit count the same) moves the units' byte ranges: a task re-run after
+    it must not reuse the markers of before, and finalize refuses the mixed parts naming the changed input."""
+    local = [str(tmp_path / Path(f).name) for f in inputs]
+    for src, dst in zip(inputs, local):
+        Path(dst).write_bytes(Path(src).read_bytes())
+    out = tmp_path / "out"
+    args = ["prepare", "--input", *local, "--output", str(out), "--tokenizer", vocab, *SPLIT]
+    args += ["--chunk-bytes", "20000", "--workers", "1"]
+    for k in range(3):
+        run_cli([*args, "--task-index", str(k), "--num-tasks", "3"])
+    assert (out / "manifest.json").exists()
+    (out / "manifest.json").unlink()
+    (out / "eval" / "manifest.json").unlink()
+    sizes = [os.path.getsize(f) for f in local]
+    a = Path(local[0])
+    a.write_bytes(a.read_bytes()[:-300] + a.read_bytes()[-150:])  # 150 bytes shorter, as many units
+    assert len(plan_units(local, [os.path.getsize(f) for f in local], 20000)) == len(plan_units(local, sizes, 20000))
+    markers = {p: p.read_bytes() for p in (out / "parts" / "units").iterdir()}
+    proc = run_cli([*args, "--task-index", "0", "--num-tasks", "3"])
+    mine = assign(plan_units(local, sizes, 20000), 0, 3)
+    redone = {p for p, data in markers.items() if p.read_bytes() != data}
+    assert {out / "parts" / "units" / f"unit-{u.index:06d}.json" for u in mine} == redone  # none reused
+    assert not (out / "manifest.json").exists() and "the inputs changed between the tasks' runs" in proc.stdout
+    proc = run_cli(["prepare", "--finalize", "--output", str(out)], check=False)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert "the inputs changed" in errors[0] and f"{a} ({sizes[0] - 150:,} vs {sizes[0]:,} bytes)" in errors[0]
+    assert local[1] not in errors[0] and "re-run the odd task" not in errors[0]
+    assert not (out / "manifest.json").exists()
+
+    # Every task run again with the inputs as they are: the set completes.
+    for k in (1, 2):
+        run_cli([*args, "--task-index", str(k), "--num-tasks", "3"])
+    assert load_manifest(str(out)).num_samples > 0
+
+
+def test_a_task_after_the_set_is_finalized(inputs, vocab, tmp_path):
+    """A task started again after the set was finalized (a re-applied Indexed Job): with the same settings one
+    line and exit 0, nothing rewritten; with others the refusal of an output that holds a shard set."""
+    out = tmp_path / "out"
+    args = ["prepare", "--input", *inputs, "--output", str(out), "--tokenizer", vocab, *SPLIT]
+    args += ["--chunk-bytes", "20000", "--workers", "1"]
+    for k in range(2):
+        run_cli([*args, "--task-index", str(k), "--num-tasks", "2"])
+    manifest = load_manifest(str(out))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    for env in ({"JOB_COMPLETION_INDEX": "1", "ELECTRA_PREPARE_NUM_TASKS": "2"}, {"JOB_COMPLETION_INDEX": "0"}):
+        flags = [] if "ELECTRA_PREPARE_NUM_TASKS" in env else ["--num-tasks", "2"]
+        proc = run_cli([*args, *flags], env=env)
+        expected = (
+            f"already finalized: {manifest.num_samples:,} examples in {len(manifest.shards)} shards; nothing to do"
+        )
+        assert proc.stdout.strip().splitlines() == [expected], proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    proc = run_cli([*args, "--task-index", "1", "--num-tasks", "2", "--seed", "7"], check=False)
+    assert proc.returncode == 2 and "already holds a prepared shard set" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_the_vocabulary_sample_counts_compressed_inputs_by_their_compressed_bytes(tmp_path):
+    """The sample's budget is in the inputs' own bytes, compressed for .gz and Parquet: a compressed corpus no
+    larger than the sample is learnt from whole, and a sample that ends half-way through a compressed file's
+    bytes reads about half its documents (not that many bytes of decompressed text)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from electra_scale.data.vocab import prepare_vocabulary
+
+    files = []
+    for i in range(2):
+        plain = write_corpus(tmp_path / f"c{i}.jsonl", documents=1500, seed=40 + i)
+        files.append(tmp_path / f"c{i}.jsonl.gz")
+        files[-1].write_bytes(gzip.compress(plain.read_bytes(), mtime=0))
+        plain.unlink()
+    texts = [json.loads(line)["text"] for line in write_corpus(tmp_path / "p.jsonl", 1500, 42).read_text().splitlines()]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "p.parquet", row_group_size=100)
+    files.append(tmp_path / "p.parquet")
+    everything = sum(1 for _ in iter_corpus([str(f) for f in files]))
+    compressed = sum(os.path.getsize(f) for f in files)
+    assert everything == 4500 and sum(len(t) for t in texts) > 2 * os.path.getsize(files[-1])
+
+    def sampled(sample: int) -> int:
+        said: list[str] = []
+        out = tmp_path / f"vocab-{sample}"
+        prepare_vocabulary([str(f) for f in files], str(out), "train:300", sample_bytes=sample, say=said.append)
+        line = next(s for s in said if s.startswith("vocabulary train:300 learnt from a sample of"))
+        return int(line.split(" MB (")[1].split(" documents")[0].replace(",", ""))
+
+    assert sampled(compressed) == everything
+    # Half of the second .gz file's bytes: about half its documents (gz is read 16 KiB at a time: ~10% of it).
+    c0, c1, p = (os.path.getsize(f) for f in files)
+    assert 1500 + 600 <= sampled(c0 + c1 // 2) <= 1500 + 900
+    # Half of the Parquet file's bytes: about half its rows (its row groups' bytes x the share of rows read).
+    assert 3000 + 700 <= sampled(c0 + c1 + p // 2) <= 3000 + 800
+
+
+def test_the_task_of_an_array_job_or_a_pod():
+    """Neither flag: the SLURM array is the whole prepare (ID - MIN of COUNT). --num-tasks N alone: the absolute
+    index, so `sbatch --array=K ... --num-tasks N` re-runs task K of N, not "task 0 of 1"."""
+    from argparse import Namespace
+
+    from electra_scale.data.prepare_cli import task_of
+    from electra_scale.data.shards import DataError
+
+    def of(env, k=None, n=None):
+        return task_of(Namespace(task_index=k, num_tasks=n), env)
+
+    array = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert of(array) == (2, 4)
+    one = {"SLURM_ARRAY_TASK_ID": "17", "SLURM_ARRAY_TASK_MIN": "17", "SLURM_ARRAY_TASK_COUNT": "1"}
+    assert of(one) == (0, 1)  # an array of one without --num-tasks: a whole prepare, as before
+    assert of(one, n=64) == (17, 64)
+    assert of({"JOB_COMPLETION_INDEX": "5"}, n=8) == (5, 8)
+    assert of(one, k=3, n=64) == (3, 64)  # the flags win
+    assert of({}) == (0, 1) and of({}, n=1) == (0, 1)
+    with pytest.raises(DataError, match="task index 17 is not one of the 8 tasks"):
+        of(one, n=8)
+    with pytest.raises(DataError, match="--num-tasks 3 without a task index"):
+        of({}, n=3)
+
+
 def test_s3_input_and_output_in_two_tasks(inputs, vocab, reference, s3_bucket):
     """Inputs and shards on SeaweedFS, units read by ranged GETs, two tasks of two workers: the reference's
     shards."""
@@ -211,6 +335,22 @@ def test_s3_input_and_output_in_two_tasks(inputs, vocab, reference, s3_bucket):
     for s in manifest.shards:
         assert storage.read_bytes(f"{out}/{s.name}") == (ref / s.name).read_bytes()
     assert load_manifest(f"{out}/eval").shards == load_manifest(str(ref / "eval")).shards
+
+
+def test_a_prefix_or_directory_with_a_trailing_slash(inputs, s3_bucket, tmp_path):
+    """`--input s3://bucket/prefix/` is the prefix (SeaweedFS answers a HEAD of a "directory" key with 200, which
+    must not make it one unsupported input), and a local directory with a trailing slash is the directory."""
+    from electra_scale.data.units import resolve_inputs
+
+    for f in inputs:
+        storage.upload_file(f, f"{s3_bucket}/slash/{Path(f).name}")
+    names = sorted(Path(f).name for f in inputs)
+    want = [f"{s3_bucket}/slash/{n}" for n in names]
+    assert resolve_inputs([f"{s3_bucket}/slash"]) == want
+    assert resolve_inputs([f"{s3_bucket}/slash/"]) == want
+    for f in inputs:
+        Path(tmp_path, Path(f).name).write_bytes(Path(f).read_bytes())
+    assert resolve_inputs([f"{tmp_path}/"]) == resolve_inputs([str(tmp_path)]) == [str(tmp_path / n) for n in names]
 
 
 def test_parquet_is_cut_between_row_groups(inputs, vocab, tmp_path):

@@ -144,7 +144,10 @@ def sbatch_args(shards, out: Path, log: Path, *overrides: str) -> list[str]:
 
 
 def job_env(cluster: Cluster) -> dict:
-    return {**cluster.env, "ELECTRA_HOME": str(ROOT), "ELECTRA_VENV": sys.prefix, "MASTER_ADDR": "127.0.0.1"}
+    # A free MASTER_PORT: the port SLURM jobs derive from the job id (infra/launch.py) is the same for job 1 of
+    # two test clusters side by side (pytest -n 2).
+    env = {**cluster.env, "ELECTRA_HOME": str(ROOT), "ELECTRA_VENV": sys.prefix, "MASTER_ADDR": "127.0.0.1"}
+    return {**env, "MASTER_PORT": str(free_port())}
 
 
 def steps(out: Path) -> list[int]:

@@ -2,8 +2,8 @@
 fixture: slurmctld and two slurmd on this machine), submitted as docs/data.md ("On a cluster") says: the vocabulary
 step, a 3-task job array after it and the finalize step after the array (`--dependency=afterok`) give, byte for
 byte, the shards of one local 1-worker prepare; a task that fails on a corrupt input leaves the finalize step
-pending and finalize refusing, naming it, and a re-run of that task alone (`--task-index K --num-tasks N`)
-completes the set, identical, without redoing what had finished."""
+pending and finalize refusing, naming it, and a re-run of that task alone
+completes the set, identical, without redoing what had finished: `sbatch --array=K ... --num-tasks N`."""
 
 from __future__ import annotations
 
@@ -185,18 +185,19 @@ def test_a_failed_task_is_named_by_finalize_and_rerun_alone(cluster, shards, tmp
     assert named and named.group(1) == str(k) and named.group(2) == str(TASKS), refusal
     assert not (out / "manifest.json").exists()
 
-    # The input fixed, task k alone re-runs: the same arguments, and its place given (an array of one would be
-    # task 0 of 1).
+    # The input fixed, task k alone re-runs as docs/data.md says: an array of one, `--array=K`, told the task
+    # count (without --num-tasks an array of one would be task 0 of 1).
     bad.write_bytes(good)
     finished = shards_of_finished_units(out)
     assert finished, "the tasks that succeeded left their units' markers"
     before = {name: ((out / name).stat().st_mtime_ns, (out / name).read_bytes()) for name in finished}
     rerun = submit(
-        cluster, "prepare.sh", *args, "--task-index", str(k), "--num-tasks", str(TASKS),
-        sbatch=(f"--cpus-per-task={CPUS}", f"--output={logs}/rerun.out"),
+        cluster, "prepare.sh", *args, "--num-tasks", str(TASKS),
+        sbatch=(f"--array={k}", f"--cpus-per-task={CPUS}", f"--output={logs}/rerun.out"),
     )  # fmt: skip
     (task,) = wait_until_ended(cluster, rerun, logs)
     assert task["JobState"] == "COMPLETED", tails(logs)
+    assert (out / "parts" / f"part-{k:05d}-of-{TASKS:05d}.json").exists(), tails(logs)
     final = submit(cluster, "prepare_finalize.sh", *args, sbatch=(f"--output={logs}/final2.out",))
     (fin,) = wait_until_ended(cluster, final, logs)
     assert fin["JobState"] == "COMPLETED", tails(logs)

@@ -39,6 +39,7 @@ FLAGS = {
     "eval_output": "--eval-out",
     "lowercase": "--cased",
     "chunk_bytes": "--chunk-bytes",
+    "sizes": "--input (the inputs' sizes)",
 }
 
 
@@ -109,7 +110,8 @@ def read_parts(output: str) -> tuple[int, list[dict]]:
     if missing:
         raise DataError(
             f"{output} is not complete: task(s) {', '.join(map(str, missing))} of {n} have not finished (no "
-            f"{PARTS}/{part_name(missing[0], n)}); run them again with --task-index K --num-tasks {n}, then finalize"
+            f"{PARTS}/{part_name(missing[0], n)}); run them again with --task-index K --num-tasks {n} (a SLURM array "
+            f"of one: sbatch --array=K slurm/prepare.sh ... --num-tasks {n}), then finalize"
         )
     return n, [json.loads(storage.read_text(storage.join(output, PARTS, part_name(k, n)))) for k in range(n)]
 
@@ -119,11 +121,25 @@ def check_settings(output: str, parts: list[dict], expect: dict[str, Any]) -> di
     settings = parts[0]["settings"]
     for part in parts[1:]:
         if part["settings"] != settings:
-            diff = next(k for k in settings if part["settings"].get(k) != settings[k])
+            changed = changed_inputs(settings, part["settings"])
+            if changed:
+                raise DataError(
+                    f"the inputs changed between the tasks' runs at {output}: {changed} (task 0's vs task "
+                    f"{part['task']}'s); units are byte ranges of the inputs, so run every task again with the "
+                    "inputs as they are now"
+                )
+            diff = next(k for k in {**settings, **part["settings"]} if part["settings"].get(k) != settings.get(k))
             raise DataError(
                 f"the parts at {output} disagree: task {part['task']} ran with {FLAGS.get(diff, diff)} "
                 f"{part['settings'].get(diff)!r}, task 0 with {settings[diff]!r}; re-run the odd task with the "
                 "others' arguments"
+            )
+    if "sizes" in expect and settings.get("files") == expect.get("files"):
+        changed = changed_inputs(settings, expect)
+        if changed:
+            raise DataError(
+                f"the inputs changed since the tasks at {output} ran: {changed} (the tasks' vs now); units are byte "
+                "ranges of the inputs, so run every task again with the inputs as they are now"
             )
     for key, value in expect.items():
         if settings.get(key) != value:
@@ -132,6 +148,22 @@ def check_settings(output: str, parts: list[dict], expect: dict[str, Any]) -> di
                 f"{value!r}; finalize with the tasks' arguments (or none)"
             )
     return settings
+
+
+def _size(size: int | list[int]) -> int:
+    return sum(size) if isinstance(size, list) else size  # a Parquet file's: its row groups'
+
+
+def changed_inputs(a: dict, b: dict) -> str:
+    """The inputs whose sizes differ between two settings of the same files ("" if none), for the messages."""
+    if a.get("files") != b.get("files") or a.get("sizes") == b.get("sizes"):
+        return ""
+    sizes_a, sizes_b = a.get("sizes") or [None] * len(a["files"]), b.get("sizes") or [None] * len(b["files"])
+    return ", ".join(
+        f"{f} ({'?' if x is None else f'{_size(x):,}'} vs {'?' if y is None else f'{_size(y):,}'} bytes)"
+        for f, x, y in zip(a["files"], sizes_a, sizes_b)
+        if x != y
+    )
 
 
 def _shards(results: list[dict], split: str) -> list[ShardInfo]:
@@ -212,6 +244,18 @@ def unit_result(unit: int, sha: str, documents: int, held_docs: int, writers: di
             s["blocks"] = [[b["offset"], b["length"], b["samples"], b["crc32"]] for b in s["blocks"]]
         out[split] = {"shards": shards, "tokens": w.num_tokens if w is not None else 0}
     return out
+
+
+def finished_with(output: str, settings: dict) -> bool:
+    """Whether ``output`` is a split set finalized from parts of exactly ``settings`` (a task started again
+    after the set was finalized, as a re-applied Kubernetes Job's pods are)."""
+    if not storage.exists(storage.join(output, MANIFEST)):
+        return False
+    names = [n for n in storage.list_files(storage.join(output, PARTS)) if n.startswith("part-")]
+    sha = settings_sha(settings)
+    return bool(names) and all(
+        settings_sha(json.loads(storage.read_text(storage.join(output, PARTS, n)))["settings"]) == sha for n in names
+    )
 
 
 def already_final(output: str) -> Manifest | None:

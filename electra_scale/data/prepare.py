@@ -36,6 +36,8 @@ from electra_scale.data.parts import (
     assign,
     done_unit,
     finalize,
+    finished_with,
+    is_unfinalized,
     settings_sha,
     unit_result,
     write_part,
@@ -50,6 +52,7 @@ from electra_scale.data.shards import (
     Manifest,
     ShardInfo,
     default_samples_per_block,
+    load_manifest,
 )
 from electra_scale.data.tokenizer import (
     is_trained_spec,
@@ -396,13 +399,13 @@ def prepare(
             f"--tokenizer-only`, then give the tasks --tokenizer {storage.join(output, 'tokenizer.json')}"
         )
     files = resolve_inputs(inputs, text_column)
-    for where in filter(None, (output, eval_output)):
-        if storage.exists(storage.join(where, MANIFEST)):
-            # Overwriting shards under a live manifest would hand readers a mix of two runs.
-            raise DataError(
-                f"{where} already holds a prepared shard set (manifest.json); choose a new output or delete it first"
-            )
-    units = plan_units(files, input_sizes(files), chunk_bytes)
+    # Overwriting shards under a live manifest would hand readers a mix of two runs. A split set finalized with
+    # this task's very settings (its parts kept) is the exception, checked below: nothing to do.
+    finished = [w for w in filter(None, (output, eval_output)) if storage.exists(storage.join(w, MANIFEST))]
+    if finished and (num_tasks == 1 or not is_unfinalized(output)):
+        _refuse_finished(finished[0])
+    sizes = input_sizes(files)
+    units = plan_units(files, sizes, chunk_bytes)
     try:  # a tokenizer that cannot be used is the input's fault: one line, exit 2 (cli.py)
         if is_trained_spec(tokenizer):
             tok = train_on_sample(
@@ -433,8 +436,19 @@ def prepare(
         normalization=normalization_of(tok),
         chunk_bytes=chunk_bytes,
         num_units=len(units),
+        # Units are byte ranges of the inputs: an input whose size changed moves them, so it must not reuse a
+        # marker (or be merged with a part) of the inputs before. (Sizes, not mtimes: a copy keeps the size.)
+        sizes=sizes,
     )
     sha = settings_sha(settings)
+    if finished:
+        if finished_with(output, settings):
+            manifest = load_manifest(output)
+            if say is not None:
+                n, m = manifest.num_samples, len(manifest.shards)
+                say(f"already finalized: {n:,} examples in {m} shards; nothing to do")
+            return manifest
+        _refuse_finished(finished[0])
     for where in filter(None, (output, eval_output)):
         if not storage.is_s3(where):
             os.makedirs(where, exist_ok=True)
@@ -475,6 +489,12 @@ def prepare(
         if say is not None and "have not finished" not in str(err):
             say(f"task {task_index} done; the set is not finalized: {err}")
         return None
+
+
+def _refuse_finished(where: str) -> None:
+    raise DataError(
+        f"{where} already holds a prepared shard set (manifest.json); choose a new output or delete it first"
+    )
 
 
 def _batches(it: Iterator[Document], n: int) -> Iterator[list[Document]]:

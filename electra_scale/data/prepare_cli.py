@@ -62,7 +62,8 @@ def add_arguments(pr: argparse.ArgumentParser) -> None:
         "--task-index",
         type=int,
         default=None,
-        help="this task's index K of --num-tasks N (default: SLURM_ARRAY_TASK_ID, else JOB_COMPLETION_INDEX)",
+        help="this task's index K of --num-tasks N (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, or the "
+        "absolute SLURM_ARRAY_TASK_ID when --num-tasks is given; else JOB_COMPLETION_INDEX)",
     )
     pr.add_argument(
         "--num-tasks",
@@ -98,7 +99,11 @@ def usable_cores() -> int:
 
 
 def task_of(args, env=os.environ) -> tuple[int, int]:
-    """(K, N): the flags, else a SLURM array task's variables, else a Kubernetes Indexed Job pod's, else (0, 1)."""
+    """(K, N): the flags, else a SLURM array task's variables, else a Kubernetes Indexed Job pod's, else (0, 1).
+
+    With neither flag, a SLURM array is the whole prepare: task ID - MIN of COUNT. With ``--num-tasks N`` alone,
+    K is the absolute array index (or the pod's index), so ``sbatch --array=K ... --num-tasks N`` re-runs task
+    K of N alone: an array of one is not "task 0 of 1"."""
     k, n = args.task_index, args.num_tasks
     if k is None and n is None:
         if "SLURM_ARRAY_TASK_ID" in env:
@@ -114,13 +119,19 @@ def task_of(args, env=os.environ) -> tuple[int, int]:
                     f"JOB_COMPLETION_INDEX is {k} but ELECTRA_PREPARE_NUM_TASKS is not set: set it next to the "
                     "Indexed Job's completions, or pass --num-tasks N"
                 )
+    elif k is None:
+        index = env.get("SLURM_ARRAY_TASK_ID", env.get("JOB_COMPLETION_INDEX"))
+        k = int(index) if index is not None else None
     if k is None and n is None:
         return 0, 1
     if n is None:
         raise DataError(f"task index {k} without a task count: pass --num-tasks N (or SLURM_ARRAY_TASK_COUNT)")
     if k is None:
         if n != 1:
-            raise DataError(f"--num-tasks {n} without a task index: pass --task-index K (0 to {n - 1})")
+            raise DataError(
+                f"--num-tasks {n} without a task index: pass --task-index K (0 to {n - 1}), or run it as array "
+                f"task K (sbatch --array=K)"
+            )
         k = 0
     if n < 1 or not 0 <= k < n:
         raise DataError(f"task index {k} is not one of the {n} tasks (0 to {n - 1}); check --task-index/--num-tasks")
@@ -135,11 +146,12 @@ def _value(args, name: str):
 def _finalize(args) -> int:
     from electra_scale.data import parts
     from electra_scale.data.tokenizer import load_tokenizer, resolve_spec, tokenizer_sha256
-    from electra_scale.data.units import resolve_inputs
+    from electra_scale.data.units import input_sizes, resolve_inputs
 
     expect = {k: getattr(args, k) for k in DEFAULTS if getattr(args, k) is not None}
     if args.input:
         expect["files"] = resolve_inputs(args.input, _value(args, "text_column"))
+        expect["sizes"] = input_sizes(expect["files"])
     if args.samples_per_shard is not None:
         expect["samples_per_shard"] = args.samples_per_shard
     if args.samples_per_block is not None:

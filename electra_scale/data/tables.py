@@ -147,6 +147,15 @@ def row_group_bytes(url: str) -> list[int]:
         pf.close()
 
 
+def row_group_rows(url: str) -> list[int]:
+    """The rows of each row group of a Parquet file (its footer only)."""
+    pf = _open_parquet(url)
+    try:
+        return [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+    finally:
+        pf.close()
+
+
 def iter_texts(url: str, column: str, row_groups: list[int] | None = None) -> Iterator[str]:
     """Every non-null text of ``column`` in one Parquet or Arrow stream file, in row order (of a Parquet file's
     ``row_groups`` only, if given)."""

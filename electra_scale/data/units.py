@@ -37,6 +37,7 @@ Document = list[str]  # a document's paragraphs (or, once split, its sentences),
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz", ".parquet")
 CHUNK_BYTES = 128 << 20  # default unit size: ~1 shard of seq-128 examples, a few minutes of one core
 _PROGRESS_EVERY = 4 << 20  # bytes between progress reports
+_GZ_READ = 16 << 10  # compressed bytes of a .gz read at a time (a progress report each)
 
 
 def input_kind(url: str) -> str:
@@ -59,8 +60,9 @@ def resolve_inputs(inputs: list[str], text_column: str = "text") -> list[str]:
     files: list[str] = []
     for url in inputs:
         url = str(url)
-        is_local_dir = not storage.is_s3(url) and Path(url).is_dir()
-        if not is_local_dir and storage.exists(url):
+        # A URL ending in "/" is a prefix: SeaweedFS (and others) answer a HEAD of a "directory" key with 200.
+        is_dir = url.endswith("/") or (not storage.is_s3(url) and Path(url).is_dir())
+        if not is_dir and storage.exists(url):
             input_kind(url)
             files.append(url)
             continue
@@ -179,8 +181,10 @@ def _lines(url: str, start: int, report: Callable[[int], None]) -> Iterator[tupl
     Lines end at \\n, \\r\\n or \\r, as Python's text files read them; a .gz file is decompressed (offsets
     are then those of the decompressed text)."""
     raw = storage.open_read(url, max(0, start - 1))
+    gz = url.endswith(".gz")
     try:
-        stream = gzip.GzipFile(fileobj=raw) if url.endswith(".gz") else raw
+        # A .gz reports its compressed bytes as they are read: what its unit's share of the input counts.
+        stream = gzip.GzipFile(fileobj=_Counted(raw, report)) if gz else raw
         pos = 0
         if start > 0:  # the line holding byte start - 1 is the previous unit's
             pos = start - 1 + len(stream.readline())
@@ -198,14 +202,29 @@ def _lines(url: str, start: int, report: Callable[[int], None]) -> Iterator[tupl
                     yield offset, part
             else:
                 yield offset, text
-            if pos - reported >= _PROGRESS_EVERY:
+            if pos - reported >= _PROGRESS_EVERY and not gz:
                 report(pos - reported)
                 reported = pos
-        report(pos - reported)
+        if not gz:
+            report(pos - reported)
     except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{url}: cannot read it ({err}); the file may be truncated or corrupt") from err
     finally:
         raw.close()
+
+
+class _Counted:
+    """A binary stream that reports the bytes read from it (a .gz file's compressed bytes), at most
+    ``_GZ_READ`` at a time: gzip would read 128 KiB ahead, and the vocabulary's sample (data/vocab.py) counts
+    how much of a .gz file it has read by these reports."""
+
+    def __init__(self, raw, report: Callable[[int], None]):
+        self.raw, self.report = raw, report
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(_GZ_READ if n < 0 else min(n, _GZ_READ))
+        self.report(len(data))
+        return data
 
 
 def _paragraphs(text: str) -> Document:
@@ -265,8 +284,8 @@ def segment_documents(
             report(n)
 
     kind = input_kind(seg.url)
-    if seg.whole and kind != "table":  # a .gz reports its (compressed) size when done, as tables do
-        yield from _jsonl_documents(seg, text_column, _quiet) if kind == "jsonl" else _txt_documents(seg, _quiet)
+    if seg.whole and kind != "table":  # a .gz reports its compressed bytes as it reads them
+        yield from _jsonl_documents(seg, text_column, partial) if kind == "jsonl" else _txt_documents(seg, partial)
     elif kind == "table":
         for text in iter_texts(seg.url, text_column, seg.row_groups):
             doc = _paragraphs(text)
