@@ -308,7 +308,8 @@ def prepare_unit(job: UnitJob, enc: Tokenizer, report=lambda n: None) -> dict:
         try:
             for docs in _batches(unit_documents(job.unit, job.text_column, report), _DOCS_PER_BATCH):
                 flat = [s for doc in docs for s in doc]
-                encoded = iter(e.ids for e in enc.encode_batch(flat, add_special_tokens=False))
+                # encode_batch_fast: encode_batch's ids without the offsets, which prepare never reads (~18% less CPU)
+                encoded = iter(e.ids for e in enc.encode_batch_fast(flat, add_special_tokens=False))
                 for doc in docs:
                     is_eval = held is not None and held_out(doc, job.eval_fraction)
                     held_docs += is_eval
