@@ -18,6 +18,10 @@ Follows google-research/electra (``run_pretraining.py``, ``pretrain/pretrain_hel
 The forward passes are written against a layout (engine/packing.py): the padded [B, L] batch, or with
 ``train.unpad`` one flat row of its real tokens, where only those are computed. The losses are the same.
 
+``objective.temperature`` is the reference's ``temp`` (1.0 in its presets and in ours from Small up). The tiny
+preset samples at 2: at its size the generator's temperature-1 samples are, within ~100 steps, replacements the
+discriminator cannot tell from the originals, and it collapses to the base rate (docs/paper.md, "Small scale").
+
 Options beyond the paper (all off by default; the presets keep the paper's settings):
 - ``whole_word_mask``: whole words are masked (``whole_word_positions``), as BERT's later release did.
 - ``temperature_start`` / ``temperature_warmup_steps``: a generator curriculum (``sampling_temperature``).
