@@ -24,6 +24,8 @@ class FinetuneConfig:
     grad_clip: float = 1.0
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     train_limit: int | None = None  # low-resource setting: this many training examples per seed
+    # few-label setting: K examples of each class per seed (eval/draw.py: the same draw for every model at a seed)
+    per_class: int | None = None
     finetune: bool = True
     probe: bool = False
     eval_batch_size: int = 128
@@ -41,4 +43,6 @@ class FinetuneConfig:
         need(0 <= self.warmup_frac < 1, f"warmup_frac={self.warmup_frac} must be in [0, 1)")
         need(len(self.seeds) > 0, "give at least one seed")
         need(self.train_limit is None or self.train_limit > 0, f"train_limit={self.train_limit} must be > 0")
+        need(self.per_class is None or self.per_class > 0, f"per_class={self.per_class} must be > 0")
+        need(self.per_class is None or self.train_limit is None, "give per_class or train_limit, not both")
         need(self.finetune or self.probe, "nothing to do: enable fine-tuning or the probe")
