@@ -292,3 +292,20 @@ def test_unknown_task_and_missing_model_exit_2(tmp_path):
     Path(tmp_path, "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
     proc = run_cli(["finetune", str(tmp_path / "nothing"), "--task", "sst2", "--data", str(tmp_path)], check=False)
     assert proc.returncode == 2 and "is neither an exported model" in proc.stderr
+
+
+def test_few_label_and_pairing_bad_inputs_exit_2(tmp_path, capsys):
+    """Refused in one line before any model is loaded (in process: no CLI start-up to pay)."""
+    from electra_scale.cli import main
+
+    random = ["finetune", "--init", "random", "--config", "configs/tiny.yaml", "--probe-only"]
+    cases = [
+        ([*random, "--task", "wiki_topic", "--per-class", "0"], "per_class=0 must be > 0"),
+        ([*random, "--task", "wiki_topic", "--per-class", "4", "--train-limit", "9"], "not both"),
+        ([*random, "--task", "wiki_topic", "--eval-fraction", "0"], "--eval-fraction 0.0 must be the prepare's"),
+        ([*random, "--task", "wiki_topic", "--paired-with", str(tmp_path / "none.json")], "--paired-with"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (argv, err)

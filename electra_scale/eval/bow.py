@@ -16,7 +16,9 @@ import numpy as np
 
 from electra_scale.eval.tasks import TaskData
 
-MAX_WORDS = 5000
+# The seed's 2,000 most frequent words: wiki_topic at K = 32, test accuracy 69-75 (two seeds) against 72-77 with
+# 5,000, at 40% of the fitting time (1.1 s a seed on one core).
+MAX_WORDS = 2000
 BOW_L2 = (1e-4, 1e-3, 1e-2)  # tf-idf rows have unit length: weak penalties (the probe's grid tops out too strong)
 _WORD = re.compile(r"[^\W_]+")
 
