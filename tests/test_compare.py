@@ -34,25 +34,32 @@ def test_compare_end_to_end_on_the_miniature_preset(shards, eval_shards, tmp_pat
         runs["electra"]["flops_per_token"] / runs["mlm"]["flops_per_token"]
     )
 
-    # random init + 2 points per objective, every one fine-tuned and probed on both seeds.
+    # random init + 2 points per objective, at both K, every one fine-tuned and probed on both seeds.
     rows = report["rows"]
-    assert [(r["model"], r["step"] > 0) for r in rows] == [
-        ("random", False),
-        ("electra", True),
-        ("electra", True),
-        ("mlm", True),
-        ("mlm", True),
+    assert report["per_class"] == [8, 32]
+    assert [(r["model"], r["point"], r["per_class"]) for r in rows] == [
+        ("random", 0, 8),
+        ("random", 0, 32),
+        *[(kind, p, k) for kind in ("electra", "mlm") for p in (1, 2) for k in (8, 32)],
     ]
     for r in rows:
         for mode in ("finetune", "probe"):
             assert r[mode]["n"] == 2 and 0.0 <= r[mode]["mean"] <= 1.0 and len(r[f"{mode}_per_seed"]) == 2
-    assert rows[2]["flops"] == pytest.approx(2 * rows[1]["flops"])
+    assert rows[4]["flops"] == pytest.approx(2 * rows[2]["flops"])
     for kind in ("electra", "mlm"):
         for step in (r["step"] for r in rows if r["model"] == kind):
             assert (work / "export" / kind / f"step_{step:07d}").is_dir()
+    # The same labelled examples for every model at a seed (the draw's fingerprint), other ones at the other K.
+    draws = {k: {json.dumps(json.loads(p.read_text())["draw"]) for p in (work / "finetune").glob(f"*_k{k}.json")
+                 if "references" not in p.name} for k in (8, 32)}  # fmt: skip
+    assert len(draws[8]) == len(draws[32]) == 1 and draws[8] != draws[32]
+    # The references per K: majority class and the bag-of-words model on each seed's examples.
+    for k in ("8", "32"):
+        ref = report["references"][k]
+        assert 0.4 < ref["majority"] < 0.6 and len(ref["bow_per_seed"]) == 2
 
     # The health check read the ELECTRA run's AUC, and agrees with it.
-    electra_rows = [r for r in rows if r["model"] == "electra"]
+    electra_rows = [r for r in rows if r["model"] == "electra" and r["per_class"] == 8]
     assert all(r["disc_recall"] is not None for r in electra_rows)
     assert all(r["disc_recall"] is None and not r["flagged"] for r in rows if r["model"] != "electra")
     logged = list(map(json.loads, (work / "runs/electra/metrics.jsonl").read_text().splitlines()))
@@ -72,12 +79,17 @@ def test_compare_end_to_end_on_the_miniature_preset(shards, eval_shards, tmp_pat
         if r["model"] == "mlm":
             assert r["eval"]["gen_loss"] > 0 and r["eval"]["disc_auc"] is None
 
-    # Table (markdown, one line per row), verdict, plots.
+    # Table (markdown, one line per row), the paired differences, verdict, plots.
     table = (work / "compare.md").read_text()
-    assert "| eval MLM loss | eval disc AUC |" in table
-    assert sum(line.startswith(("| random", "| electra", "| mlm")) for line in table.splitlines()) == 5 + 2
-    assert "ELECTRA / MLM cost per token" in table and report["verdict"] in table
-    assert "finetune: at" in report["verdict"] and "probe: at" in report["verdict"]
+    assert "| eval MLM loss | eval disc AUC |" in table and "## K = 8 labelled examples per class" in table
+    assert sum(line.startswith(("| random", "| electra", "| mlm")) for line in table.splitlines()) == 10 + 2
+    assert table.count("| ELECTRA − random init | MLM − random init | ELECTRA − MLM |") == 2
+    assert "bag-of-words logistic regression" in table and "ELECTRA / MLM cost per token" in table
+    assert report["verdict"] in table
+    lines = report["verdict"].splitlines()
+    assert [line.split(" at ")[0] for line in lines] == ["K=8 finetune", "K=8 probe", "K=32 finetune", "K=32 probe"]
+    for line in lines:  # each pair in words, with its paired SE over 2 seeds
+        assert line.count("paired SE, 2 seeds") == 3, line
     from PIL import Image
 
     for png in [work / "compare.png", *(Path(p) for p in report["plots"])]:

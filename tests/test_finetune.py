@@ -204,25 +204,58 @@ def test_finetuning_on_a_few_hundred_real_examples_learns(rotten_tomatoes, tmp_p
     assert result["hparams"]["layer_decay"] == 1.0 and result["n_train"] == {"0": 600, "1": 600}
 
 
-def test_finetune_takes_a_checkpoint_and_probes(shards, tmp_path):
-    """A run dir goes in as is (exported on the way); --probe-only fits the linear probe on frozen features."""
+def test_finetune_takes_a_checkpoint_probes_and_pairs_models_on_one_draw(shards, tmp_path):
+    """A run dir goes in as is (exported on the way); --probe-only fits the linear probe on frozen features;
+    --per-class K draws the same K examples of each class for every model at a seed (and other ones at another
+    seed); --paired-with prints the paired difference; the export loads every encoder tensor unchanged."""
     out = tmp_path / "run"
     run_cli(pretrain_args(shards, str(out), "train.max_steps=2", "checkpoint.every_steps=2"))
     rows = [{"text": f"the river city {i}", "label": "a"} for i in range(12)]
     rows += [{"text": f"green north road {i}", "label": "b"} for i in range(12)]
     for name, part in (("train", rows[::2]), ("dev", rows[1::2])):
         Path(tmp_path, f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    task = ["--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl")]
+    few = ["--probe-only", "--seeds", "0,1,2", "--per-class", "3"]
     results = tmp_path / "r.json"
-    proc = run_cli(
-        ["finetune", str(out), "--train", str(tmp_path / "train.jsonl"), "--dev", str(tmp_path / "dev.jsonl")]
-        + ["--probe-only", "--seeds", "0,1", "--output", str(results)]
-    )
+    proc = run_cli(["finetune", str(out), *task, *few, "--output", str(results)])
     result = json.loads(results.read_text())
     assert result["init"] == "pretrained" and "finetune" not in result
-    assert [r["seed"] for r in result["probe"]["runs"]] == [0, 1]
-    # Two word groups that share no word: any encoder separates them linearly.
+    assert [r["seed"] for r in result["probe"]["runs"]] == [0, 1, 2]
+    # Two word groups that share no word: any encoder separates them linearly (at its best layer on dev).
     assert result["probe"]["summary"]["dev"]["accuracy"]["mean"] == 1.0
+    assert all(0 <= r["layer"] <= 2 and not r["one_class"] for r in result["probe"]["runs"])
     assert "probe" in proc.stdout and "accuracy 1.0000 +- 0.0000" in proc.stdout
+    assert result["n_train"] == {"0": 6, "1": 6, "2": 6} and len(result["bow"]["runs"]) == 3
+    assert "bag of words" in proc.stdout and "majority class" in proc.stdout
+
+    # Another model at the same seeds: the same draw per seed, a different one across seeds; the pair's line.
+    random = tmp_path / "random.json"
+    proc = run_cli(
+        ["finetune", "--init", "random", "--config", "configs/tiny.yaml", "--tokenizer", shards[0], *task, *few]
+        + ["--override", f"model.vocab_size={shards[1]}", "--paired-with", str(results), "--output", str(random)]
+    )
+    other = json.loads(random.read_text())
+    assert other["draw"] == result["draw"] and len(set(result["draw"].values())) == 3
+    assert other["bow"] == result["bow"]  # taken from the pair's results: the same examples
+    assert "probe: no measurable difference between random init and" in proc.stdout, proc.stdout
+
+    # export -> finetune: every encoder tensor of the export loads unchanged; only the classifier is new.
+    from transformers import ElectraForPreTraining
+
+    from electra_scale.engine.export import export
+    from electra_scale.eval.finetune.source import resolve_pretrained
+    from electra_scale.eval.finetune.train import build_classifier
+
+    export(str(out), str(tmp_path / "export"))
+    source = resolve_pretrained(str(tmp_path / "export"), tmp_path)
+    exported = ElectraForPreTraining.from_pretrained(source.path).state_dict()
+    loaded = build_classifier(source, tasks.load_table(str(tmp_path / "train.jsonl"), str(tmp_path / "dev.jsonl")))
+    loaded = loaded.state_dict()
+    encoder = {k: v for k, v in exported.items() if k.startswith("electra.")}
+    assert len(encoder) > 30 and encoder.keys() <= loaded.keys()
+    for key, tensor in encoder.items():
+        assert torch.equal(loaded[key], tensor), key
+    assert {k.split(".")[0] for k in loaded.keys() - encoder.keys()} == {"classifier"}
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -259,3 +292,20 @@ def test_unknown_task_and_missing_model_exit_2(tmp_path):
     Path(tmp_path, "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
     proc = run_cli(["finetune", str(tmp_path / "nothing"), "--task", "sst2", "--data", str(tmp_path)], check=False)
     assert proc.returncode == 2 and "is neither an exported model" in proc.stderr
+
+
+def test_few_label_and_pairing_bad_inputs_exit_2(tmp_path, capsys):
+    """Refused in one line before any model is loaded (in process: no CLI start-up to pay)."""
+    from electra_scale.cli import main
+
+    random = ["finetune", "--init", "random", "--config", "configs/tiny.yaml", "--probe-only"]
+    cases = [
+        ([*random, "--task", "wiki_topic", "--per-class", "0"], "per_class=0 must be > 0"),
+        ([*random, "--task", "wiki_topic", "--per-class", "4", "--train-limit", "9"], "not both"),
+        ([*random, "--task", "wiki_topic", "--eval-fraction", "0"], "--eval-fraction 0.0 must be the prepare's"),
+        ([*random, "--task", "wiki_topic", "--paired-with", str(tmp_path / "none.json")], "--paired-with"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (argv, err)

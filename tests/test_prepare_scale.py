@@ -174,6 +174,8 @@ def test_refusals(inputs, vocab, tmp_path):
         ([*base, "--tokenizer", vocab, "--task-index", "3", "--num-tasks", "3"], {}, "task index 3 is not one of"),
         ([*base, "--tokenizer", "train:300", "--num-tasks", "2", "--task-index", "0"], {}, "--tokenizer-only"),
         (["prepare", "--finalize", "--output", out], {}, "no parts at"),
+        ([*base, "--tokenizer", vocab, "--seq-len", "0"], {}, "--seq-len 0 is too short"),
+        ([*base, "--tokenizer", vocab, "--workers", "0"], {}, "--workers 0 must be at least 1"),
     ]
     for argv, env, message in cases:
         proc = run_cli(argv, env=env, check=False)

@@ -170,9 +170,23 @@ def _finalize(args) -> int:
     return 0
 
 
+def check_numbers(args) -> None:
+    """The numeric arguments, refused in one line before any work (prepare's own checks would raise deep inside)."""
+    seq_len = _value(args, "seq_len")
+    if seq_len < 8:
+        raise DataError(f"--seq-len {seq_len} is too short: an example needs at least 8 tokens (default 128)")
+    if args.workers is not None and args.workers < 1:
+        raise DataError(f"--workers {args.workers} must be at least 1 (1: one process, no pool; default: all cores)")
+    sizes = {"--samples-per-shard": args.samples_per_shard, "--samples-per-block": args.samples_per_block}
+    for flag, value in {**sizes, "--chunk-bytes": args.chunk_bytes}.items():
+        if value is not None and value < 1:
+            raise DataError(f"{flag} {value} must be at least 1")
+
+
 def run(args) -> int:
     from electra_scale.data.vocab import parse_size
 
+    check_numbers(args)
     if args.finalize:
         return _finalize(args)
     missing = [f for f, v in (("--input", args.input), ("--tokenizer", args.tokenizer)) if not v]

@@ -1,4 +1,10 @@
-"""The linear probe: a frozen encoder's mean-pooled features and a logistic (or ridge) regression on them."""
+"""The linear probe: a frozen encoder's mean-pooled features and a logistic (or ridge) regression on them.
+
+Which layer: the probe reads every layer's mean-pooled states (the embeddings' output and each encoder layer's)
+and picks, per seed, the layer and the L2 strength with the best dev score; the test score is that pick's.
+A small pretrained encoder's last layer is often not its most linearly useful one (ELECTRA's discriminator
+specialises its top layer to replaced-token detection), and a random encoder's embeddings can beat its upper
+layers: the best layer on dev gives each model its own best reading, chosen without the test set."""
 
 from __future__ import annotations
 
@@ -13,8 +19,9 @@ from electra_scale.eval.tasks import TaskData, score
 
 
 def features(source: ModelSource, task: TaskData, data: dict[str, Encoded], pad_id: int, batch: int) -> dict:
-    """Mean-pooled last-layer states of the frozen encoder, per split (a random encoder for random init: the
-    same seed-0 weights for every probe seed)."""
+    """Mean-pooled states of every layer of the frozen encoder, per split, as [examples, layers + 1, hidden]
+    (index 0: the embeddings' output). A random encoder for random init: the same seed-0 weights for every
+    probe seed."""
     import torch
 
     torch.manual_seed(0)
@@ -27,35 +34,55 @@ def features(source: ModelSource, task: TaskData, data: dict[str, Encoded], pad_
             for start in range(0, len(enc.ids), batch):
                 idx = np.arange(start, min(start + batch, len(enc.ids)))
                 ids, mask, types, _ = batch_tensors(enc, idx, pad_id, device)
-                hidden = encoder(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
-                m = mask[..., None].to(hidden.dtype)
-                chunks.append(((hidden * m).sum(1) / m.sum(1)).double().cpu())
+                states = encoder(
+                    input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True
+                ).hidden_states
+                m = mask[:, None, :, None].to(states[0].dtype)
+                hidden = torch.stack(states, 1)  # [batch, layers + 1, seq, hidden]
+                chunks.append(((hidden * m).sum(2) / m.sum(2)).double().cpu())
             out[split] = torch.cat(chunks)
     return out
 
 
 def probe_seed(task: TaskData, feats: dict, data: dict[str, Encoded], train_idx: np.ndarray, seed: int) -> dict:
-    """Logistic regression (ridge for regression) on standardised features; L2 picked on dev."""
+    """Logistic regression (ridge for regression) on standardised features; the layer and the L2 strength
+    picked on dev."""
+    started = time.perf_counter()
+    candidates = []
+    for layer in range(feats["train"].shape[1]):
+        layer_feats = {s: f[:, layer] for s, f in feats.items()}
+        for c in fit_and_score(task, layer_feats, data, train_idx, seed, PROBE_L2):
+            candidates.append({"layer": layer, **c})
+    # Ties: the stronger prior, then the lower layer (the cheaper reading).
+    best = max(candidates, key=lambda c: (c["dev"][task.main_metric], c["l2"], -c["layer"]))
+    pick = {"layer": best["layer"], "l2": best["l2"], "dev": best["dev"]}
+    pick |= {k: best[k] for k in ("test", "one_class") if k in best}
+    return {"seed": seed, **pick, "wall_s": round(time.perf_counter() - started, 2)}
+
+
+def fit_and_score(task: TaskData, feats: dict, data: dict, train_idx: np.ndarray, seed: int, grid) -> list[dict]:
+    """One linear model per L2 strength on standardised [examples, dim] features; each one's scores on every
+    split but train, and whether it predicts a single class on the reported split (test, else dev)."""
     import torch
 
-    started = time.perf_counter()
     x = feats["train"][torch.from_numpy(train_idx)]
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     xs = {s: (f - mean) / std for s, f in feats.items()}
     xs["train"] = (x - mean) / std
     y = torch.from_numpy(data["train"].labels[train_idx])
+    report = "test" if "test" in data else "dev"
     candidates = []
-    for l2 in PROBE_L2:
+    for l2 in grid:
         w = _fit_linear(xs["train"], y, l2, None if task.regression else len(task.labels), seed)
-        scores = {}
+        scores: dict = {}
         for split in (s for s in data if s != "train"):
             z = _design(xs[split]) @ w
             pred = z[:, 0].numpy() if task.regression else z.argmax(-1).numpy()
             scores[split] = score(task, data[split].labels, pred)
+            if split == report and not task.regression:
+                scores["one_class"] = bool(len(np.unique(pred)) == 1)
         candidates.append({"l2": l2, **scores})
-    best = max(candidates, key=lambda c: (c["dev"][task.main_metric], c["l2"]))  # ties: the stronger prior
-    pick = {"l2": best["l2"], "dev": best["dev"], **({"test": best["test"]} if "test" in best else {})}
-    return {"seed": seed, **pick, "wall_s": round(time.perf_counter() - started, 2)}
+    return candidates
 
 
 def _design(x):

@@ -22,8 +22,10 @@ frozen encoder's mean-pooled last layer, with the L2 strength picked on dev: a l
 pretraining put into the representations, useful when fine-tuning small models on little data is too noisy.
 
 Seeds: seed ``s`` fixes the classifier's initialisation, dropout, the data order and, with ``--train-limit N``
-(a low-resource setting), which N training examples are used; every model sees the same subsets for the same
-seeds, so models can be compared seed by seed. Scores are reported as mean +- sample std over seeds."""
+(a low-resource setting) or ``--per-class K`` (few labels: K of each class), which training examples are used
+(eval/draw.py); every model sees the same subsets for the same seeds, so models can be compared seed by seed
+(``--paired-with``, eval/stats.py). Scores are reported as mean +- sample std over seeds, next to two reference
+lines: the majority class and a bag-of-words logistic regression on the same examples (eval/bow.py)."""
 
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ import numpy as np
 
 from electra_scale.config import ConfigError
 from electra_scale.data.shards import DataError
+from electra_scale.eval.bow import bow_reference
+from electra_scale.eval.draw import draw_digest, training_subset
 from electra_scale.eval.finetune.probe import features, probe_seed
 from electra_scale.eval.finetune.settings import DEFAULT_CACHE, FinetuneConfig
 from electra_scale.eval.finetune.source import (
@@ -48,20 +52,24 @@ from electra_scale.eval.finetune.source import (
     resolve_pretrained,
 )
 from electra_scale.eval.finetune.train import finetune_seed
+from electra_scale.eval.stats import one_class_seeds, paired, verdict
 from electra_scale.eval.tasks import GLUE, TaskData, glue_name, majority_baseline
 
 log = logging.getLogger("electra_scale")
 
 
-def subset(n: int, limit: int | None, seed: int) -> np.ndarray:
-    """The training examples seed ``seed`` uses: all of them, or ``limit`` drawn without replacement."""
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([seed, 0]).choice(n, size=limit, replace=False))
+def subsets_of(task: TaskData, cfg: FinetuneConfig) -> dict[int, np.ndarray]:
+    """Each seed's training examples (eval/draw.py): a function of the seed and the task only."""
+    labels = None if task.regression else task.label_ids(task.splits["train"])
+    n = len(task.splits["train"])
+    return {seed: training_subset(labels, n, seed, cfg.train_limit, cfg.per_class) for seed in cfg.seeds}
 
 
-def evaluate_model(source: ModelSource, task: TaskData, cfg: FinetuneConfig, tokenizer=None) -> dict:
-    """Fine-tune (and/or probe) one model over cfg.seeds; results with per-seed scores and mean +- std."""
+def evaluate_model(
+    source: ModelSource, task: TaskData, cfg: FinetuneConfig, tokenizer=None, reference: bool = True
+) -> dict:
+    """Fine-tune (and/or probe) one model over cfg.seeds; results with per-seed scores and mean +- std, and
+    (``reference``) the bag-of-words line on the same examples."""
     import torch
 
     cfg.check()
@@ -76,7 +84,9 @@ def evaluate_model(source: ModelSource, task: TaskData, cfg: FinetuneConfig, tok
         )
     # Only the training examples some seed uses are encoded (and, for the probe, run through the encoder).
     n_train = len(task.splits["train"])
-    subsets = {seed: subset(n_train, cfg.train_limit, seed) for seed in cfg.seeds}
+    subsets = subsets_of(task, cfg)
+    draws = {seed: draw_digest(idx) for seed, idx in subsets.items()}
+    bow = bow_reference(task, subsets) if reference else None
     used = np.unique(np.concatenate(list(subsets.values())))
     position = np.full(n_train, -1)
     position[used] = np.arange(len(used))
@@ -92,7 +102,9 @@ def evaluate_model(source: ModelSource, task: TaskData, cfg: FinetuneConfig, tok
         "report_split": report,
         "main_metric": task.main_metric,
         "n_train": {seed: len(idx) for seed, idx in subsets.items()},
+        "draw": draws,  # the same for every model at a seed
         "majority": {s: majority_baseline(task, s) for s in data if s != "train"},
+        "bow": bow,
         "hparams": asdict(cfg),
         "torch_threads": torch.get_num_threads(),
     }
@@ -145,7 +157,11 @@ def load_task(args) -> TaskData:
             name=args.task or "custom",
         )
     if not args.task:
-        raise DataError("name a --task (e.g. rotten_tomatoes, sst2) or give --train/--dev files")
+        raise DataError("name a --task (e.g. rotten_tomatoes, wiki_topic, sst2) or give --train/--dev files")
+    if args.task.lower() == "wiki_topic":
+        from electra_scale.eval.wiki_topic import load_wiki_topic
+
+        return load_wiki_topic(args.cache_dir, args.eval_fraction)
     name = glue_name(args.task)
     if name == "rotten_tomatoes" and not args.data:
         return load_glue(name, build_rotten_tomatoes(args.cache_dir))
@@ -174,7 +190,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=[], help="run config YAML for --init random (repeatable)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="config override (random)")
     p.add_argument("--tokenizer", help="for --init random: vocab.txt, tokenizer.json, or a shards/export dir")
-    p.add_argument("--task", help=f"{', '.join(GLUE)}; or a name for --train/--dev files")
+    p.add_argument("--task", help=f"{', '.join(GLUE)}, wiki_topic; or a name for --train/--dev files")
     p.add_argument("--data", help="the GLUE task's directory (rotten_tomatoes is built and cached when omitted)")
     p.add_argument("--train", help="CSV/TSV/JSONL training file (generic task)")
     p.add_argument("--dev", help="CSV/TSV/JSONL dev file")
@@ -194,6 +210,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--seeds", default=str(len(d.seeds)), help="a count (5 = seeds 0..4) or a list (1,7,9)")
     p.add_argument("--train-limit", type=int, default=None, help="low-resource: N training examples per seed")
+    p.add_argument("--per-class", type=int, default=None, help="few-label: K training examples of each class per seed")
+    p.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=None,
+        help="wiki_topic: the --eval-fraction of the prepare the encoder was pretrained on; its held-out articles "
+        "are the dev and test sets (default 0.05, the demo's)",
+    )
+    p.add_argument(
+        "--paired-with",
+        default=None,
+        metavar="RESULTS.json",
+        help="another model's results on the same task and seeds: print this model minus that one, paired by seed",
+    )
     p.add_argument("--probe", action="store_true", help="also fit a linear probe on frozen features")
     p.add_argument("--probe-only", action="store_true", help="only the linear probe (no fine-tuning)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -215,10 +245,16 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         seeds=parse_seeds(args.seeds),
         train_limit=args.train_limit,
+        per_class=args.per_class,
         finetune=not args.probe_only,
         probe=args.probe or args.probe_only,
     )
     cfg.check()
+    if args.eval_fraction is None:
+        from electra_scale.eval.wiki_topic import DEFAULT_EVAL_FRACTION
+
+        args.eval_fraction = DEFAULT_EVAL_FRACTION
+    other = _read_results(args.paired_with) if args.paired_with else None
     task = load_task(args)
     with tempfile.TemporaryDirectory() as tmp:
         if args.init == "random":
@@ -229,10 +265,19 @@ def run(args: argparse.Namespace) -> int:
             if not args.model:
                 raise ConfigError("give a MODEL (an exported dir or a checkpoint), or --init random --config ...")
             source = resolve_pretrained(args.model, Path(tmp))
-        result = evaluate_model(source, task, cfg)
+        # The bag-of-words line depends on the task and the draw only: taken from --paired-with's results when
+        # they drew the same examples, rather than fitted again.
+        draws = {str(seed): draw_digest(idx) for seed, idx in subsets_of(task, cfg).items()}
+        reuse = other is not None and other.get("bow") and other.get("draw") == draws
+        result = evaluate_model(source, task, cfg, reference=not reuse)
+        if reuse:
+            result["bow"] = other["bow"]
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
     print(format_result(result))
+    if other is not None:
+        for line in paired_lines(result, other):
+            print(f"  {line}")
     print(f"results: {args.output}")
     return 0
 
@@ -242,9 +287,53 @@ def format_result(result: dict) -> str:
     lines = [f"{result['task']}  model: {result['model']}  ({split} split, mean +- std over seeds)"]
     if result["majority"].get(split) is not None:
         lines.append(f"  majority class     accuracy {result['majority'][split]:.4f}")
+    if result.get("bow"):
+        bow = mean_std([r[split][result["main_metric"]] for r in result["bow"]["runs"]])
+        what = "tf-idf logistic regression, the same examples per seed"
+        lines.append(f"  bag of words       {result['main_metric']} {bow['mean']:.4f} +- {bow['std']:.4f}  ({what})")
     for mode in ("finetune", "probe"):
         if mode in result:
             summ = result[mode]["summary"][split]
             scores = "  ".join(f"{m} {s['mean']:.4f} +- {s['std']:.4f}" for m, s in summ.items())
-            lines.append(f"  {mode:<18} {scores}  (n={next(iter(summ.values()))['n']})")
+            one = one_class_seeds(result[mode]["runs"])
+            lines.append(
+                f"  {mode:<18} {scores}  (n={next(iter(summ.values()))['n']}"
+                + (f"; {one} seed(s) predict one class only" if one else "")
+                + ")"
+            )
     return "\n".join(lines)
+
+
+def per_seed(result: dict, mode: str) -> dict[int, float]:
+    """The reported split's main metric by seed."""
+    split, metric = result["report_split"], result["main_metric"]
+    return {int(r["seed"]): r[split][metric] for r in result[mode]["runs"]}
+
+
+def paired_lines(result: dict, other: dict) -> list[str]:
+    """This model minus ``other``, per mode, paired over the seeds both have (eval/stats.py)."""
+    if (result["task"], result["hparams"].get("per_class"), result["hparams"].get("train_limit")) != (
+        other["task"],
+        other["hparams"].get("per_class"),
+        other["hparams"].get("train_limit"),
+    ):
+        raise DataError(
+            "--paired-with: the results are of another task or another draw of labels (task, --per-class, "
+            "--train-limit must match)"
+        )
+    lines = []
+    for mode in ("finetune", "probe"):
+        if mode in result and mode in other:
+            a, b = per_seed(result, mode), per_seed(other, mode)
+            seeds = sorted(a.keys() & b.keys())
+            if seeds:
+                p = paired([a[s] for s in seeds], [b[s] for s in seeds])
+                lines.append(f"{mode}: {verdict(p, result['model'], other['model'])}")
+    return lines
+
+
+def _read_results(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"--paired-with {path}: not a finetune results file ({err})") from err

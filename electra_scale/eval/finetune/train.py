@@ -145,6 +145,9 @@ def finetune_seed(
         model.load_state_dict(best_state)
         pick = {"epoch": best["epoch"], "dev": best["dev"], "test": _score(model, task, data["test"], pad_id, cfg)}
     extra = {s: _score(model, task, data[s], pad_id, cfg) for s in data if s not in ("train", "dev", "test")}
+    if not task.regression:  # the collapse a few labels can cause: one class predicted for everything
+        report = data["test" if select else "dev"]
+        extra["one_class"] = bool(len(np.unique(_predict(model, report, pad_id, cfg.eval_batch_size, False))) == 1)
     wall = round(time.perf_counter() - started, 2)
     return {"seed": seed, **pick, **extra, "history": history, "wall_s": wall}
 

@@ -115,30 +115,58 @@ def throughput(records: list[dict]) -> float | None:
     return sum(rates) / len(rates) if rates else None
 
 
-def evaluate(spec: CompareSpec, source, task, tokenizer, out: Path) -> dict:
-    """Fine-tuning results of one model, cached on disk by their settings."""
+def evaluate(spec: CompareSpec, source, task, tokenizer, out: Path, k: int | None) -> dict:
+    """Fine-tuning/probe results of one model at one few-label size K, cached on disk by their settings."""
     from electra_scale.eval.finetune import evaluate_model
 
-    settings = {"finetune": asdict(spec.finetune), "task": asdict(spec.task), "model": source.label}
+    cfg = spec.finetune.settings_at(k)
+    settings = {"finetune": asdict(cfg), "task": asdict(spec.task), "model": source.label}
     if out.exists():
         cached = json.loads(out.read_text())
         if cached.get("settings") == settings:
             return cached
-    result = evaluate_model(source, task, spec.finetune, tokenizer)
+    result = evaluate_model(source, task, cfg, tokenizer, reference=False)  # the references: once per K
     result["settings"] = settings
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
-def load_compare_task(spec: CompareSpec, cache_dir: Path):
+def references(spec: CompareSpec, task, out: Path, k: int | None) -> dict:
+    """The reference lines at one K: the majority class and the bag-of-words model on each seed's examples
+    (cached like the models' results)."""
+    from electra_scale.eval.bow import bow_reference
+    from electra_scale.eval.finetune.run import subsets_of
+    from electra_scale.eval.tasks import majority_baseline
+
+    cfg = spec.finetune.settings_at(k)
+    settings = {"finetune": asdict(cfg), "task": asdict(spec.task)}
+    if out.exists():
+        cached = json.loads(out.read_text())
+        if cached.get("settings") == settings:
+            return cached
+    split = "test" if "test" in task.splits else "dev"
+    bow = bow_reference(task, subsets_of(task, cfg))
+    result = {"settings": settings, "majority": majority_baseline(task, split), "split": split}
+    result["bow_per_seed"] = None if bow is None else [r[split][task.main_metric] for r in bow["runs"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def load_compare_task(spec: CompareSpec, cache_dir: Path, work: Path):
     from electra_scale.eval.tasks import build_rotten_tomatoes, glue_name, load_glue
 
-    name = glue_name(spec.task.name)
-    data = spec.task.data or (str(build_rotten_tomatoes(cache_dir)) if name == "rotten_tomatoes" else "")
-    if not data:
-        raise ConfigError(f"task.data: the {name} task needs its GLUE directory")
-    task = load_glue(name, data)
+    if spec.task.name.lower() == "wiki_topic":  # the very corpus file prepare_data read, in the work dir
+        from electra_scale.eval.wiki_topic import load_wiki_topic
+
+        task = load_wiki_topic(work, spec.corpus.eval_fraction)
+    else:
+        name = glue_name(spec.task.name)
+        data = spec.task.data or (str(build_rotten_tomatoes(cache_dir)) if name == "rotten_tomatoes" else "")
+        if not data:
+            raise ConfigError(f"task.data: the {name} task needs its GLUE directory")
+        task = load_glue(name, data)
     if spec.task.eval_limit:
         for split in [s for s in task.splits if s != "train"]:
             task.splits[split] = task.splits[split][: spec.task.eval_limit]

@@ -1,20 +1,28 @@
-"""The comparison's report: one row per checkpoint, the paired verdict, markdown and the plot."""
+"""The comparison's report: one row per checkpoint and few-label size K, the paired differences (eval/stats.py:
+ELECTRA - random init, MLM - random init, ELECTRA - MLM at every point, paired over seeds that drew the same
+labelled examples), markdown and the plot of those differences against pretraining FLOPs."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from electra_scale.eval import stats
+from electra_scale.eval.stats import fmt_mean_se, one_class_seeds, paired
 from electra_scale.tools.compare.spec import KINDS
+
+MODES = ("finetune", "probe")
+NAMES = {"electra": "ELECTRA", "mlm": "MLM", "random": "random init"}
 
 
 def report_row(kind: str, step: int, flops: float, tokens: int, result: dict, health: dict) -> dict:
     split = result["report_split"]
     row = {"model": kind, "step": step, "flops": flops, "tokens": tokens, "split": split}
-    for mode in ("finetune", "probe"):
+    for mode in MODES:
         if mode in result:
             summ = result[mode]["summary"][split][result["main_metric"]]
             row[mode] = {"mean": summ["mean"], "std": summ["std"], "n": summ["n"]}
             row[f"{mode}_per_seed"] = [r[split][result["main_metric"]] for r in result[mode]["runs"]]
+            row[f"{mode}_one_class"] = one_class_seeds(result[mode]["runs"])
     row["disc_auc"] = health.get("auc")
     row["disc_recall"] = health.get("recall")
     row["flagged"] = bool(health.get("stuck"))
@@ -45,70 +53,121 @@ def cost_ratio(runs: dict) -> dict:
     return out
 
 
-def _paired(a: list[float], b: list[float]) -> dict:
-    from electra_scale.eval.finetune import mean_std
+def _at(rows: list[dict], kind: str, point: int, k) -> dict | None:
+    return next((r for r in rows if r["model"] == kind and r.get("point") == point and r.get("per_class") == k), None)
 
-    return mean_std([x - y for x, y in zip(a, b)])
+
+def paired_rows(report: dict) -> list[dict]:
+    """At every point and K, per mode: ELECTRA - random init, MLM - random init, ELECTRA - MLM, each a paired
+    mean with its SE (points of the metric), over the seeds (every model drew the same examples at a seed)."""
+    rows, out = report["rows"], []
+    points = sorted({r["point"] for r in rows if r.get("point")})
+    for k in report.get("per_class") or [None]:
+        for point in points:
+            at = {kind: _at(rows, kind, point, k) for kind in KINDS}
+            at["random"] = _at(rows, "random", 0, k)
+            for mode in MODES:
+                have = {kind: r for kind, r in at.items() if r is not None and mode in r}
+                entry = {"per_class": k, "point": point, "mode": mode}
+                entry["flops"] = {kind: r["flops"] for kind, r in have.items()}
+                for a, b in (("electra", "random"), ("mlm", "random"), ("electra", "mlm")):
+                    if a in have and b in have:
+                        entry[f"{a}-{b}"] = paired(have[a][f"{mode}_per_seed"], have[b][f"{mode}_per_seed"]).to_dict()
+                if len(entry) > 4:
+                    out.append(entry)
+    return out
+
+
+def _pair_text(d: dict | None) -> str:
+    if d is None:
+        return ""
+    return f"{d['mean']:+.1f}" + ("" if d["se"] is None else f" ± {d['se']:.1f}")
 
 
 def verdict(report: dict) -> str:
-    """Who wins at the full budget and by how much (paired over seeds: seed s used the same training subset and
-    data order for every model), and what is flagged."""
-    rows, lines = report["rows"], []
-    for mode in ("finetune", "probe"):
-        have = [r for r in rows if mode in r]
-        last = {k: max((r for r in have if r["model"] == k), key=lambda r: r["step"], default=None) for k in KINDS}
-        e, m = last["electra"], last["mlm"]
-        if e is None or m is None:
-            continue
-        text = f"{mode}: at {e['flops']:.2e} FLOPs ELECTRA {_pct(e[mode])} vs MLM {_pct(m[mode])}" + "".join(
-            f" vs random init {_pct(r[mode])}" for r in have if r["model"] == "random"
-        )
-        diff = _paired(e[f"{mode}_per_seed"], m[f"{mode}_per_seed"])
-        text += f"; ELECTRA - MLM, paired over seeds: {100 * diff['mean']:+.1f} +- {100 * diff['std']:.1f} points"
-        if diff["n"] > 1:
-            sem = diff["std"] / diff["n"] ** 0.5
-            call = "ELECTRA ahead" if diff["mean"] > 2 * sem else "MLM ahead" if diff["mean"] < -2 * sem else None
-            text += f" ({call or 'no clear difference'} at 2 standard errors)"
-        if e["flagged"]:
-            text += "; FLAGGED: ELECTRA's discriminator showed little sign of learning (AUC ~0.5)"
-            text += ", so this is not a fair test of ELECTRA"
+    """At the last point, per K and mode: each objective against random init and ELECTRA against MLM, in words,
+    and what is flagged."""
+    pairs = paired_rows(report)
+    last = max((p["point"] for p in pairs), default=None)
+    lines = []
+    for p in (p for p in pairs if p["point"] == last):
+        k = "" if p["per_class"] is None else f"K={p['per_class']} "
+        head = f"{k}{p['mode']} at {p['flops'].get('electra', p['flops'].get('mlm', 0)):.2e} FLOPs: "
+        words = []
+        for key, a, b in (("electra-random", "ELECTRA", "random init"), ("mlm-random", "MLM", "random init"),
+                          ("electra-mlm", "ELECTRA", "MLM")):  # fmt: skip
+            if key in p:
+                d = p[key]
+                words.append(stats.verdict(stats.Paired(d["mean"], d["se"], d["n"], tuple(d["diffs"])), a, b))
+        text = head + "; ".join(words)
+        electra = _at(report["rows"], "electra", last, p["per_class"])
+        if electra is not None and electra["flagged"]:
+            text += "; FLAGGED: ELECTRA's discriminator showed little sign of learning (AUC ~0.5), so this is not a "
+            text += "fair test of ELECTRA"
         lines.append(text)
     return "\n".join(lines)
 
 
-def _pct(s: dict) -> str:
-    return f"{100 * s['mean']:.1f} +- {100 * s['std']:.1f}"
+def _cell(r: dict, mode: str) -> str:
+    if mode not in r:
+        return ""
+    return fmt_mean_se(r[f"{mode}_per_seed"]) if r.get(f"{mode}_per_seed") else f"{100 * r[mode]['mean']:.1f}"
 
 
 def markdown(report: dict) -> str:
     metric, split = report["metric"], report["report_split"]
-    modes = [m for m in ("finetune", "probe") if any(m in r for r in report["rows"])]
+    rows = report["rows"]
+    modes = [m for m in MODES if any(m in r for r in rows)]
+    held_out = any(r.get("eval") for r in rows)  # .get: a report made before evaluations
     head = "| model | step | pretrain FLOPs | tokens | " + " | ".join(f"{m} {split} {metric}" for m in modes)
-    held_out = any(r.get("eval") for r in report["rows"])  # .get: a report made before evaluations
-    head += " | disc AUC | disc recall |" + (" eval MLM loss | eval disc AUC |" if held_out else "") + " note |"
+    head += " | one-class seeds | disc AUC | disc recall |"
+    head += (" eval MLM loss | eval disc AUC |" if held_out else "") + " note |"
+    seeds = max((len(r.get(f"{m}_per_seed") or []) for r in rows for m in modes), default=0)
     lines = [
         f"# ELECTRA vs MLM at equal pretraining FLOPs: {report['task']}",
         "",
         f"Budget {report['budget_flops']:.3g} training FLOPs per objective. {report['flop_convention']}.",
-        "Scores: mean +- sample std over fine-tuning seeds, in %"
-        + (f"; majority class {100 * report['majority']:.1f}%." if report.get("majority") is not None else "."),
-        "",
-        head,
-        "|" + "---|" * (head.count("|") - 1),
+        f"Scores: {split} {metric} in points, mean ± standard error over {seeds} seeds; at a seed every model learns "
+        "from the same labelled examples, so differences are paired by seed (mean ± paired SE; 'no measurable "
+        "difference' below 2 SE). One-class seeds: seeds at which a model predicts a single class.",
     ]
-    for r in report["rows"]:
-        cells = [r["model"], str(r["step"]), f"{r['flops']:.3g}", f"{r['tokens']:,}"]
-        for m in modes:
-            cells.append(f"{100 * r[m]['mean']:.1f} +- {100 * r[m]['std']:.1f}" if m in r else "")
-        cells.append("" if r.get("disc_auc") is None else f"{r['disc_auc']:.3f}")  # .get: a report made before it
-        cells.append("" if r["disc_recall"] is None else f"{r['disc_recall']:.3f}")
-        if held_out:
-            e = r.get("eval") or {}
-            cells.append("" if e.get("gen_loss") is None else f"{e['gen_loss']:.3f}")
-            cells.append("" if e.get("disc_auc") is None else f"{e['disc_auc']:.3f}")
-        cells.append("FLAGGED: disc AUC ~0.5" if r["flagged"] else "")
-        lines.append("| " + " | ".join(cells) + " |")
+    refs = report.get("references") or {}
+    for k in report.get("per_class") or [None]:
+        at_k = [r for r in rows if r.get("per_class") == k]
+        lines += ["", f"## {'all labelled examples' if k is None else f'K = {k} labelled examples per class'}", ""]
+        ref = refs.get(str(k))
+        if ref is not None:
+            text = f"Reference lines: majority class {100 * ref['majority']:.1f}" if ref.get("majority") else ""
+            if ref.get("bow_per_seed"):
+                text += f"; bag-of-words logistic regression {fmt_mean_se(ref['bow_per_seed'])} (the same labels)"
+            lines += [text.lstrip("; ") + ".", ""]
+        elif report.get("majority") is not None:
+            lines += [f"Majority class {100 * report['majority']:.1f}.", ""]
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for r in at_k:
+            cells = [r["model"], str(r["step"]), f"{r['flops']:.3g}", f"{r['tokens']:,}"]
+            cells += [_cell(r, m) for m in modes]
+            cells.append(", ".join(f"{m} {r[f'{m}_one_class']}" for m in modes if r.get(f"{m}_one_class")))
+            cells.append("" if r.get("disc_auc") is None else f"{r['disc_auc']:.3f}")  # .get: a report made before it
+            cells.append("" if r["disc_recall"] is None else f"{r['disc_recall']:.3f}")
+            if held_out:
+                e = r.get("eval") or {}
+                cells.append("" if e.get("gen_loss") is None else f"{e['gen_loss']:.3f}")
+                cells.append("" if e.get("disc_auc") is None else f"{e['disc_auc']:.3f}")
+            cells.append("FLAGGED: disc AUC ~0.5" if r["flagged"] else "")
+            lines.append("| " + " | ".join(cells) + " |")
+        pairs = [p for p in paired_rows(report) if p["per_class"] == k]
+        if pairs:
+            lines += [
+                "",
+                "| point | mode | ELECTRA − random init | MLM − random init | ELECTRA − MLM |",
+                "|---|---|---|---|---|",
+            ]
+            for p in pairs:
+                cells = [str(p["point"]), p["mode"]] + [
+                    _pair_text(p.get(key)) for key in ("electra-random", "mlm-random", "electra-mlm")
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
     runs, cost = report["runs"], report["cost_ratio"]
     lines += ["", "| run | steps | FLOPs/token | tokens/s | wall time |", "|---|---|---|---|---|"]
     for kind, info in runs.items():
@@ -126,48 +185,52 @@ def markdown(report: dict) -> str:
 
 
 def plot_compare(report: dict, work: Path) -> list[Path]:
-    """compare.png (score vs pretraining FLOPs, one panel per mode) and the runs' curves under curves/."""
+    """compare.png: each objective's score minus random init's (paired over seeds, ± paired SE) against
+    pretraining FLOPs, random init at 0; one row of panels per mode, one column per K. Without a random-init
+    row, the scores themselves (± SE). The runs' curves go under curves/."""
     from matplotlib.figure import Figure
 
     rows = report["rows"]
-    modes = [m for m in ("finetune", "probe") if any(m in r for r in rows)]
-    fig = Figure(figsize=(6.0 * len(modes), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(modes), squeeze=False)[0]
-    colors = {"electra": "tab:blue", "mlm": "tab:orange", "random": "tab:gray"}
-    for ax, mode in zip(axes, modes):
-        random = next((r for r in rows if r["model"] == "random" and mode in r), None)
-        for kind in KINDS:
-            pts = sorted((r for r in rows if r["model"] == kind and mode in r), key=lambda r: r["flops"])
-            if random is not None:
-                pts = [random, *pts]  # every curve starts from the untrained encoder at 0 FLOPs
-            xs = [r["flops"] for r in pts]
-            ax.errorbar(
-                xs,
-                [100 * r[mode]["mean"] for r in pts],
-                yerr=[100 * r[mode]["std"] for r in pts],
-                label=kind.upper(),
-                color=colors[kind],
-                marker="o",
-                capsize=3,
-            )
-            bad = [r for r in pts if r["flagged"]]
-            if bad:
-                ax.scatter(
-                    [r["flops"] for r in bad],
-                    [100 * r[mode]["mean"] for r in bad],
-                    marker="x",
-                    s=90,
-                    color="red",
-                    zorder=5,
-                    label="flagged: disc AUC ~0.5",
+    modes = [m for m in MODES if any(m in r for r in rows)]
+    sizes = report.get("per_class") or [None]
+    fig = Figure(figsize=(5.5 * len(sizes), 4.0 * len(modes)), layout="constrained")
+    grid = fig.subplots(len(modes), len(sizes), squeeze=False)
+    colors = {"electra": "tab:blue", "mlm": "tab:orange"}
+    for i, mode in enumerate(modes):
+        for j, k in enumerate(sizes):
+            ax = grid[i][j]
+            random = next((r for r in rows if r["model"] == "random" and r.get("per_class") == k and mode in r), None)
+            for kind in KINDS:
+                pts = sorted(
+                    (r for r in rows if r["model"] == kind and r.get("per_class") == k and mode in r),
+                    key=lambda r: r["flops"],
                 )
-        if report.get("majority") is not None:
-            ax.axhline(100 * report["majority"], color="black", linestyle=":", linewidth=1, label="majority class")
-        ax.set_xlabel("pretraining FLOPs")
-        ax.set_ylabel(f"{report['report_split']} {report['metric']} (%)")
-        ax.set_title(f"{report['task']}: {mode} ({rows[0][mode]['n'] if mode in rows[0] else ''} seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+                if not pts:
+                    continue
+                if random is not None:
+                    diffs = [paired(r[f"{mode}_per_seed"], random[f"{mode}_per_seed"]) for r in pts]
+                    ys, errs = [0.0, *(d.mean for d in diffs)], [0.0, *(d.se or 0.0 for d in diffs)]
+                    xs = [0.0, *(r["flops"] for r in pts)]  # random init: 0 FLOPs, 0 difference
+                else:
+                    from electra_scale.eval.stats import mean_se
+
+                    stats_ = [mean_se(r[f"{mode}_per_seed"]) for r in pts]
+                    xs, ys, errs = [r["flops"] for r in pts], [m for m, _ in stats_], [se or 0.0 for _, se in stats_]
+                ax.errorbar(xs, ys, yerr=errs, label=NAMES[kind], color=colors[kind], marker="o", capsize=3)
+                bad = [(x, y) for x, y, r in zip(xs[-len(pts) :], ys[-len(pts) :], pts) if r["flagged"]]
+                if bad:
+                    ax.scatter(*zip(*bad), marker="x", s=90, color="red", zorder=5, label="flagged: disc AUC ~0.5")
+            if random is not None:
+                ax.axhline(0.0, color="tab:gray", linewidth=1, label="random init")
+            ax.set_xlabel("pretraining FLOPs")
+            what = f"{report['report_split']} {report['metric']}"
+            ax.set_ylabel(f"{what} − random init (points, ± paired SE)" if random is not None else f"{what} (points)")
+            seeds = len(next((r[f"{mode}_per_seed"] for r in rows if mode in r), []))
+            ax.set_title(
+                f"{report['task']}: {mode}" + ("" if k is None else f", K={k} per class") + f" ({seeds} seeds)"
+            )
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
     fig.suptitle("ELECTRA vs MLM at equal pretraining compute")
     path = work / "compare.png"
     fig.savefig(path, dpi=110)

@@ -42,6 +42,7 @@ from electra_scale.tools.compare.plan import (
     load_compare_task,
     prepare_data,
     pretrain_run,
+    references,
     throughput,
 )
 from electra_scale.tools.compare.report import (
@@ -70,7 +71,7 @@ def compare(spec: CompareSpec, workdir: str, cache_dir: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     shards = prepare_data(spec, work)
     manifest = load_manifest(shards)
-    task = load_compare_task(spec, cache_dir)
+    task = load_compare_task(spec, cache_dir, work)
     tokenizer = load_tokenizer_for(ModelSource("shards", None, shards, lowercase=manifest.lowercase))
 
     runs: dict[str, dict] = {}
@@ -102,7 +103,6 @@ def compare(spec: CompareSpec, workdir: str, cache_dir: Path) -> dict:
                 export(str(run_dir / "checkpoints" / tag), str(model_dir))
             target = model_dir / ("discriminator" if kind == "electra" else "mlm")
             source = ModelSource(f"{kind} {tag}", target, str(target), lowercase=manifest.lowercase)
-            result = evaluate(spec, source, task, tokenizer, work / "finetune" / f"{kind}_{tag}.json")
             health = disc_health(records, step, spec.health.min_auc) if kind == "electra" else {}
             if health.get("stuck"):
                 best_auc = health["auc_tail_max"]
@@ -117,14 +117,20 @@ def compare(spec: CompareSpec, workdir: str, cache_dir: Path) -> dict:
                     spec.health.min_auc,
                     health["margin_tail_max"],
                 )
-            row = report_row(kind, step, fpt * tokens_per_step * step, step * tokens_per_step, result, health)
-            rows.append(row | {"eval": held_out_scores(evaluations.get(step))})
+            for per_class in spec.finetune.sizes:
+                result = evaluate(
+                    spec, source, task, tokenizer, results_path(work, f"{kind}_{tag}", per_class), per_class
+                )
+                row = report_row(kind, step, fpt * tokens_per_step * step, step * tokens_per_step, result, health)
+                rows.append(row | {"point": k, "per_class": per_class, "eval": held_out_scores(evaluations.get(step))})
 
     if spec.include_random:
         cfg = run_config(spec, "electra", shards, str(work / "runs" / "electra"), manifest.vocab_size)
         source = ModelSource("random init", None, shards, config=cfg, lowercase=manifest.lowercase)
-        result = evaluate(spec, source, task, tokenizer, work / "finetune" / "random.json")
-        rows.insert(0, report_row("random", 0, 0.0, 0, result, {}))
+        for i, per_class in enumerate(spec.finetune.sizes):
+            result = evaluate(spec, source, task, tokenizer, results_path(work, "random", per_class), per_class)
+            rows.insert(i, report_row("random", 0, 0.0, 0, result, {}) | {"point": 0, "per_class": per_class})
+    refs = {str(k): references(spec, task, results_path(work, "references", k), k) for k in spec.finetune.sizes}
 
     report = {
         "task": task.name,
@@ -139,6 +145,8 @@ def compare(spec: CompareSpec, workdir: str, cache_dir: Path) -> dict:
         "runs": runs,
         "rows": rows,
         "majority": majority(task, rows[0]["split"]),
+        "references": refs,  # per K: majority class, bag-of-words per seed
+        "per_class": spec.finetune.sizes,
         "cost_ratio": cost_ratio(runs),
         "spec": asdict(spec),
         "wall_s": round(time.perf_counter() - started, 1),
@@ -149,6 +157,11 @@ def compare(spec: CompareSpec, workdir: str, cache_dir: Path) -> dict:
     report["plots"] = [str(p) for p in plot_compare(report, work)]
     (work / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def results_path(work: Path, name: str, per_class: int | None) -> Path:
+    """Where one model's (or the references') results at one K are cached."""
+    return work / "finetune" / (f"{name}.json" if per_class is None else f"{name}_k{per_class}.json")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

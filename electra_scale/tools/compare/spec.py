@@ -3,6 +3,7 @@ loaded through config.read_layered, and each objective's run config at the budge
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from electra_scale.config import ConfigError
@@ -37,9 +38,36 @@ class BudgetSpec:
 
 @dataclass
 class TaskSpec:
+    # rotten_tomatoes, wiki_topic (the demo corpus's article topics: dev/test are the articles prepare held out,
+    # so it needs corpus.inputs [wiki] and corpus.eval_fraction > 0), or a GLUE task with data:
     name: str = "rotten_tomatoes"
     data: str = ""  # GLUE task dir; rotten_tomatoes is built when empty
     eval_limit: int | None = None  # score only the first N dev/test examples (the miniature preset)
+
+
+@dataclass
+class CompareFinetune(FinetuneConfig):
+    """The fine-tuning/probe settings, with several few-label sizes: every model is scored at each K."""
+
+    per_class: list[int] = field(default_factory=list)  # K labelled examples per class; [] = train_limit / all
+
+    def settings_at(self, k: int | None) -> FinetuneConfig:
+        """The single-K config evaluate_model runs."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(FinetuneConfig) if f.name != "per_class"}
+        return FinetuneConfig(**values, per_class=k)
+
+    @property
+    def sizes(self) -> list[int | None]:
+        return list(self.per_class) or [None]
+
+    def check(self) -> None:
+        for k in self.per_class:
+            if k < 1:
+                raise ConfigError(f"finetune.per_class={self.per_class}: every K must be >= 1")
+        if len(set(self.per_class)) != len(self.per_class):
+            raise ConfigError(f"finetune.per_class={self.per_class} repeats a K")
+        for k in self.sizes:
+            self.settings_at(k).check()
 
 
 @dataclass
@@ -67,7 +95,7 @@ class CompareSpec:
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     pretrain: PretrainSpec = field(default_factory=PretrainSpec)
     task: TaskSpec = field(default_factory=TaskSpec)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune: CompareFinetune = field(default_factory=CompareFinetune)
     health: HealthSpec = field(default_factory=HealthSpec)
     include_random: bool = True
 
@@ -115,6 +143,12 @@ def _check(spec: CompareSpec) -> None:
     if not spec.corpus.shards and not spec.corpus.inputs:
         raise ConfigError("corpus: give inputs (files, or wiki) or prepared shards")
     spec.finetune.check()
+    wiki_ready = not spec.corpus.shards and spec.corpus.inputs == ["wiki"] and spec.corpus.eval_fraction > 0
+    if spec.task.name.lower() == "wiki_topic" and not wiki_ready:
+        raise ConfigError(
+            "task.name=wiki_topic scores articles that pretraining never saw: it needs corpus.inputs: [wiki], "
+            "corpus.eval_fraction > 0 (its dev and test articles are the held-out ones) and no corpus.shards"
+        )
 
 
 def run_config(spec: CompareSpec, kind: str, shards: str, output: str, vocab_size: int | None):
