@@ -148,10 +148,14 @@ if [ -n "$WHEELS" ]; then
     fi
     export PYTHONPATH="$SITE:$PYTHONPATH"
 fi
-# The versions the run will import, against pyproject.toml's ranges: a mismatch stops the check here (exit 2).
+# The versions the run will import, against pyproject.toml's ranges: a runtime package missing or out of range
+# stops the check here (exit 2); pytest need only be there (its version is no figure's).
 "$PY" - "$WORK/packages.json" <<'PY' || exit 2
 import importlib.metadata as md, json, re, sys, tomllib
-from packaging.requirements import Requirement
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # pip's own copy
+    from pip._vendor.packaging.requirements import Requirement
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 reqs = {}
 for text in [*project["dependencies"], *(r for group in project.get("optional-dependencies", {}).values() for r in group)]:
@@ -163,7 +167,7 @@ for name in ("torch", "deepspeed", "transformers", "tokenizers", "webdataset", "
         found[name] = md.version(name)
     except md.PackageNotFoundError:
         found[name] = None
-    r = reqs.get(name)
+    r = reqs.get(name) if name != "pytest" else None
     if found[name] is None or (r is not None and not r.specifier.contains(found[name], prereleases=True)):
         bad.append(f"{name} {found[name] or 'missing'} (pyproject: {r.specifier if r else 'any'})")
 json.dump(found, open(sys.argv[1], "w"))
@@ -261,13 +265,13 @@ equal real tokens $LARGE_EQUAL"
 # it forever: a stale lock (no build of ours running) is removed before the build and after a failed one.
 EXT=$TORCH_EXTENSIONS_DIR
 if [ "$DRY" = 1 ]; then
-    # The dry run's build fails as a killed one does: it takes torch's lock and is killed at its limit. In a
+    # The dry run's build fails as a killed one does: it takes the lock as torch's FileBaton does (a file created
+    # with O_EXCL; no torch import, which a loaded CPU may not finish in time) and is killed at its limit. In a
     # private extensions dir: the shared one may hold another process's live build.
     EXT=$WORK/torch_extensions
-    build="import time; from pathlib import Path; from torch.utils.file_baton import FileBaton; \
-d = Path('$EXT/fused_adam'); d.mkdir(parents=True, exist_ok=True); FileBaton(str(d / 'lock')).try_acquire(); \
-time.sleep(600)"
-    BUILD_LIMIT=3
+    build="import os, time; os.makedirs('$EXT/fused_adam', exist_ok=True); \
+os.close(os.open('$EXT/fused_adam/lock', os.O_CREAT | os.O_EXCL)); time.sleep(600)"
+    BUILD_LIMIT=5
 else
     # The arch list made readable first, as choose_adam does (the image's "9.0a" broke the build on 2026-11-29),
     # so that the build and the runs' loads agree on its flags and the runs find it built.
