@@ -25,7 +25,24 @@ def collect(out: Path) -> dict:
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines() if line.strip()]
     summary: dict = {"env": _json(out / "env.json"), "steps": steps}
     cases = []
+    # Per test as it finished (scripts/gpu_pytest_log.py); a "started" line with no outcome after it: the test the
+    # step's limit cut.
+    for lines in sorted(out.glob("pytest-*.jsonl")):
+        outcomes: dict[str, dict] = {}
+        for line in lines.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["outcome"] == "started":
+                outcomes[record["test"]] = {"test": record["test"], "outcome": "cut", "seconds": 0.0}
+            else:
+                outcomes[record["test"]] = {"test": record["test"], "outcome": record["outcome"],
+                                            "seconds": float(record.get("seconds", 0))}  # fmt: skip
+        cases += outcomes.values()
     for xml in sorted(out.glob("pytest*.xml")):
+        if xml.with_suffix(".jsonl").exists():
+            continue
         try:
             suite = ET.parse(xml).getroot()
         except ET.ParseError:
@@ -48,9 +65,12 @@ def collect(out: Path) -> dict:
         for name, r in report["results"].items():
             if name == "data":
                 continue
-            rows[name] = {k: r.get(k) for k in ("step_time_s", "tokens_per_s", "mfu", "peak_memory_bytes", "error")}
+            keep = ("step_time_s", "tokens_per_s", "mfu", "peak_memory_bytes", "error", "steps", "cut", "diverged")
+            rows[name] = {k: r.get(k) for k in keep}
             if r.get("data_wait") is not None:
                 rows[name]["data_wait"] = r["data_wait"]
+        if report.get("running") and report["running"] not in rows:  # killed in it: no result, not even a cut
+            rows[report["running"]] = {"cut": True, "error": None}
         summary["bench"][path.stem.removeprefix("bench-")] = {
             "micro_batch_size": report["micro_batch_size"],
             "found": bool(report.get("found_micro_batch")),
@@ -58,19 +78,29 @@ def collect(out: Path) -> dict:
             "peak_tflops": report["peak_tflops"],
             "paths": rows,
             "overhead": report.get("overhead"),
+            "unpad": "train.unpad=true" in report.get("overrides", []),
+            "compile": "train.compile=true" in report.get("overrides", []),
+            "pad_frac": report.get("pad_frac"),
+            "cut": report.get("cut") or report.get("running"),
         }
     # One row per lever setting, per shape (bench --ablate --rows-out): each a real pretrain run, all else equal,
     # naming every lever's setting; appended as each finished.
+    # A row's "started" line with no row after it: the row the step's limit killed (cut).
     summary["ablation"] = []
+    keep = ("lever", "value", "setting", "micro_batch_size", "unpad", "compile", "zero_stage", "precision",
+            "step_time_s", "steps", "tokens_per_s", "examples_per_s", "mfu", "peak_memory_bytes", "data_wait",
+            "pad_frac", "caveat", "first_window_s", "error", "cut", "diverged")  # fmt: skip
     for path in sorted(out.glob("ablation-*.jsonl")):
-        for line in path.read_text().splitlines():
+        rows: dict = {}
+        for n, line in enumerate(path.read_text().splitlines()):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill
                 continue
-            keep = ("lever", "value", "micro_batch_size", "unpad", "compile", "zero_stage", "precision", "step_time_s",
-                    "tokens_per_s", "examples_per_s", "mfu", "peak_memory_bytes", "data_wait", "pad_frac", "caveat",
-                    "first_window_s", "error")  # fmt: skip
+            if row.get("status") == "started":
+                row = {**row, "cut": True, "error": None}
+            rows[row.get("index", f"line {n}")] = row
+        for row in rows.values():
             summary["ablation"].append({"shape": path.stem.removeprefix("ablation-"), **{k: row.get(k) for k in keep}})
     metrics = out / "pretrain-metrics.jsonl"
     if metrics.exists():
@@ -99,11 +129,22 @@ def markdown(s: dict) -> str:
         f"{env.get('gpu') or 'CPU'}; torch {env.get('torch')}, CUDA {env.get('cuda')}, "
         f"DeepSpeed {env.get('deepspeed')}, transformers {env.get('transformers')}",
         "",
-        "| step | status | seconds | limit |",
-        "|---|---|---|---|",
+    ]
+    lines += headline(s)
+    lines += [
+        "| step | status | seconds | limit | note |",
+        "|---|---|---|---|---|",
     ]
     for st in s["steps"]:
-        lines.append(f"| {st['step']} | {st['status']} | {st.get('seconds', '')} | {st.get('limit', '')} |")
+        status = st["status"]
+        if status == 124:
+            status = "124 (cut at its limit)"
+        elif status == 75:
+            status = "75 (stopped by SIGTERM)"
+        status = f"{status}, as the dry run means it" if st.get("expected") else status
+        lines.append(
+            f"| {st['step']} | {status} | {st.get('seconds', '')} | {st.get('limit', '')} | {st.get('note', '')} |"
+        )
     if s.get("pytest"):
         lines += ["", "## pytest -m gpu", ""]
         lines += [f"- {c['outcome']}: {c['test']} ({c['seconds']:.1f} s)" for c in s["pytest"]]
@@ -118,7 +159,11 @@ def markdown(s: dict) -> str:
         for name, b in s["bench"].items():
             for path, r in b["paths"].items():
                 if r.get("error"):
-                    lines.append(f"| {name} | {b['micro_batch_size']} | {path} | failed: {r['error'][:80]} | | | | |")
+                    what = "diverged" if r.get("diverged") else "failed"
+                    lines.append(f"| {name} | {b['micro_batch_size']} | {path} | {what}: {r['error'][:80]} | | | | |")
+                    continue
+                if r.get("cut") and not r.get("step_time_s"):
+                    lines.append(f"| {name} | {b['micro_batch_size']} | {path} | cut: no timed steps | | | | |")
                     continue
                 step = f"{r['step_time_s'] * 1e3:.1f} ms" if r.get("step_time_s") else "-"
                 tps = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
@@ -126,30 +171,44 @@ def markdown(s: dict) -> str:
                 mem = f"{r['peak_memory_bytes'] / 2**30:.1f} GiB" if r.get("peak_memory_bytes") else "-"
                 wait = f"{r['data_wait']:.1%}" if r.get("data_wait") is not None else ""
                 micro = f"{b['micro_batch_size']}{' (largest)' if b['found'] else ''}"
+                step += " (cut)" if r.get("cut") else ""
                 lines.append(f"| {name} | {micro} | {path} | {step} | {tps} | {mfu} | {mem} | {wait} |")
+        for name, b in s["bench"].items():
+            names = {"engine_vs_bare": "engine / bare", "pretrain_vs_bare": "pretrain / bare"}
+            names |= {"engine_vs_bare_cpu_time": "(CPU time)", "pretrain_vs_bare_cpu_time": "(CPU time)"}
+            ratios = ", ".join(f"{names.get(k, k)} {v:.3f}" for k, v in (b.get("overhead") or {}).items())
+            if ratios:
+                lines.append(f"\n{name}: {ratios} (step time over the bare loop's, interleaved)")
+            if b.get("cut"):
+                lines.append(f"\n{name}: cut by SIGTERM during {b['cut']}: nothing after it ran")
     if s.get("ablation"):
         lines += [
             "",
             "## ablation: one lever at a time, the real pretrain path",
             "",
-            "| shape | micro-batch | padding | lever = value | unpad | compile | ZeRO | step | real tokens/s | MFU "
+            "| shape | micro-batch | padding | setting | unpad | compile | ZeRO | step | real tokens/s | MFU "
             "| peak memory | data wait | warm-up window |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in s["ablation"]:
             pad = f"{r['pad_frac']:.0%}" if r.get("pad_frac") is not None else "-"
-            value = str(r["value"]).removeprefix("ds_configs/")
+            setting = r.get("setting") or f"{r['lever'].removeprefix('train.')}={r['value']}"
+            setting = setting.replace("ds_configs/", "")
             zero = f"{r.get('zero_stage')}" + (" (host sync)" if r.get("caveat") else "")
             where = (
-                f"| {r['shape']} | {r['micro_batch_size']} | {pad} | {r['lever'].removeprefix('train.')} = {value} "
+                f"| {r['shape']} | {r['micro_batch_size']} | {pad} | {setting} "
                 f"| {r.get('unpad')} | {r.get('compile')} | {zero} |"
             )
             if r.get("error"):
-                lines.append(f"{where} failed: {r['error'][:80]} | | | | | |")
+                lines.append(f"{where} {'diverged' if r.get('diverged') else 'failed'}: {r['error'][:80]} | | | | | |")
+                continue
+            if r.get("step_time_s") is None:  # cut before a timed window (or killed in it)
+                lines.append(f"{where} cut: no timed steps | | | | | |")
                 continue
             first = f"{r['first_window_s']:.1f} s" if r.get("first_window_s") is not None else "-"
+            cut = f" (cut: {r.get('steps')} timed steps)" if r.get("cut") else ""
             lines.append(
-                f"{where} {r['step_time_s'] * 1e3:.1f} ms | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
+                f"{where} {r['step_time_s'] * 1e3:.1f} ms{cut} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
                 f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {r['data_wait'] or 0:.1%} | {first} |"
             )
         if any(r.get("caveat") for r in s["ablation"]):
@@ -179,12 +238,39 @@ def markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def headline(s: dict) -> list[str]:
+    """The figures the check exists for, first: Large's MFU with each lever (the ablation's rows) and the
+    engine's overhead in pretrain with padding-free + compile (pretrain / bare)."""
+    lines = []
+    for r in (r for r in s.get("ablation", []) if r["shape"] == "large"):
+        setting = r.get("setting") or f"{r['lever']}={r['value']}"
+        if r.get("unpad") is not None:  # what the row ran, whichever lever it changed
+            setting = "padding-free" if r["unpad"] else "padded"
+            setting += f", compiled ({r['compile']})" if r.get("compile") not in (None, "off") else ", eager"
+        if r.get("mfu") is not None:
+            figure = f"MFU {r['mfu']:.1%}" + (" (cut)" if r.get("cut") else "")
+        else:
+            figure = "diverged" if r.get("diverged") else "failed" if r.get("error") else "cut, no figure"
+        lines.append(f"- Large, {setting}, micro-batch {r['micro_batch_size']}: {figure}")
+    b = s.get("bench", {}).get("large-unpad-compile")
+    if b:
+        pre, bare = b["paths"].get("pretrain") or {}, b["paths"].get("bare") or {}
+        ratio = (b.get("overhead") or {}).get("pretrain_vs_bare")
+        mfu = lambda r: f"{r['mfu']:.1%}" if r.get("mfu") else "-"  # noqa: E731
+        lines.append(
+            f"- Large, padding-free + compile, micro-batch {b['micro_batch_size']}: pretrain MFU {mfu(pre)}, bare loop "
+            f"{mfu(bare)}; pretrain / bare {f'{ratio:.3f}' if ratio else '-'} (goals: MFU >= 40%, ratio <= 1.10)"
+        )
+    return ["## Headline", "", *lines, ""] if lines else []
+
+
 def main() -> int:
     out = Path(sys.argv[1])
     s = collect(out)
     (out / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
     (out / "summary.md").write_text(markdown(s))
-    failed = [st["step"] for st in s["steps"] if st["status"] not in (0, "not run")]
+    # "expected": the dry run's deliberate failures (a killed build, a cut row), shown but no failure of the run.
+    failed = [st["step"] for st in s["steps"] if st["status"] not in (0, "not run") and not st.get("expected")]
     print(markdown(s))
     return 1 if failed else 0
 

@@ -95,23 +95,89 @@ def test_bench_without_seaweedfs_uses_local_shards(tmp_path):
 
 
 def test_bench_ablation_alone_streams_rows_with_every_lever_named(tmp_path):
-    """The check's ablation step: no other path (--skip), a compile row with the CPU's aot_eager backend, each
-    row appended to --rows-out as it finishes, naming unpad, compile (and its backend) and the ZeRO stage."""
+    """The check's ablation step: no other path (--skip), a compile row with the CPU's aot_eager backend (and a
+    micro-batch of its own: a row of two keys), a row that diverges, each row appended to --rows-out as it
+    finishes after a "started" line, naming unpad, compile (and its backend) and the ZeRO stage."""
     rows_out = tmp_path / "rows.jsonl"
     args = ["bench", *TINY, "train.unpad=true", "train.compile_backend=aot_eager", "--steps", "2", "--warmup", "1"]
     args += ["--data-samples", "256", "--block-samples", "8", "--skip", "data", "bare", "engine", "pretrain"]
-    args += ["--ablate", "train.compile=true", "--ablate", "train.deepspeed_config=ds_configs/zero0.json"]
+    ablate = ["train.compile=true train.micro_batch_size=8", "optim.lr=1e30 optim.warmup_steps=1"]
+    ablate += ["train.deepspeed_config=ds_configs/zero0.json"]
+    args += [arg for row in ablate for arg in ("--ablate", row)]
     proc = run_cli([*args, "--rows-out", str(rows_out), "--json-out", str(tmp_path / "bench.json")])
     report = json.loads((tmp_path / "bench.json").read_text())
-    assert report["results"] == {}  # the skipped paths: not built
-    rows = [json.loads(line) for line in rows_out.read_text().splitlines()]
-    assert rows == report["ablation"] and len(rows) == 2
-    compiled, zero0 = rows
+    assert report["results"] == {} and "cut" not in report  # the skipped paths: not built
+    lines = [json.loads(line) for line in rows_out.read_text().splitlines()]
+    assert [r.get("status") for r in lines] == ["started", None] * 3  # each row announced, then its figures
+    rows = lines[1::2]
+    assert rows == report["ablation"] and [r["index"] for r in rows] == [0, 1, 2]
+    compiled, diverged, zero0 = rows
     assert compiled["error"] is None and compiled["compile"] == "aot_eager" and compiled["unpad"] is True
     assert compiled["zero_stage"] == 2 and zero0["zero_stage"] == 0 and zero0["compile"] == "off"
     assert "caveat" not in zero0  # fp32: DeepSpeed's bf16/fp16 wrappers (and their host sync) are not in play
-    assert all(r["step_time_s"] > 0 and r["micro_batch_size"] == 4 and r["first_window_s"] > 0 for r in rows)
-    assert "ablation train.compile=true:" in proc.stdout
+    assert all(r["step_time_s"] > 0 and r["first_window_s"] > 0 for r in rows[::2])
+    assert compiled["micro_batch_size"] == 8 and zero0["micro_batch_size"] == 4  # the row's own micro-batch
+    # A non-finite loss is that row's outcome (Diverged is a ConfigError to the CLI), and the next row still runs.
+    assert diverged["diverged"] is True and "training diverged at step" in diverged["error"]
+    assert (
+        diverged["lever"] == "optim.lr+optim.warmup_steps"
+        and diverged["setting"] == "optim.lr=1e30 optim.warmup_steps=1"
+    )
+    assert "ablation train.compile=true train.micro_batch_size=8:" in proc.stdout
+    assert "optim.warmup_steps=1: diverged:" in proc.stdout
+
+
+def test_sigterm_cuts_the_row_in_progress_and_starts_no_other(tmp_path):
+    """The GPU check's time limit (timeout's SIGTERM to bench alone): the ablation row in progress stops after its
+    step and is marked cut, not appended as a normal row; no later row starts; the JSON says so; exit 75."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from electra_scale.tools.bench.data import synthetic_shards
+
+    cfg = load_config("configs/tiny.yaml")
+    shards = synthetic_shards(str(tmp_path / "shards"), cfg.model.vocab_size, cfg.data.seq_len, 256, 8)
+    rows_out, json_out = tmp_path / "rows.jsonl", tmp_path / "bench.json"
+    args = [*TINY, "--data", shards, "--skip", "data", "bare", "engine", "pretrain", "--steps", "400"]
+    args += ["--warmup", "1", "--ablate", "train.unpad=true,false", "--rows-out", str(rows_out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "electra_scale", "bench", *args, "--json-out", str(json_out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        while '"status": "started"' not in (rows_out.read_text() if rows_out.exists() else ""):
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, out[-3000:]
+    started, cut = [json.loads(line) for line in rows_out.read_text().splitlines()]
+    assert started["status"] == "started" and cut["index"] == 0 and cut["cut"] is True and cut["error"] is None
+    assert cut.get("steps", 0) < 400  # a cut row: never read as a normal one
+    report = json.loads(json_out.read_text())
+    assert report["cut"] == "ablation" and report["ablation"] == [cut] and report["running"] is None
+    assert "cut by SIGTERM during ablation" in out
+
+
+def test_the_gpu_checks_micro_batches_follow_the_devices_memory():
+    """128 fit ELECTRA-Large on an H200 (141 GB); an 80 GB H100 gets 64; the padding-free row at equal real tokens
+    has 4x the examples at 78% padding; and the --ablate forms: a row per value, or one row of several keys."""
+    from electra_scale.tools.bench.device import large_micro_batches
+    from electra_scale.tools.bench.run import _lever
+
+    assert large_micro_batches(143_771_254_784) == (128, 64, 256)  # H200, as torch reports it
+    assert large_micro_batches(85_029_158_912) == (64, 64, 256)  # H100 80 GB
+    assert large_micro_batches(42_298_834_944) == (32, 32, 128)  # A100 40 GB
+    assert _lever("train.unpad=false,true") == [(("train.unpad", "false"),), (("train.unpad", "true"),)]
+    assert _lever("train.compile=true train.micro_batch_size=256") == [
+        (("train.compile", "true"), ("train.micro_batch_size", "256"))
+    ]
 
 
 def test_bench_pretrain_writes_no_checkpoint_and_restores_signals(tmp_path, monkeypatch):
@@ -145,28 +211,61 @@ def test_bench_pretrain_writes_no_checkpoint_and_restores_signals(tmp_path, monk
 
 def test_the_gpu_checks_summary_keeps_what_a_killed_run_left(tmp_path):
     """scripts/gpu_summary.py runs after every step of the check: from a run killed mid-step (an ablation row cut
-    mid-line, a pytest XML never written, a step that timed out) it still makes summary.json and summary.md with
-    every finished figure, and exits 1 for the failed step."""
+    mid-line, a row started and never finished, a test started and never finished, a pytest XML never written, a
+    step that timed out) it still makes summary.json and summary.md with every finished figure, the headline
+    first, cut and diverged rows as such, and exits 1 for the failed step (not for the dry run's expected ones)."""
     import subprocess
     import sys
 
     (tmp_path / "steps.jsonl").write_text(
         '{"step": "gpu-varlen", "status": 0, "seconds": 50, "limit": 120}\n'
+        '{"step": "out-dir", "status": 0, "note": "an earlier run\'s 2 files moved to previous-x/"}\n'
+        '{"step": "fused-adam-build", "status": 124, "seconds": 3, "limit": 3, "expected": true}\n'
         '{"step": "ablation-small", "status": 124, "seconds": 150, "limit": 150}\n'
     )
     row = {"lever": "train.compile", "value": "true", "micro_batch_size": 128, "unpad": True, "compile": "inductor"}
     row.update(zero_stage=1, step_time_s=0.08, tokens_per_s=1e5, mfu=0.2, peak_memory_bytes=2**30, pad_frac=0.78)
-    row.update(caveat="host sync per step", data_wait=0.01, first_window_s=41.0, error=None)
-    (tmp_path / "ablation-small.jsonl").write_text(json.dumps(row) + '\n{"lever": "train.deepsp')
-    (tmp_path / "pytest-varlen.xml").write_text('<testsuite><testcase name="test_x" time="1.5"/></testsuite>')
+    row.update(caveat="host sync per step", data_wait=0.01, first_window_s=41.0, error=None, index=0)
+    row.update(setting="compile=true")
+    diverged = {"index": 1, "lever": "optim.lr", "value": "1e30", "setting": "optim.lr=1e30", "micro_batch_size": 128}
+    diverged.update(diverged=True, error="Diverged: training diverged at step 2")
+    started = {"index": 2, "lever": "train.unpad", "value": "false", "micro_batch_size": 128, "status": "started"}
+    lines = [{**row, "status": "started"}, row, diverged, started]
+    (tmp_path / "ablation-small.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"lever": "t')
+    large = {**row, "lever": "train.compile+train.micro_batch_size", "value": "true+256", "micro_batch_size": 256}
+    large.update(setting="compile=true micro_batch_size=256", mfu=0.42, zero_stage=2, caveat=None)
+    (tmp_path / "ablation-large.jsonl").write_text(json.dumps(large) + "\n")
+    bench = {"micro_batch_size": 256, "seq_len": 512, "peak_tflops": 989, "running": "pretrain"}
+    bench.update(overrides=["train.unpad=true", "train.compile=true"], overhead={}, pad_frac=0.78)
+    bench["results"] = {"bare": {"step_time_s": 0.5, "tokens_per_s": 6e4, "mfu": 0.45, "peak_memory_bytes": 2**34}}
+    (tmp_path / "bench-large-unpad-compile.json").write_text(json.dumps(bench))
+    (tmp_path / "pytest-varlen.jsonl").write_text(
+        '{"test": "test_x", "outcome": "started"}\n{"test": "test_x", "outcome": "passed", "seconds": 1.5}\n'
+        '{"test": "test_compiled", "outcome": "started"}\n'
+    )
+    (tmp_path / "pytest-varlen.xml").write_text('<testsuite><testcase name="test_old" time="1"/></testsuite>')
     (tmp_path / "pytest-rest.xml").write_text("<testsuite><testcase")  # killed while writing
     proc = subprocess.run([sys.executable, "scripts/gpu_summary.py", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 1, proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
-    (kept,) = summary["ablation"]
-    assert kept["shape"] == "small" and kept["compile"] == "inductor" and kept["zero_stage"] == 1
-    assert summary["pytest"] == [{"test": "test_x", "outcome": "passed", "seconds": 1.5}]
+    kept, div, cut = [r for r in summary["ablation"] if r["shape"] == "small"]
+    assert kept["compile"] == "inductor" and kept["zero_stage"] == 1 and not kept["cut"]
+    assert div["diverged"] and cut["cut"] and cut["step_time_s"] is None
+    assert summary["pytest"] == [
+        {"test": "test_x", "outcome": "passed", "seconds": 1.5},
+        {"test": "test_compiled", "outcome": "cut", "seconds": 0.0},  # the one the limit cut; the XML is older
+    ]
+    assert summary["bench"]["large-unpad-compile"]["paths"]["pretrain"] == {"cut": True, "error": None}
     md = (tmp_path / "summary.md").read_text()
-    assert "| small | 128 | 78% | compile = true | True | inductor | 1 (host sync) | 80.0 ms |" in md
+    assert md.index("## Headline") < md.index("| step | status |")
+    assert "- Large, padding-free, compiled (inductor), micro-batch 256: MFU 42.0%" in md
+    assert "pretrain MFU -, bare loop 45.0%; pretrain / bare - (goals: MFU >= 40%, ratio <= 1.10)" in md
+    assert "| small | 128 | 78% | compile=true | True | inductor | 1 (host sync) | 80.0 ms |" in md
     assert "| 1.00 GiB | 1.0% | 41.0 s |" in md  # the warm-up window: a compile row's compilation
-    assert "| ablation-small | 124 | 150 | 150 |" in md
+    assert "| optim.lr=1e30 | None | None | None | diverged: Diverged: training diverged at step 2 |" in md
+    assert "| unpad=false | None | None | None | cut: no timed steps |" in md
+    assert "| ablation-small | 124 (cut at its limit) | 150 | 150 |  |" in md
+    assert "| fused-adam-build | 124 (cut at its limit), as the dry run means it | 3 | 3 |  |" in md
+    assert "moved to previous-x/ |" in md
+    assert "| large-unpad-compile | 256 | pretrain | cut: no timed steps |" in md
+    assert "large-unpad-compile: cut by SIGTERM during pretrain" in md

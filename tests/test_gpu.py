@@ -192,6 +192,31 @@ def test_padding_free_batches_match_padded_ones_on_the_device(device, dropout):
         assert cos > (0.99 if CUDA else 1 - 1e-6), float(cos)
 
 
+def test_padding_free_ops_fake_outputs_are_torchs_own(device):
+    """What torch.compile traces the varlen custom op with (its fake impl) has the exact shapes and dtypes of the
+    kernel it calls, rng_state included: torch's meta kernel for that call, in the torch installed (the layout
+    changed in 2.7, pytorch#146372, and differs on ROCm). On a GPU also against the real kernel's outputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import electra_scale.engine.packing  # noqa: F401  (registers the op)
+
+    def layout(tensors):
+        return [(tuple(t.shape), t.dtype) for t in tensors]
+
+    def call(q, cu):
+        return torch.ops.electra_scale.varlen_attention(q, q, q, cu, 6, 0.1, 0.25)
+
+    with FakeTensorMode():  # CUDA tensors without a GPU: the fake path, as the compiler traces it
+        q = torch.empty(10, 2, 16, device="cuda", dtype=torch.bfloat16)
+        cu = torch.tensor([0, 4, 10], dtype=torch.int32, device="cuda")
+        fake = layout(call(q, cu))
+        meta = layout(torch.ops.aten._flash_attention_forward(q, q, q, cu, cu, 6, 6, 0.1, False, False, scale=0.25))
+    assert fake == meta[:4] and fake[0] == ((10, 2, 16), torch.bfloat16) and fake[1] == ((2, 10), torch.float32)
+    if CUDA:
+        q = torch.randn(10, 2, 16, device=device, dtype=torch.bfloat16)
+        assert layout(call(q, torch.tensor([0, 4, 10], dtype=torch.int32, device=device))) == fake
+
+
 def test_compiled_layers_train_like_eager_ones(device):
     """train.compile (regional: each encoder layer) on padding-free batches of changing length: the same losses
     as eager, no graph break at the attention (a custom op), and the compiled graphs serve every layer and

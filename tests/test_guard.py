@@ -57,6 +57,29 @@ def test_pretrain_restores_the_signal_handlers(tmp_path, monkeypatch):
             dist.destroy_process_group()
 
 
+def test_an_error_in_pretrain_closes_the_runs_watchdog(tmp_path, monkeypatch):
+    """An exception out of pretrain (an OOM mid-step in a bench row; here the inputs, read after the watchdog is
+    armed) closes the watchdog that run armed: left armed, its step timer would end the process (exit 75) later,
+    in whatever runs next in it (bench's next row). The loop's errors leave by the same way out."""
+    from electra_scale.engine import watchdog
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", str(launch.free_port()))
+    armed = []
+    start = watchdog.start
+    monkeypatch.setattr(watchdog, "start", lambda *a, **k: armed.append(start(*a, **k)) or armed[-1])
+    try:
+        cfg = load_config("configs/tiny.yaml", [f"data.shards={tmp_path / 'none'}", f"run.output_dir={tmp_path}/r"])
+        with pytest.raises(DataError):
+            pretrain(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    (dog,) = armed
+    assert dog not in watchdog._active and dog._stop.is_set()  # closed: its thread has stopped watching
+
+
 def test_one_place_settles_the_device_for_every_path():
     """step.settle_device, which pretrain, bench's loops, find-micro-batch, the profiles and objective_cost all call:
     on a GPU, TF32 for a bf16 run's fp32 matmuls, and fp32 with padding-free batches refused in one line (the

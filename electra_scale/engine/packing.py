@@ -216,10 +216,15 @@ def varlen_attention(
 
 @varlen_attention.register_fake
 def _(q, k, v, cu_seqlens, max_seqlen, dropout, scale):
+    if q.device.type == "cuda":
+        # torch's own meta kernel for the very call the real impl makes: the rng_state layout is the installed
+        # torch's, whatever it is (uint64[2] + uint64[] from 2.7, pytorch#146372; two int64[] before, and on
+        # ROCm still), so a compiled graph never disagrees with the kernel it runs. tests/test_gpu.py checks it.
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout, False, False, scale=scale
+        )
+        return out, lse, rng_state, unused
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-    if q.device.type == "cuda":  # as torch's meta__flash_attention_forward (2.11) and nn.attention.varlen's fake
-        rng = torch.empty(2, dtype=torch.uint64, device=q.device)
-        return torch.empty_like(q), lse, rng, torch.empty((), dtype=torch.uint64, device=q.device)
     return torch.empty_like(q), lse, q.new_empty(1, dtype=torch.long), q.new_empty(0)
 
 

@@ -150,9 +150,16 @@ def pretrain(cfg: Config, on_log: Callable[[int, dict], None] | None = None, sav
     called on rank 0 after each logging step, with the record written to metrics.jsonl (bench times between
     them); it runs outside the timed windows. ``save=False``: no checkpoint at all (bench)."""
     stop = StopRequest()  # from the start: a signal during set-up stops the run after its first step
+    armed = list(watchdog._active)
     try:
         run = setup(cfg, stop)
         return train(run, on_log, save)
+    except BaseException:
+        # An error (an OOM mid-step in a bench row) must not leave this run's watchdog armed: its step timer
+        # would later end the process (exit 75) in whatever runs next in it. Only the dogs this call started.
+        for dog in [dog for dog in watchdog._active if dog not in armed]:
+            dog.close()
+        raise
     finally:
         stop.restore()
 

@@ -113,3 +113,32 @@ def device_peak(device, precision: str, configured: float | None) -> tuple[float
             return table, f"table: {name} dense bf16", measured
         return measured, f"measured {precision} matmul ({name} is not in model.GPU_PEAK_TFLOPS)", measured
     return measured, f"measured {precision} matmul, {torch.get_num_threads()} threads", measured
+
+
+# ELECTRA-Large, seq 512, bf16, ZeRO-2, padded batches: the engine added 73.8 GiB at micro-batch 128 on an H200,
+# with the bare loop's weights and AdamW state resident beside it (docs/bench.md, 2026-11-29). Nothing larger was
+# tried, and a search upward costs a Large build per trial: the GPU check scales from this instead.
+LARGE_MEASURED = (128, 73.8 * 2**30)
+
+
+def micro_batch_for(total_bytes: int, measured=LARGE_MEASURED, resident: float = 8 * 2**30, share=0.9) -> int:
+    """The largest power of two, at most the measured micro-batch, whose memory (the measured bytes scaled by
+    examples: activations dominate, and the weights' share makes the estimate cautious) fits in ``share`` of the
+    device's ``total_bytes`` beside ``resident`` bytes. An H200 (141 GB) keeps 128; an 80 GB H100 gets 64."""
+    micro, used = measured
+    budget = total_bytes * share - resident
+    while micro > 1 and micro * used / measured[0] > budget:
+        micro //= 2
+    return micro
+
+
+def large_micro_batches(total_bytes: int, pad_frac: float = 0.78) -> tuple[int, int, int]:
+    """The GPU check's Large micro-batches on a device with ``total_bytes``: (the padded bench's; the ablation's,
+    at most 64 so that its padded row fits beside nothing else and the rows compare across GPUs; the padding-free
+    row at about the padded row's positions in real tokens: 4x at 78% padding, 64 -> 256)."""
+    padded = micro_batch_for(total_bytes)
+    rows = min(64, padded)
+    factor = 1
+    while factor * 2 * (1 - pad_frac) <= 1:
+        factor *= 2
+    return padded, rows, rows * factor

@@ -15,11 +15,53 @@ from electra_scale.tools.bench.report import PathResult
 log = logging.getLogger("electra_scale")
 
 
+class Cut(BaseException):
+    """SIGTERM (``timeout`` at the GPU check's step limit) reached the bench outside a pretrain run: the path
+    or row in progress is recorded as cut and no other starts. A BaseException, so that the paths' ``except
+    Exception`` (a failed path: report it, go on) does not swallow it."""
+
+
+def sigterm_cuts():
+    """While the bench runs, SIGTERM raises ``Cut`` (pretrain's own handler takes it during a pretrain run and
+    stops that run after its step; bench_pretrain then marks the result cut)."""
+    import signal
+
+    def handler(signum, _frame):
+        raise Cut(signal.Signals(signum).name)
+
+    return _Handler(signal.SIGTERM, handler)
+
+
+class _Handler(contextlib.AbstractContextManager):
+    def __init__(self, sig, handler):
+        self.sig, self.handler, self.previous = sig, handler, None
+
+    def __enter__(self):
+        import signal
+
+        self.previous = signal.signal(self.sig, self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.signal(self.sig, self.previous)
+        return False
+
+
 def user_errors() -> tuple[type[Exception], ...]:
-    """Bad config or data: the user's to fix, so they stop the bench instead of marking one path failed."""
+    """Bad config or data: the user's to fix, so they stop the bench instead of marking one path failed. A run
+    that diverged (engine/guard.py's Diverged, a ConfigError for the CLI's exit 2) is not one of them here: it is
+    a measured outcome of that setting, so the path or ablation row records it and the others still run."""
     from electra_scale.data.shards import DataError
 
     return (ConfigError, DataError)
+
+
+def diverged() -> type[Exception]:
+    from electra_scale.engine.guard import Diverged
+
+    return Diverged
 
 
 def fixed_batch(shards: str, cfg):
@@ -144,14 +186,16 @@ class EngineLoop:
 
 
 def bench_fixed_batch(
-    loops: list[type], cfg, batches, special, device, steps: int, warmup: int
-) -> dict[str, PathResult]:
+    loops: list[type], cfg, batches, special, device, steps: int, warmup: int, keep: str | None = None
+) -> tuple[dict[str, PathResult], object | None]:
     """Build each loop and run its warm-up (peak memory: what the loop adds to the process), then time the
     loops' steps *interleaved*, in turns of ``warmup`` steps (the length of pretrain's timed windows), so that a
-    busy machine slows them alike. Step time is the median of the timed steps."""
+    busy machine slows them alike. Step time is the median of the timed steps. ``keep``: the loop of that name
+    is returned built and warm, not closed (pretrain's windows interleave with it: no second build of a Large
+    model and its compile)."""
     import statistics
 
-    built, results = [], {}
+    built, results, kept = [], {}, None
     try:
         for cls in loops:
             free_memory(device)
@@ -188,9 +232,11 @@ def bench_fixed_batch(
                 except Exception as err:  # e.g. out of memory with both loops resident: report it, go on
                     log.exception("bench: the %s path failed", loop.name)
                     results[loop.name].error = f"{type(err).__name__}: {err}"
+        kept = next((loop for loop in built if loop.name == keep and not results[loop.name].error), None)
     finally:
         for loop in built:
-            loop.close()
+            if loop is not kept:
+                loop.close()
         free_memory(device)
     for name, ts in times.items():
         if results[name].error:
@@ -203,7 +249,7 @@ def bench_fixed_batch(
             "step_time_min_s": min(ts),
             "cpu_time_s": statistics.median(cpu[name]),
         }
-    return results
+    return results, kept
 
 
 @contextlib.contextmanager
@@ -248,30 +294,42 @@ def bench_pretrain(cfg, shards: str, workdir: Path, device, steps: int, warmup: 
     hook = _BetweenWindows(bare, window, total, device)
     # launch.init_distributed gives a CPU rank all the cores: keep the threads the other paths ran with.
     with threads_pinned(device):
-        history = pretrain(run_cfg, on_log=hook, save=False)["history"]  # no checkpoint: GBs per row at Large
+        outcome = pretrain(run_cfg, on_log=hook, save=False)  # no checkpoint: GBs per row at Large
+    history = outcome["history"]
     # Each record covers the steps since the previous one.
     steps_in = [r["step"] - a for a, r in zip([0] + [r["step"] for r in history[:-1]], history)]
-    timed = [(n, n * r["step_time_s"]) for n, r in zip(steps_in, history)][1 if warmup else 0 :]
-    records = history[1 if warmup else 0 :]
+    # A run stopped by SIGTERM (the step's time limit) logs a short last window, at the step it stopped at: only
+    # whole windows are timed, and the result says it was cut, so that a cut row never reads as a normal one.
+    cut = bool(outcome.get("preempted"))
+    whole = list(zip(steps_in, history))
+    if cut and whole and whole[-1][0] != window:
+        whole.pop()
+    timed_records = whole[1 if warmup else 0 :]
+    timed = [(n, n * r["step_time_s"]) for n, r in timed_records]
+    records = [r for _, r in timed_records]
     result = PathResult(
         "pretrain",
-        step_time_s=statistics.median(t / n for n, t in timed),
         steps=sum(n for n, _ in timed),
         peak_memory_bytes=peak_memory(device) - baseline,
-        extra={
-            "step_time_mean_s": sum(t for _, t in timed) / sum(n for n, _ in timed),
-            # What its streamed batches held: real tokens and their FLOPs per step (train.py counts them).
-            "real_tokens_per_step": statistics.fmean(r["tokens_per_s"] * r["step_time_s"] for r in records),
-            "flops_per_step": statistics.fmean(r["tflops"] * 1e12 * r["step_time_s"] for r in records),
-            "pad_frac": statistics.fmean(r["pad_frac"] for r in records),
-        },
+        extra={"cut": True} if cut else {},
     )
-    if warmup:  # the untimed first window: start-up and warm-up, train.compile's compilation included
+    if timed:  # none when cut during the warm-up window: the result is the cut alone, no figures
+        result.step_time_s = statistics.median(t / n for n, t in timed)
+        result.extra.update(
+            {
+                "step_time_mean_s": sum(t for _, t in timed) / sum(n for n, _ in timed),
+                # What its streamed batches held: real tokens and their FLOPs per step (train.py counts them).
+                "real_tokens_per_step": statistics.fmean(r["tokens_per_s"] * r["step_time_s"] for r in records),
+                "flops_per_step": statistics.fmean(r["tflops"] * 1e12 * r["step_time_s"] for r in records),
+                "pad_frac": statistics.fmean(r["pad_frac"] for r in records),
+            }
+        )
+    if warmup and whole:  # the untimed first window: start-up and warm-up, train.compile's compilation included
         result.extra["first_window_s"] = steps_in[0] * history[0]["step_time_s"]
-    waits = [r["data_wait"] for r in history[1 if warmup else 0 :] if r.get("data_wait") is not None]
+    waits = [r["data_wait"] for r in records if r.get("data_wait") is not None]
     if waits:  # the share of the step the rank spent blocked on its next batch
         result.extra["data_wait"] = statistics.median(waits)
-    if device.type == "cpu" and len(hook.window_cpu) == len(history) - 1 and len(history) > 1:
+    if device.type == "cpu" and not cut and len(hook.window_cpu) == len(history) - 1 and len(history) > 1:
         result.extra["cpu_time_s"] = statistics.median(c / n for c, n in zip(hook.window_cpu, steps_in[1:]))
     if hook.bare_wall:
         result.extra["bare_step_time_s"] = statistics.median(hook.bare_wall)

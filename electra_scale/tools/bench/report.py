@@ -91,6 +91,8 @@ def report_lines(report: dict) -> tuple[list[str], list[str]]:
     for name, result in r["results"].items():
         if result.get("error"):
             tail.append(f"{name} path failed: {result['error']}")
+    if r.get("cut"):
+        tail.append(f"cut by SIGTERM during {r['cut']}: its figures are partial or missing; nothing after it ran")
     data = r["results"].get("data")
     if data and not data.get("error"):
         headroom = r.get("data_headroom")
@@ -108,12 +110,17 @@ def report_lines(report: dict) -> tuple[list[str], list[str]]:
             f"epoch's {data['bytes_total']:,} bytes (+ {data['manifest_bytes']:,} bytes of manifest)"
         )
     for row in r.get("ablation", []):
-        setting = f"ablation {row['lever']}={row['value']}:"
+        pairs = zip(row["lever"].split("+"), str(row["value"]).split("+"))
+        setting = f"ablation {' '.join(f'{key}={value}' for key, value in pairs)}:"
         if row.get("error"):
-            tail.append(f"{setting} failed: {row['error']}")
+            tail.append(f"{setting} {'diverged' if row.get('diverged') else 'failed'}: {row['error']}")
+            continue
+        if row.get("step_time_s") is None:
+            tail.append(f"{setting} cut by SIGTERM before its first timed window: no figures")
             continue
         tail.append(
-            f"{setting} {row['step_time_s'] * 1e3:.1f} ms per step, {row['examples_per_s']:,.1f} examples/s, "
+            f"{setting} {'(cut by SIGTERM, fewer timed steps) ' if row.get('cut') else ''}"
+            f"{row['step_time_s'] * 1e3:.1f} ms per step, {row['examples_per_s']:,.1f} examples/s, "
             f"{row['tokens_per_s']:,.0f} real tokens/s ({row['pad_frac']:.1%} padding), MFU {row['mfu']:.1%}, "
             f"peak memory +{row['peak_memory_bytes'] / 2**20:,.0f} MiB"
             + (f", {row['cpu_time_s'] * 1e3:.1f} ms CPU" if row.get("cpu_time_s") else "")

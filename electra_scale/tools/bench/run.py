@@ -46,11 +46,14 @@ from electra_scale.tools.bench.data import bench_data, data_source
 from electra_scale.tools.bench.device import device_peak
 from electra_scale.tools.bench.paths import (
     BareLoop,
+    Cut,
     EngineLoop,
     bench_fixed_batch,
     bench_pretrain,
+    diverged,
     fixed_batch,
     largest_micro_batch,
+    sigterm_cuts,
     user_errors,
 )
 from electra_scale.tools.bench.report import PathResult, as_dict, print_report
@@ -58,6 +61,8 @@ from electra_scale.tools.bench.report import PathResult, as_dict, print_report
 log = logging.getLogger("electra_scale")
 
 PATHS = ("bare", "engine", "pretrain", "data")
+# A bench cut by SIGTERM (the GPU check's step limit) exits like a run stopped by a signal: "not finished".
+EXIT_CUT = 75
 
 
 def run_bench(
@@ -76,8 +81,9 @@ def run_bench(
     skip: tuple[str, ...] = (),
     threads: int | None = None,
     find_micro_batch: int = 0,
-    ablate: tuple[tuple[str, tuple[str, ...]], ...] = (),
+    ablate: tuple[tuple[tuple[str, str], ...], ...] = (),
     rows_out: str | None = None,
+    json_out: str | None = None,
 ) -> dict:
     import torch
 
@@ -130,72 +136,113 @@ def run_bench(
     }
 
     results: dict[str, PathResult] = {}
-    with (
-        tempfile.TemporaryDirectory(prefix="electra-bench-") as tmp,
-        data_source(data, scratch, Path(tmp), cfg, data_samples, block_samples) as shards,
-    ):
-        report["data_source"] = shards
-        load_manifest(shards).check_compatible(cfg.model.vocab_size, cfg.data.seq_len)  # --data: fail first
-        work = Path(tmp)
-        if "data" not in skip:
-            sweep = []
-            for w in data_world_size:
-                log.info("bench: the data path, rank 0 of %d, one core", w)
-                sweep.append(bench_data(shards, cfg, w, data_partitions))
-            results["data"] = sweep[0]
-            if len(sweep) > 1:
-                report["data_sweep"] = [as_dict(r) for r in sweep]
-        if find_micro_batch:
-            micro = largest_micro_batch(cfg, shards, device, find_micro_batch)
-            cfg = load_run_config(
-                config,
-                [
-                    *overrides,
-                    f"train.micro_batch_size={micro}",
-                    f"train.global_batch_size={micro * accum}",
-                    f"train.max_steps={max(warmup + steps, 1)}",
-                    "train.stop_at_step=null",
-                ],
-            )
-            tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
-            report.update(micro_batch_size=micro, tokens_per_step=tokens_per_step, found_micro_batch=True)
-        batches, special = (None, None)
-        if {"bare", "engine"} - set(skip):
-            batches, special = fixed_batch(shards, cfg)
-        loops = [loop for loop in (BareLoop, EngineLoop) if loop.name not in skip]
-        if loops:
-            log.info(
-                "bench: %s, %d warm-up + %d timed steps, interleaved",
-                " and ".join(loop.name for loop in loops),
-                warmup,
-                steps,
-            )
-            results.update(bench_fixed_batch(loops, cfg, batches, special, device, steps, warmup))
-        if "pretrain" not in skip:
-            log.info("bench: electra-scale pretrain, %d warm-up + %d timed steps", warmup, steps)
-            bare = None
+    fixed: dict = {}
+
+    def publish(running: str | None = None) -> None:
+        """The report so far, figures and all, written to ``json_out`` at once: each path's result is on disk
+        the moment it finishes, so a run killed at its time limit keeps every path it completed."""
+        _figures(report, results, fixed, peak, device)
+        report["running"] = running  # the path in progress when this was written (None: between paths, or done)
+        if json_out:
+            Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(f"{json_out}.tmp")
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            tmp.replace(json_out)  # never half a file, even when killed while writing
+
+    running: str | None = None
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="electra-bench-") as tmp,
+            data_source(data, scratch, Path(tmp), cfg, data_samples, block_samples) as shards,
+        ):
+            report["data_source"] = shards
+            load_manifest(shards).check_compatible(cfg.model.vocab_size, cfg.data.seq_len)  # --data: fail first
+            work = Path(tmp)
+            if "data" not in skip:
+                running = "data"
+                sweep = []
+                for w in data_world_size:
+                    log.info("bench: the data path, rank 0 of %d, one core", w)
+                    sweep.append(bench_data(shards, cfg, w, data_partitions))
+                results["data"] = sweep[0]
+                if len(sweep) > 1:
+                    report["data_sweep"] = [as_dict(r) for r in sweep]
+                publish()
+            if find_micro_batch:
+                running = "find-micro-batch"
+                micro = largest_micro_batch(cfg, shards, device, find_micro_batch)
+                cfg = load_run_config(
+                    config,
+                    [
+                        *overrides,
+                        f"train.micro_batch_size={micro}",
+                        f"train.global_batch_size={micro * accum}",
+                        f"train.max_steps={max(warmup + steps, 1)}",
+                        "train.stop_at_step=null",
+                    ],
+                )
+                tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_len
+                report.update(micro_batch_size=micro, tokens_per_step=tokens_per_step, found_micro_batch=True)
+            batches, special = (None, None)
+            if {"bare", "engine"} - set(skip):
+                batches, special = fixed_batch(shards, cfg)
+                tokens, pairs = real_counts(batches)  # the fixed batch's real tokens (not padding), their FLOPs
+                fixed.update(real_tokens_per_step=float(tokens), flops_per_step=training_flops(cfg, tokens, pairs))
+                report.update(real_tokens_per_step=fixed["real_tokens_per_step"])
+                report.update(pad_frac=1.0 - fixed["real_tokens_per_step"] / tokens_per_step)
+            loops = [loop for loop in (BareLoop, EngineLoop) if loop.name not in skip]
+            bare = None  # the bare loop, kept warm for pretrain's windows to interleave with
             try:
-                if "bare" in results and not results["bare"].error:
-                    bare = BareLoop(cfg, batches, special, device)  # interleaved with pretrain's windows
-                    for _ in range(warmup):
-                        bare.step()
-                results["pretrain"] = bench_pretrain(cfg, shards, work, device, steps, warmup, bare)
-            except user_errors():
-                raise
-            except Exception as err:  # report the path as failed, keep the others' figures
-                log.exception("bench: the pretrain path failed")
-                results["pretrain"] = PathResult("pretrain", error=f"{type(err).__name__}: {err}")
+                if loops:
+                    running = " and ".join(loop.name for loop in loops)
+                    log.info("bench: %s, %d warm-up + %d timed steps, interleaved", running, warmup, steps)
+                    publish(running)
+                    keep = "bare" if "pretrain" not in skip else None
+                    timed, bare = bench_fixed_batch(loops, cfg, batches, special, device, steps, warmup, keep)
+                    results.update(timed)
+                    publish()
+                if "pretrain" not in skip:
+                    running = "pretrain"
+                    log.info("bench: electra-scale pretrain, %d warm-up + %d timed steps", warmup, steps)
+                    publish(running)
+                    try:
+                        if bare is None and "bare" in results and not results["bare"].error:
+                            bare = BareLoop(cfg, batches, special, device)  # interleaved with pretrain's windows
+                            for _ in range(warmup):
+                                bare.step()
+                        results["pretrain"] = bench_pretrain(cfg, shards, work, device, steps, warmup, bare)
+                    except diverged() as err:  # a measured outcome of these settings, not the user's error
+                        results["pretrain"] = PathResult("pretrain", error=f"{type(err).__name__}: {err}")
+                        results["pretrain"].extra["diverged"] = True
+                    except user_errors():
+                        raise
+                    except Exception as err:  # report the path as failed, keep the others' figures
+                        log.exception("bench: the pretrain path failed")
+                        results["pretrain"] = PathResult("pretrain", error=f"{type(err).__name__}: {err}")
+                    publish()
+                    if results["pretrain"].extra.get("cut"):
+                        raise Cut("SIGTERM")
             finally:
                 if bare is not None:
                     bare.close()
-        if ablate:
-            report["ablation"] = run_ablation(cfg, shards, work, device, steps, warmup, ablate, peak, rows_out)
+            if ablate:
+                running = "ablation"
+                report["ablation"] = []
+                publish(running)
+                run_ablation(cfg, shards, work, device, steps, warmup, ablate, peak, rows_out, report["ablation"])
+    except Cut:
+        # SIGTERM: the path (or ablation row) in progress is marked cut, nothing more starts, the report is written.
+        log.warning("bench: cut by SIGTERM during %s; no other path or row starts", running)
+        report["cut"] = running or "start-up"
+        if running in results:
+            results[running].extra["cut"] = True
+    publish()
+    return report
 
-    if batches is not None:  # the fixed batch's real tokens (not padding) and the FLOPs they need
-        tokens, pairs = real_counts(batches)
-        fixed = {"real_tokens_per_step": float(tokens), "flops_per_step": training_flops(cfg, tokens, pairs)}
-        report.update(real_tokens_per_step=fixed["real_tokens_per_step"])
-        report.update(pad_frac=1.0 - fixed["real_tokens_per_step"] / tokens_per_step)
+
+def _figures(report: dict, results: dict[str, PathResult], fixed: dict, peak: float, device) -> None:
+    """Each timed path's tokens/s, TFLOP/s and MFU from its step time and real tokens, and each path against
+    the bare loop's steps it was interleaved with."""
     for name in ("bare", "engine", "pretrain"):
         r = results.get(name)
         if r is None or r.step_time_s is None:
@@ -220,61 +267,92 @@ def run_bench(
         report["data"] = report["results"]["data"]
     if "data" in results and "pretrain" in results and results["pretrain"].tokens_per_s:
         report["data_headroom"] = results["data"].tokens_per_s / results["pretrain"].tokens_per_s
-    return report
 
 
 def run_ablation(
-    cfg, shards: str, work: Path, device, steps: int, warmup: int, levers, peak, rows_out: str | None = None
+    cfg, shards: str, work: Path, device, steps: int, warmup: int, ablate, peak, rows_out=None, rows=None
 ) -> list[dict]:
-    """One lever at a time, in the same process and on the same data: for each ``KEY=V1,V2,...``, the real
-    pretrain path with the bench's config and ``KEY=V`` for each value, one row each (step time, real tokens/s,
-    MFU, peak memory, data wait), each naming every lever's setting (unpad, compile and its backend, ZeRO stage,
-    precision). A setting that fails (out of memory, a kernel missing here) is a row with its error, and the
-    others still run. ``rows_out``: each row is appended there (JSON Lines) as soon as it is measured, so a run
-    killed at its time limit keeps the rows it finished."""
+    """A row per setting, in the same process and on the same data: the real pretrain path with the bench's
+    config and the row's overrides (``ablate``: one tuple of ``(key, value)`` pairs per row; most rows change one
+    lever, a few several, e.g. compile with an equal-real-tokens micro-batch). Each row has its step time, real
+    tokens/s, MFU, peak memory and data wait, and names every lever's setting (unpad, compile and its backend,
+    ZeRO stage, precision). A setting that fails (out of memory, a kernel missing here) or diverges (a non-finite
+    loss: engine/guard.py) is a row with its error, and the others still run. ``rows_out``: each row is appended
+    there (JSON Lines) as soon as it is measured, after a ``"status": "started"`` line, so that a run killed at
+    its time limit keeps the rows it finished and shows which one it was in. SIGTERM (``Cut``, or pretrain
+    stopped by it) marks the row in progress cut and starts no other."""
     from electra_scale.config import config_from_dict, read_layered
 
-    rows = []
+    rows = [] if rows is None else rows
 
-    def finish(row: dict) -> None:
-        rows.append(row)
+    def append(row: dict) -> None:
         if rows_out:
             Path(rows_out).parent.mkdir(parents=True, exist_ok=True)
             with open(rows_out, "a") as f:
                 f.write(json.dumps(row) + "\n")
 
-    for key, values in levers:
-        for value in values:
-            trial = config_from_dict(read_layered([cfg.to_dict()], [f"{key}={value}"], "train.unpad=true"))
-            row: dict = {"lever": key, "value": value, **settings(trial)}
-            try:
-                log.info("bench: ablation %s=%s, %d warm-up + %d timed steps", key, value, warmup, steps)
-                r = bench_pretrain(trial, shards, work / f"ablation-{len(rows)}", device, steps, warmup)
-            except user_errors():
-                raise
-            except Exception as err:  # e.g. out of memory at this setting: a row that says so
-                log.exception("bench: ablation %s=%s failed", key, value)
-                finish({**row, "error": f"{type(err).__name__}: {err}"})
-                continue
-            tokens_per_s = r.extra["real_tokens_per_step"] / r.step_time_s
-            tflops = r.extra["flops_per_step"] / r.step_time_s / 1e12
-            finish(
-                {
-                    **row,
-                    "step_time_s": r.step_time_s,
-                    "tokens_per_s": tokens_per_s,
-                    "examples_per_s": trial.train.global_batch_size / r.step_time_s,
-                    "pad_frac": r.extra["pad_frac"],
-                    "tflops": tflops,
-                    "mfu": tflops / peak,
-                    "peak_memory_bytes": r.peak_memory_bytes,
-                    "data_wait": r.extra.get("data_wait"),
-                    "cpu_time_s": r.extra.get("cpu_time_s"),  # CPU only: the steadier figure on a busy machine
-                    # The warm-up window, compilation included: a compile row's over the eager row's is its cost.
-                    "first_window_s": r.extra.get("first_window_s"),
-                    "error": None,
-                }
-            )
+    def finish(row: dict) -> None:
+        rows.append(row)
+        append(row)
+
+    for index, pairs in enumerate(ablate):
+        overrides = [f"{key}={value}" for key, value in pairs]
+        keys = {key for key, _ in pairs}
+        if "train.micro_batch_size" in keys and "train.global_batch_size" not in keys:  # the same accumulation
+            accum = cfg.train.global_batch_size // cfg.train.micro_batch_size
+            overrides.append(f"train.global_batch_size={int(dict(pairs)['train.micro_batch_size']) * accum}")
+        trial = config_from_dict(read_layered([cfg.to_dict()], overrides, "train.unpad=true"))
+        row: dict = {
+            "index": index,
+            "lever": "+".join(key for key, _ in pairs),
+            "value": "+".join(value for _, value in pairs),
+            "setting": " ".join(f"{key.removeprefix('train.')}={value}" for key, value in pairs),
+            **settings(trial),
+        }
+        append({**row, "status": "started"})
+        try:
+            log.info("bench: ablation %s, %d warm-up + %d timed steps", " ".join(overrides), warmup, steps)
+            r = bench_pretrain(trial, shards, work / f"ablation-{index}", device, steps, warmup)
+        except Cut:
+            finish({**row, "cut": True, "error": None})
+            raise
+        except diverged() as err:  # a measured outcome of this setting: its row, then the next row
+            log.warning("bench: ablation %s diverged: %s", " ".join(overrides), err)
+            finish({**row, "diverged": True, "error": f"{type(err).__name__}: {err}"})
+            continue
+        except user_errors():
+            raise
+        except Exception as err:  # e.g. out of memory at this setting: a row that says so
+            log.exception("bench: ablation %s failed", " ".join(overrides))
+            finish({**row, "error": f"{type(err).__name__}: {err}"})
+            continue
+        cut = bool(r.extra.get("cut"))
+        if r.step_time_s is None:  # cut in its warm-up window: nothing timed
+            finish({**row, "cut": True, "error": None, "peak_memory_bytes": r.peak_memory_bytes})
+            raise Cut("SIGTERM")
+        tokens_per_s = r.extra["real_tokens_per_step"] / r.step_time_s
+        tflops = r.extra["flops_per_step"] / r.step_time_s / 1e12
+        finish(
+            {
+                **row,
+                "step_time_s": r.step_time_s,
+                "steps": r.steps,  # timed steps: fewer than asked when cut
+                "tokens_per_s": tokens_per_s,
+                "examples_per_s": trial.train.global_batch_size / r.step_time_s,
+                "pad_frac": r.extra["pad_frac"],
+                "tflops": tflops,
+                "mfu": tflops / peak,
+                "peak_memory_bytes": r.peak_memory_bytes,
+                "data_wait": r.extra.get("data_wait"),
+                "cpu_time_s": r.extra.get("cpu_time_s"),  # CPU only: the steadier figure on a busy machine
+                # The warm-up window, compilation included: a compile row's over the eager row's is its cost.
+                "first_window_s": r.extra.get("first_window_s"),
+                "error": None,
+                **({"cut": True} if cut else {}),
+            }
+        )
+        if cut:
+            raise Cut("SIGTERM")
     return rows
 
 
@@ -298,11 +376,18 @@ def settings(cfg) -> dict:
     return row
 
 
-def _lever(text: str) -> tuple[str, tuple[str, ...]]:
+def _lever(text: str) -> list[tuple[tuple[str, str], ...]]:
+    """``KEY=V1,V2``: a row per value; ``K1=V K2=W`` (space-separated): one row with every one of them set."""
+    items = text.split()
+    if len(items) > 1:
+        pairs = tuple(item.partition("=") for item in items)
+        if any(not sep or not key or not value for key, sep, value in pairs):
+            raise argparse.ArgumentTypeError(f"expected K1=V K2=W (one row, several keys), got {text!r}")
+        return [tuple((key, value) for key, _, value in pairs)]
     key, sep, values = text.partition("=")
     if not sep or not key or not values:
         raise argparse.ArgumentTypeError(f"expected KEY=V1,V2 (e.g. train.unpad=false,true), got {text!r}")
-    return key, tuple(values.split(","))
+    return [((key, value),) for value in values.split(",")]
 
 
 def _zero_stage(cfg) -> int:
@@ -363,10 +448,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=V1,V2",
-        help="also run pretrain once per value of this config key, all else equal (repeat for more levers); "
-        "the report's `ablation` has a row per setting",
+        help="also run pretrain once per value of this config key, all else equal (repeat for more levers; "
+        "'K1=V K2=W', space-separated, is one row with both set); the report's `ablation` has a row per setting",
     )
-    p.add_argument("--json-out", help="write the full report here as JSON")
+    p.add_argument("--json-out", help="write the report here as JSON, rewritten as each path finishes")
     p.add_argument("--rows-out", help="append each ablation row here (JSON Lines) as soon as it is measured")
 
 
@@ -375,27 +460,28 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--warmup must be >= 0, got {args.warmup}")
     if args.data and args.scratch:
         raise ConfigError("--data reads existing shards and --scratch writes synthetic ones: give one of them")
-    report = run_bench(
-        args.config,
-        args.overrides,
-        steps=args.steps,
-        warmup=args.warmup,
-        accum=args.accum,
-        data=args.data,
-        scratch=args.scratch,
-        data_samples=args.data_samples,
-        block_samples=args.block_samples,
-        data_world_size=args.data_world_size,
-        data_partitions=args.data_partitions,
-        skip=tuple(args.skip),
-        threads=args.threads,
-        find_micro_batch=args.find_micro_batch,
-        ablate=tuple(args.ablate),
-        rows_out=args.rows_out,
-    )
+    with sigterm_cuts():
+        report = run_bench(
+            args.config,
+            args.overrides,
+            steps=args.steps,
+            warmup=args.warmup,
+            accum=args.accum,
+            data=args.data,
+            scratch=args.scratch,
+            data_samples=args.data_samples,
+            block_samples=args.block_samples,
+            data_world_size=args.data_world_size,
+            data_partitions=args.data_partitions,
+            skip=tuple(args.skip),
+            threads=args.threads,
+            find_micro_batch=args.find_micro_batch,
+            ablate=tuple(row for rows in args.ablate for row in rows),
+            rows_out=args.rows_out,
+            json_out=args.json_out,
+        )
     print_report(report)
-    if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    if report.get("cut"):
+        return EXIT_CUT
     failed = [name for name, r in report["results"].items() if r.get("error")]
     return 1 if failed else 0
