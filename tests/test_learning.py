@@ -21,9 +21,9 @@ import torch
 
 from electra_scale.config import cache_root, load_config
 from electra_scale.data.tokenizer import load_tokenizer, special_ids
+from electra_scale.data.wiki import fetch_corpus
 from electra_scale.engine import objective
 from electra_scale.engine.optim import electra_lr_factor, param_groups
-from electra_scale.tools.demo import fetch_corpus
 from tests.cli import ROOT
 
 STEPS, BATCH, SCHEDULE = 240, 16, 2000

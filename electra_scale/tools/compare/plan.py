@@ -34,7 +34,7 @@ def prepare_data(spec: CompareSpec, work: Path) -> str:
     inputs = []
     for item in spec.corpus.inputs:
         if item == "wiki":
-            from electra_scale.tools.demo import fetch_corpus
+            from electra_scale.data.wiki import fetch_corpus
 
             inputs.append(str(fetch_corpus(work)))
         else:
