@@ -346,9 +346,11 @@ def _complete_multipart(url: str, bucket: str, key: str, upload_id: str, parts: 
             attempts.failed(err)
 
 
-def download_file(url: str, local_path: str | Path) -> None:
+def download_file(url: str, local_path: str | Path, size: int | None = None) -> None:
     """Copy ``url`` to a local file (written to ``.part`` and renamed). Large objects come down as parallel
-    ranged GETs, each resuming where it broke; all must see the same ETag."""
+    ranged GETs, each resuming where it broke; all must see the same ETag. ``size``: the object's bytes when the
+    caller knows them (a checkpoint's marker lists them), which saves the HEAD; the ETag is then the first GET's,
+    and the caller checks what it got (the marker's sha256)."""
     local_path = Path(local_path)
     local_path.parent.mkdir(parents=True, exist_ok=True)
     if not is_s3(url):
@@ -359,8 +361,10 @@ def download_file(url: str, local_path: str | Path) -> None:
         return
     bucket, key = split_s3(url)
     tmp = local_path.with_name(f".{local_path.name}.part")
-    head = retry_call(url, "download", s3_client().head_object, Bucket=bucket, Key=key)
-    size, etag = int(head["ContentLength"]), head.get("ETag")
+    etag = None
+    if size is None:
+        head = retry_call(url, "download", s3_client().head_object, Bucket=bucket, Key=key)
+        size, etag = int(head["ContentLength"]), head.get("ETag")
 
     def fetch(start: int) -> None:
         end = min(size, start + DOWNLOAD_PART_SIZE)
