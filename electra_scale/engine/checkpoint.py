@@ -5,15 +5,18 @@ Layout (a local directory or an s3:// prefix, same keys)::
     OUTPUT/checkpoints/step_0000500/   DeepSpeed's files (per rank), trainer_state.json, config.yaml,
                                        tokenizer/, rng/rank_<r>.pt (DeepSpeed does not save RNG state)
     OUTPUT/checkpoints/step_0000500/parts/rank_<r>.json   each rank's files with size and sha256, once uploaded
+                                                          (for tools: rank 0 gets them by a gather)
     OUTPUT/checkpoints/step_0000500/COMPLETE   written last, by rank 0: every file with its size and sha256
     OUTPUT/checkpoints/latest                  names the newest complete step; written after COMPLETE
 
 Saving has two halves. In the foreground every rank writes with ``engine.save_checkpoint`` into a local
 directory (the output dir itself, or node-local staging when the output is on S3): training waits only for
 that. In a background thread each rank then hashes the files it owns, uploads them (multipart above 8 MiB)
-and writes its ``parts/rank_<r>.json``; rank 0's thread waits for every part, then writes COMPLETE, then
-``latest``, then applies retention. The thread does no collective, so it never races the training loop's
-all-reduces. At most one upload is in flight per rank: the next save waits for it (and says so in the log).
+and writes its ``parts/rank_<r>.json`` (a record for tools); the threads' reports then reach rank 0 by one
+gather on a gloo group of their own (never the training loop's groups, so it never races its all-reduces), and
+rank 0's thread writes COMPLETE, then ``latest``, then applies retention (one listing, DeleteObjects): its
+requests after a save stay flat as W grows. At most one upload is in flight per rank: the next save waits for
+it (and says so in the log).
 
 Resuming: try ``latest`` first, then every other complete step, newest first; a checkpoint is used only if
 every file in its marker is present with the right size and sha256, otherwise it is skipped with a warning.
@@ -212,6 +215,8 @@ class Checkpointer:
         self.lease = lease
         # Waits and agreements on the host, apart from the training's collectives (collective to create).
         self.control = dist.new_group(backend="gloo")
+        # The upload threads' own group: their one gather per save never shares a group with the training loop.
+        self.uploads = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.upload_timeout_s))
         self._upload: threading.Thread | None = None
         self._upload_tag: str | None = None
         self._upload_error: BaseException | None = None
@@ -344,35 +349,49 @@ class Checkpointer:
             log.error("checkpoint %s: upload failed: %s", args[0], err)
 
     def _finish(self, tag: str, step: int, world_size: int, zero_stage: int) -> None:
-        """Hash and upload this rank's files and report them; rank 0 then writes COMPLETE and ``latest``."""
+        """Hash and upload this rank's files and write its part; every rank's part then reaches rank 0 by one
+        gather on the upload threads' own group (not W GETs of the part files, one after another), and rank 0
+        writes COMPLETE and ``latest``. A rank whose upload failed still joins the gather, with its error, so
+        that rank 0 says which rank failed instead of waiting for it."""
         started = time.monotonic()
-        local_dir = self.local / tag
-        mine = {}
-        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            rel = path.relative_to(local_dir).as_posix()
-            if owner_rank(rel) != self.env.rank or rel == MARKER or rel.startswith("parts/"):
-                continue
-            mine[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-            if self.on_s3:
-                storage.upload_file(path, storage.join(self.remote, tag, rel))
         writer = self.lease.token if self.lease is not None else None
-        part = {"writer": writer, "files": mine}
-        storage.write_text(storage.join(self.remote, tag, "parts", f"rank_{self.env.rank}.json"), json.dumps(part))
+        report: dict = {}
+        failure: BaseException | None = None
+        try:
+            local_dir = self.local / tag
+            mine = {}
+            for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+                rel = path.relative_to(local_dir).as_posix()
+                if owner_rank(rel) != self.env.rank or rel == MARKER or rel.startswith("parts/"):
+                    continue
+                mine[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+                if self.on_s3:
+                    storage.upload_file(path, storage.join(self.remote, tag, rel))
+            report = {"writer": writer, "files": mine}
+            # The rank's record, for people and tools (scripts/soak.py); nobody waits for it any more.
+            storage.write_text(
+                storage.join(self.remote, tag, "parts", f"rank_{self.env.rank}.json"), json.dumps(report)
+            )
+        except BaseException as err:  # noqa: BLE001 - reported to rank 0, then raised here
+            failure, report = err, {"error": f"{type(err).__name__}: {err}"}
+        parts: list | None = [None] * self.env.world_size if self.env.is_main else None
+        try:
+            dist.gather_object(report, parts, dst=0, group=self.uploads)
+        except RuntimeError as err:  # a rank that never reported: its process died, or it outlived the timeout
+            if failure is None:
+                failure = CheckpointError(
+                    f"not every rank finished uploading {tag} within checkpoint.upload_timeout_s="
+                    f"{self.cfg.upload_timeout_s:g}s ({err}); the checkpoint stays incomplete and will not be used"
+                )
+        if failure is not None:
+            raise failure
         if not self.env.is_main:
             return
 
         files: dict[str, dict] = {}
-        deadline = time.monotonic() + self.cfg.upload_timeout_s
-        for r in range(self.env.world_size):
-            part_url = storage.join(self.remote, tag, "parts", f"rank_{r}.json")
-            # Another run's part (a predecessor still uploading when this run took its lease) is not ours: wait.
-            while (part := self._read_part(part_url)) is None or part.get("writer") != writer:
-                if time.monotonic() > deadline:
-                    raise CheckpointError(
-                        f"rank {r} did not finish uploading {tag} within checkpoint.upload_timeout_s="
-                        f"{self.cfg.upload_timeout_s:g}s; the checkpoint stays incomplete and will not be used"
-                    )
-                time.sleep(0.05)
+        for r, part in enumerate(parts):
+            if "error" in part:
+                raise CheckpointError(f"rank {r} could not upload {tag} ({part['error']}); it stays incomplete")
             files.update(part["files"])
         marker = {"step": step, "tag": tag, "world_size": world_size, "zero_stage": zero_stage, "files": files}
         marker["writer"] = writer  # the lease token of the run that marked it
@@ -387,27 +406,36 @@ class Checkpointer:
             "checkpoint %s complete (%d files, %.1fs after the local save)", tag, len(files), time.monotonic() - started
         )
 
-    @staticmethod
-    def _read_part(url: str) -> dict | None:
-        try:  # one GET a poll, not a HEAD and then a GET: rank 0 polls every rank's part
-            return json.loads(storage.read_text(url))
-        except storage.StorageError:  # not written yet, or gone: a checkpoint being rewritten
-            return None
-
     def _apply_retention(self, newest: str) -> None:
         """Keep the last ``keep_last`` complete checkpoints and every ``keep_every``-th step; never the newest
         (``latest``). Incomplete directories older than the newest are debris of crashed saves: the only save
-        that can be in flight is the one just completed, so they go too."""
-        complete = self.complete_tags()
+        that can be in flight is the one just completed, so they go too. One listing (a request per 1,000 keys)
+        finds them and their files, and DeleteObjects removes 1,000 files a request: at W = 512 a checkpoint of
+        1,030 files goes in 2 requests, not 1,030 DELETEs one after another."""
+        by_tag: dict[str, set[str]] = {}
+        for rel in storage.list_files(self.remote):
+            if _TAG.match(tag := rel.split("/")[0]):
+                by_tag.setdefault(tag, set()).add(rel)
+        complete = sorted((t for t, rels in by_tag.items() if f"{t}/{MARKER}" in rels), key=step_of, reverse=True)
         keep_every = self.cfg.keep_every
+        doomed = {}
         for tag in complete[self.cfg.keep_last :]:
             if tag != newest and not (keep_every and step_of(tag) % keep_every == 0):
-                storage.delete_prefix(storage.join(self.remote, tag))
-                log.info("retention: deleted %s", tag)
-        for tag in self.all_tags():
+                doomed[tag] = "retention: deleted %s"
+        for tag in by_tag:
             if tag not in complete and step_of(tag) < step_of(newest):
+                doomed[tag] = "retention: deleted %s, an incomplete checkpoint left by an interrupted save"
+        # The markers first: a checkpoint half deleted is then an incomplete one, never a complete one that
+        # fails verification.
+        names = sorted(f"{t}/{MARKER}" for t in doomed if f"{t}/{MARKER}" in by_tag[t])
+        storage.delete_files(self.remote, names)
+        if self.on_s3:
+            storage.delete_files(self.remote, sorted(rel for t in doomed for rel in by_tag[t] - set(names)))
+        else:  # local disk: the directories go too
+            for tag in doomed:
                 storage.delete_prefix(storage.join(self.remote, tag))
-                log.info("retention: deleted %s, an incomplete checkpoint left by an interrupted save", tag)
+        for tag, message in sorted(doomed.items()):
+            log.info(message, tag)
 
     # ------------------------------------------------------------------------------------------- find
     def all_tags(self) -> set[str]:

@@ -409,14 +409,40 @@ def list_files(prefix: str) -> list[str]:
 
 
 def delete_prefix(prefix: str) -> None:
-    """Delete everything below ``prefix`` (a checkpoint directory, typically)."""
+    """Delete everything below ``prefix`` (a checkpoint directory, typically): one listing, then
+    ``delete_files``."""
     if not is_s3(prefix):
         shutil.rmtree(prefix, ignore_errors=True)
         return
+    delete_files(prefix, list_files(prefix))
+
+
+DELETE_BATCH = 1000  # S3's DeleteObjects takes at most 1,000 keys a request
+
+
+def delete_files(prefix: str, names: list[str]) -> None:
+    """Delete ``names`` (paths relative to ``prefix``): on S3 one DeleteObjects per 1,000 keys, each retried as
+    a whole (deleting a key twice, or one already gone, is no error)."""
+    if not is_s3(prefix):
+        for name in names:
+            Path(prefix, name).unlink(missing_ok=True)
+        return
     bucket, key = split_s3(prefix)
-    for name in list_files(prefix):
-        full = f"{key.rstrip('/')}/{name}"
-        retry_call(prefix, "delete", lambda k=full: s3_client().delete_object(Bucket=bucket, Key=k))
+    keys = [f"{key.rstrip('/')}/{name}" if key else name for name in names]
+    for i in range(0, len(keys), DELETE_BATCH):
+        batch = keys[i : i + DELETE_BATCH]
+
+        def delete(batch=batch) -> None:
+            objects = {"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            errors = s3_client().delete_objects(Bucket=bucket, Delete=objects).get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"{prefix}: {len(errors)} of {len(batch)} deletes failed, the first "
+                    f"{first.get('Key')}: {first.get('Code')} {first.get('Message')}"
+                )
+
+        retry_call(prefix, "delete", delete)
 
 
 def iter_lines(url: str) -> Iterator[str]:
