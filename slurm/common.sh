@@ -48,10 +48,6 @@ run_pretrain() {
     # when the 75 followed a signal (USR1 before the time limit, preemption's TERM): the allocation is ending.
     electra_command
     local restarts=0 max=${ELECTRA_RESTARTS:-3} rc signaled
-    # A signal to this shell itself (`scancel --batch`, --signal=B:USR1@N, preemption's TERM) ends the
-    # allocation too: srun's wait is interrupted (see run_step), the tasks save, and the job requeues.
-    ALLOCATION_ENDING=0
-    trap 'ALLOCATION_ENDING=1' USR1 TERM
     while true; do
         echo "electra-scale: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}, in-allocation restart ${restarts}) on ${SLURM_JOB_NODELIST}: ${CONFIG} $*"
         run_step "$@"
@@ -115,7 +111,7 @@ run_step() {
             rc=$EXIT_PREEMPTED
         fi
     fi
-    signaled=$ALLOCATION_ENDING
+    signaled=0
     if grep -q "received: stopping" "$ends"; then
         signaled=1
     fi
