@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import json
 import os
+import socket
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -229,6 +230,24 @@ def cache_root() -> Path:
     return Path(os.environ.get("ELECTRA_SCALE_CACHE") or Path.home() / ".cache" / "electra-scale")
 
 
+def node_name() -> str:
+    """This node's name as its scheduler knows it: $ELECTRA_NODE_NAME, else SLURM's node ($SLURMD_NODENAME:
+    several slurmd may share one machine), else Kubernetes' ($NODE_NAME, from the downward API in
+    k8s/base/job.yaml), else the host name."""
+    env = os.environ
+    return env.get("ELECTRA_NODE_NAME") or env.get("SLURMD_NODENAME") or env.get("NODE_NAME") or socket.gethostname()
+
+
+def staging_root() -> Path:
+    """Where a run whose output is on S3 stages its checkpoints by default: one directory per node, under
+    $ELECTRA_SCALE_CACHE if set, else node-local scratch ($SLURM_TMPDIR, $TMPDIR), else ~/.cache/electra-scale.
+    The node's name is always part of the path: any of these may be one filesystem shared by every node (a
+    cluster's $HOME is), and two nodes staging in one directory download into the same files (issue 35)."""
+    env = os.environ
+    base = env.get("ELECTRA_SCALE_CACHE") or env.get("SLURM_TMPDIR") or env.get("TMPDIR")
+    return Path(base or Path.home() / ".cache" / "electra-scale") / f"staging-{node_name()}"
+
+
 @dataclass
 class TimeoutsConfig:
     """How long each phase of the loop may take on one rank before its watchdog (engine/watchdog.py) ends the
@@ -255,7 +274,8 @@ class StragglerConfig:
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"  # local dir or s3://bucket/prefix
-    # Node-local staging for checkpoints/metrics when output_dir is on S3 (default: under cache_root()).
+    # Node-local staging for checkpoints/metrics when output_dir is on S3 (default: under staging_root(), one
+    # directory per node). Each node's local rank 0 claims it at start and refuses one another node holds.
     cache_dir: str | None = None
     progress: bool = True
     # Experiment trackers that rank 0 feeds with the resolved config and every metrics.jsonl record

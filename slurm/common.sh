@@ -6,12 +6,15 @@
 # run_pretrain starts one `electra-scale pretrain` task per GPU with srun; electra_scale/infra/launch.py reads
 # rank, world size and master from SLURM's variables. On SIGUSR1 (--signal=USR1@N before the time limit, or
 # `scancel --signal=USR1 JOB`) every task finishes its step, saves a checkpoint and exits 75; then the job
-# requeues itself, and the requeued run resumes from that checkpoint.
+# requeues itself, and the requeued run resumes from that checkpoint. A 75 without a signal (a stuck rank)
+# restarts the training step inside the allocation first (ELECTRA_RESTARTS times, see run_pretrain).
 #
 # Environment:
 #   ELECTRA_HOME   the electra-scale checkout (default: the directory sbatch was run from)
 #   ELECTRA_IMAGE  run inside this container with pyxis/enroot (e.g. registry/electra-scale:0.1.0); else
 #   ELECTRA_VENV   the virtualenv to use (default: $ELECTRA_HOME/.venv)
+#   ELECTRA_RESTARTS  restarts of the training step inside the allocation after a 75 without a signal
+#                  (default 3); then the job is requeued
 set -euo pipefail
 
 EXIT_PREEMPTED=75
@@ -38,24 +41,62 @@ electra_command() {
 }
 
 run_pretrain() {
+    # A 75 (a stuck rank's watchdog, engine/watchdog.py; or a crashed task whose peers' watchdogs then fire)
+    # needs only a new srun on the nodes this job already holds: up to ELECTRA_RESTARTS (default 3) times it runs
+    # the training step again in this allocation, in seconds, where a requeue waits for BeginTime (~2 minutes)
+    # and then the queue (hours on a busy cluster). The job is requeued only once those restarts are spent, or
+    # when the 75 followed a signal (USR1 before the time limit, preemption's TERM): the allocation is ending.
+    electra_command
+    local restarts=0 max=${ELECTRA_RESTARTS:-3} rc signaled
+    while true; do
+        echo "electra-scale: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}, in-allocation restart ${restarts}) on ${SLURM_JOB_NODELIST}: ${CONFIG} $*"
+        run_step "$@"
+        if [ "$rc" -eq "$EXIT_PREEMPTED" ] && [ "$signaled" -eq 0 ] && [ "$restarts" -lt "$max" ]; then
+            restarts=$((restarts + 1))
+            echo "electra-scale: exit 75 without a signal (a stuck or crashed rank); restarting in job ${SLURM_JOB_ID}'s allocation, restart ${restarts} of ELECTRA_RESTARTS=${max}"
+            continue
+        fi
+        break
+    done
+    if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
+        if [ "$signaled" -eq 1 ]; then
+            echo "electra-scale: exit 75 (a checkpoint saved after a signal; requeueing job ${SLURM_JOB_ID})"
+        else
+            echo "electra-scale: exit 75 (a stuck rank's watchdog; the ${max} restart(s) in this allocation are spent: requeueing job ${SLURM_JOB_ID})"
+        fi
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    if [ "$rc" -eq "$KILLED_BY_USR1" ]; then
+        # The signal came while a task was still starting (before it could catch USR1): nothing new to save,
+        # the run resumes from its latest complete checkpoint all the same.
+        echo "electra-scale: USR1 reached a task before training started; requeueing job ${SLURM_JOB_ID}"
+        scontrol requeue "$SLURM_JOB_ID"
+        exit 0
+    fi
+    exit "$rc"
+}
+
+# One srun of the training step; sets rc (75 also when srun reports the kill of a frozen task after another
+# exited 75) and signaled (1 when a task logged that a signal stopped it).
+run_step() {
     # No --kill-on-bad-exit: after a signal every task saves and exits 75, and srun must let the last one
     # finish its save rather than kill it when the first one exits (they leave within seconds of each other:
     # the save ends in a collective). --wait ends the tasks left ELECTRA_SRUN_WAIT seconds after the first one
     # exits: a rank frozen (SIGSTOP, a hung driver) cannot run its own watchdog, and without it srun would wait
     # for it forever while its peers' watchdogs have already exited 75 (engine/watchdog.py).
-    electra_command
-    echo "electra-scale: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: ${CONFIG} $*"
     # srun in the background so that this shell can wait and still react; the tasks get the signal.
     set +e
-    # srun's own lines about its tasks' ends are kept aside (a copy; everything still reaches the job's log):
-    # when a task's watchdog exited 75 and srun then killed a frozen one, srun reports the kill, not the 75.
+    # Copies of two kinds of line (everything still reaches the job's log): srun's about its tasks' ends (when
+    # a task's watchdog exited 75 and srun then killed a frozen one, srun reports the kill, not the 75), and a
+    # task's "SIGUSR1 received" (engine/train.py's StopRequest): the 75 that follows is the allocation ending.
     local ends
     ends=$(mktemp)
     srun --cpu-bind=none "--wait=${ELECTRA_SRUN_WAIT:-120}" "${SRUN_ARGS[@]}" "${ELECTRA[@]}" pretrain --config "$CONFIG" "$@" \
-        2> >(tee >(grep --line-buffered -E "^srun: error: .*: tasks? [0-9,-]+: Exited with exit code" >"$ends") >&2) &
+        2> >(tee >(grep --line-buffered -E "^srun: error: .*: tasks? [0-9,-]+: Exited with exit code|SIG(USR1|TERM) received: stopping" >"$ends") >&2) &
     local pid=$!
     wait "$pid"
-    local rc=$?
+    rc=$?
     while [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; do  # interrupted wait: srun still running
         wait "$pid"
         rc=$?
@@ -70,22 +111,12 @@ run_pretrain() {
             rc=$EXIT_PREEMPTED
         fi
     fi
+    signaled=0
+    if grep -q "received: stopping" "$ends"; then
+        signaled=1
+    fi
     rm -f "$ends"
     set -e
-    if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
-        # 75: a checkpoint saved after a signal, or a rank's watchdog that found the run stuck (engine/watchdog.py).
-        echo "electra-scale: exit 75 (a stuck rank's watchdog, or a checkpoint saved after a signal; requeueing job ${SLURM_JOB_ID})"
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
-    fi
-    if [ "$rc" -eq "$KILLED_BY_USR1" ]; then
-        # The signal came while a task was still starting (before it could catch USR1): nothing new to save,
-        # the run resumes from its latest complete checkpoint all the same.
-        echo "electra-scale: USR1 reached a task before training started; requeueing job ${SLURM_JOB_ID}"
-        scontrol requeue "$SLURM_JOB_ID"
-        exit 0
-    fi
-    exit "$rc"
 }
 
 run_prepare() {

@@ -279,6 +279,25 @@ def test_transfers_retry_parts_and_ranges(proxy, s3_bucket, tmp_path, monkeypatc
     assert len(_ranges(proxy, url)) == 3 + cut + _timeouts(caplog, "read")  # 3 ranges + a resume per cut
 
 
+def test_deletes_go_1000_keys_a_request_and_are_retried_whole(proxy, s3_bucket, monkeypatch):
+    """Pruning a checkpoint is one listing and one DeleteObjects per 1,000 keys (here 10: 25 keys, 3 requests),
+    each retried as a whole after a 503; what was deleted twice is no error."""
+    from electra_scale.infra.storage import ops
+
+    monkeypatch.setattr(ops, "DELETE_BATCH", 10)
+    names = [f"f{i:02d}" for i in range(25)]
+    for name in names:
+        storage.write_bytes(f"{s3_bucket}/ckpt/{name}", b"x")
+    storage.write_bytes(f"{s3_bucket}/kept", b"x")
+    proxy.clear()
+    proxy.slowdown(times=1, match="?delete")
+    storage.delete_prefix(f"{s3_bucket}/ckpt")
+    deletes = [r for r in proxy.requests if r.method == "POST" and "?delete" in r.path]
+    assert len(deletes) == 3 + 1 and proxy.count("slowdown") == 1  # 3 batches, one of them sent twice
+    assert not [r for r in proxy.requests if r.method == "DELETE"]
+    assert storage.list_files(s3_bucket) == ["kept"]
+
+
 def _part_number(line: str) -> int:
     return int(line.split("partNumber=")[1].split("&")[0].split(" ")[0])
 

@@ -5,6 +5,7 @@ and world-size changes, is the soak's (scripts/soak.py; its short version is tes
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from collections import Counter
@@ -14,6 +15,7 @@ import pytest
 
 from electra_scale.data import load_manifest
 from electra_scale.data.stream import StreamLayout
+from electra_scale.engine.checkpoint import owner_rank
 from electra_scale.engine.metrics import read_samples
 from electra_scale.infra import storage
 from tests.cli import PATIENCE, run_cli, start_cli
@@ -258,3 +260,92 @@ def test_a_checkpoint_is_marked_complete_only_after_the_metrics_of_its_steps_are
         finally:
             proc.kill()
     assert proxy.count("blackhole") == 1 and "metrics.jsonl failed" in log.read_text()
+
+
+def _as_nodes(args: list[str], ranks: int, env: dict, logs: Path) -> list:
+    """``ranks`` ranks, each its own node (LOCAL_WORLD_SIZE=1, a node name of its own: n0, n1...), so each stages
+    in a directory of its own as separate machines do; rank r's stderr in ``logs/rank_r.log``."""
+    from electra_scale.infra.launch import free_port
+
+    world = {"WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    world["MASTER_PORT"] = str(free_port())
+    node = lambda r: {"RANK": str(r), "GROUP_RANK": str(r), "ELECTRA_NODE_NAME": f"n{r}"}  # noqa: E731
+    return [start_cli(args, env={**env, **world, **node(r)}, stderr=logs / f"rank_{r}.log") for r in range(ranks)]
+
+
+def _wait_all(runs: list) -> list[int]:
+    try:
+        return [run.wait(timeout=PATIENCE) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+
+
+def test_each_node_fetches_only_its_files_and_reuses_a_staged_copy(shards, s3_bucket, s3_server, tmp_path):
+    """Two ranks, each its own node, resume a 2-rank checkpoint from S3 through the fault proxy: each node
+    fetches only its own rank's files (and the shared ones), never a HEAD, never another rank's file, and the
+    load succeeds without them (a file left unfetched is never opened). Killed after the load, the nodes keep
+    what they staged: the next start GETs the marker and nothing of a staged file that matches it, except the
+    one whose staged copy was damaged. And two nodes given one staging directory stop in one line."""
+    from tests.faultproxy import FaultProxy
+
+    bucket = s3_bucket.removeprefix("s3://")
+    run = f"{s3_bucket}/run"
+    common = ("train.max_steps=100", "checkpoint.every_steps=100", *NO_DROPOUT)
+    run_cli(pretrain_args(shards, run, *common, "train.stop_at_step=2"), ranks=2)  # one node, 2 ranks
+    files = json.loads(storage.read_text(f"{run}/checkpoints/step_0000002/COMPLETE"))["files"]
+    home = tmp_path / "electra-scale-cache"  # the s3_bucket fixture's ELECTRA_SCALE_CACHE
+
+    def staged(r: int) -> Path:
+        return home / f"staging-n{r}" / f"{bucket}_run" / "checkpoints" / "step_0000002"
+
+    def checkpoint_requests(proxy) -> list[tuple[str, str]]:
+        """(method, file) of each request for step 2's files, in order."""
+        step = "/step_0000002/"
+        return [(r.method, r.path.split("?")[0].split(step)[1]) for r in proxy.requests if step in r.path]
+
+    with FaultProxy(s3_server.endpoint).start() as proxy:
+        env = {"AWS_ENDPOINT_URL": proxy.endpoint}
+        # Resume on 2 nodes; killed once both have loaded (the run would go on to step 100).
+        logs = tmp_path / "b"
+        logs.mkdir()
+        runs = _as_nodes(pretrain_args(shards, run, *common), 2, env, logs)
+        try:
+            deadline = time.monotonic() + PATIENCE
+            while "resumed from" not in (logs / "rank_0.log").read_text():
+                assert all(r.poll() is None for r in runs), (logs / "rank_0.log").read_text()[-3000:]
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        finally:
+            for r in runs:
+                r.kill()
+        got = checkpoint_requests(proxy)
+        assert all(method == "GET" for method, _ in got), got  # no HEAD: the marker has the sizes
+        per_rank = {rel for rel in files if re.search(r"zero_pp_rank_\d+_|^rng/rank_\d+\.pt$", rel)}
+        assert sorted(rel for _, rel in got if rel in per_rank) == sorted(per_rank), "each per-rank file once"
+        for r in (0, 1):  # each node holds its own rank's files, none of the other's, and the shared ones
+            on_disk = {p.relative_to(staged(r)).as_posix() for p in staged(r).rglob("*") if p.is_file()}
+            mine = {rel for rel in per_rank if owner_rank(rel) == r}
+            assert on_disk == (set(files) - per_rank) | mine, (r, sorted(on_disk))
+
+        # The next start: everything staged matches but rank 1's optimizer shard, damaged.
+        shard = next(p for p in staged(1).glob("*rank_1*optim_states.pt"))
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+        proxy.requests.clear()
+        logs = tmp_path / "c"
+        logs.mkdir()
+        assert _wait_all(_as_nodes(pretrain_args(shards, run, *common, "train.stop_at_step=4"), 2, env, logs)) == [0, 0]
+        got = checkpoint_requests(proxy)
+        assert got == [("GET", "COMPLETE"), ("GET", shard.name)], got  # the marker once (rank 0), the damaged file
+
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
+    # One staging directory given to both nodes: refused at start, in one line, by every rank.
+    logs = tmp_path / "d"
+    logs.mkdir()
+    args = pretrain_args(shards, run, *common, "train.stop_at_step=6", f"run.cache_dir={tmp_path / 'shared'}")
+    assert _wait_all(_as_nodes(args, 2, {}, logs)) == [2, 2]
+    for r in (0, 1):
+        refused = [line for line in (logs / f"rank_{r}.log").read_text().splitlines() if "is shared by node" in line]
+        assert len(refused) == 1 and "unset run.cache_dir" in refused[0], refused

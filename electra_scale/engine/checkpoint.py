@@ -5,18 +5,25 @@ Layout (a local directory or an s3:// prefix, same keys)::
     OUTPUT/checkpoints/step_0000500/   DeepSpeed's files (per rank), trainer_state.json, config.yaml,
                                        tokenizer/, rng/rank_<r>.pt (DeepSpeed does not save RNG state)
     OUTPUT/checkpoints/step_0000500/parts/rank_<r>.json   each rank's files with size and sha256, once uploaded
+                                                          (for tools: rank 0 gets them by a gather)
     OUTPUT/checkpoints/step_0000500/COMPLETE   written last, by rank 0: every file with its size and sha256
     OUTPUT/checkpoints/latest                  names the newest complete step; written after COMPLETE
 
 Saving has two halves. In the foreground every rank writes with ``engine.save_checkpoint`` into a local
 directory (the output dir itself, or node-local staging when the output is on S3): training waits only for
 that. In a background thread each rank then hashes the files it owns, uploads them (multipart above 8 MiB)
-and writes its ``parts/rank_<r>.json``; rank 0's thread waits for every part, then writes COMPLETE, then
-``latest``, then applies retention. The thread does no collective, so it never races the training loop's
-all-reduces. At most one upload is in flight per rank: the next save waits for it (and says so in the log).
+and writes its ``parts/rank_<r>.json`` (a record for tools); the threads' reports then reach rank 0 by one
+gather on a gloo group of their own (never the training loop's groups, so it never races its all-reduces), and
+rank 0's thread writes COMPLETE, then ``latest``, then applies retention (one listing, DeleteObjects): its
+requests after a save stay flat as W grows. At most one upload is in flight per rank: the next save waits for
+it (and says so in the log).
 
 Resuming: try ``latest`` first, then every other complete step, newest first; a checkpoint is used only if
 every file in its marker is present with the right size and sha256, otherwise it is skipped with a warning.
+Rank 0 reads the marker and passes it to every rank; each rank fetches (into its node's staging) and verifies
+only the files it loads, its own per-rank files, and each node's local rank 0 also the shared ones
+(``needed_files``); a staged file that matches the marker is not downloaded again; all ranks agree before
+loading. Each node stages in a directory of its own, which its local rank 0 claims at start (``.owner``).
 A checkpoint saved on a different number of ranks (or another ZeRO stage of the same group) is converted to
 DeepSpeed's universal format first (``ds_to_universal --inject_missing_state``) and loaded with
 ``checkpoint.load_universal``; DeepSpeed cannot convert between ZeRO-1/2 and ZeRO-3, or into ZeRO-0, and
@@ -35,6 +42,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -45,8 +53,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from electra_scale.config import CheckpointConfig
+from electra_scale.config import CheckpointConfig, node_name
 from electra_scale.engine import watchdog
+from electra_scale.errors import ConfigError
 from electra_scale.infra import storage
 from electra_scale.infra.launch import DistEnv
 
@@ -54,6 +63,7 @@ log = logging.getLogger("electra_scale")
 
 MARKER = "COMPLETE"
 LATEST = "latest"
+STAGING_OWNER = ".owner"  # in a staging directory: the node (and run) that uses it
 _TAG = re.compile(r"^step_(\d+)$")
 _OWNER = re.compile(r"zero_pp_rank_(\d+)_|^rng/rank_(\d+)\.pt$")
 
@@ -102,19 +112,51 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def fetch_and_verify(remote_root: str, local_root: Path, tag: str) -> str | None:
-    """Make a checkpoint's files present under ``local_root/tag`` (downloading them when the checkpoint is on
-    S3) and check each against its completion marker. Returns the first problem found, or None."""
+def read_marker(remote_root: str, tag: str) -> dict | str:
+    """A checkpoint's completion marker, or why it cannot be read."""
     try:
         marker = json.loads(storage.read_text(storage.join(remote_root, tag, MARKER)))
-    except (storage.StorageError, json.JSONDecodeError) as err:
+        if not isinstance(marker.get("files"), dict):
+            return f"{MARKER} lists no files"
+        return marker
+    except (storage.StorageError, json.JSONDecodeError, AttributeError) as err:
         return f"{MARKER} is unreadable: {err}"
+
+
+def needed_files(marker: dict, rank: int, local_rank: int, world_size: int, zero_stage: int) -> list[str]:
+    """The files of a checkpoint that this rank fetches and verifies: the ones it loads. Loaded as saved (the
+    same world size and ZeRO stage, or ZeRO-0 on any), a rank loads only its own per-rank files (its optimizer
+    shard, its RNG state, at ZeRO-3 its model-state partition: DeepSpeed opens no other rank's file unless
+    zero_elastic_checkpoint is set, which this package never sets), and local rank 0 also the files every rank
+    reads (the module at ZeRO-1/2, the trainer state, the tokenizer), which its node's ranks share through the
+    node's staging. A checkpoint that must be converted needs every file, on the node that converts it (each
+    node's local rank 0)."""
+    files = sorted(marker["files"])
+    same = marker.get("world_size") == world_size and marker.get("zero_stage") == zero_stage
+    if not same and not (marker.get("zero_stage") == 0 and zero_stage == 0):
+        return files if local_rank == 0 else []
+    return [rel for rel in files if (owner_rank(rel) == rank if _OWNER.search(rel) else local_rank == 0)]
+
+
+def fetch_and_verify(
+    remote_root: str, local_root: Path, tag: str, marker: dict | None = None, files: list[str] | None = None
+) -> str | None:
+    """Make ``files`` of a checkpoint (default: all) present under ``local_root/tag`` and check each against its
+    marker (default: read here): a staged copy (a crash leaves the node's last save, or last load, in its
+    staging) is kept when its size and sha256 match, else downloaded (no HEAD: the marker has the size).
+    Returns the first problem, or None."""
+    if marker is None:
+        marker = read_marker(remote_root, tag)
+        if isinstance(marker, str):
+            return marker
     local_dir = Path(local_root, tag)
-    for rel, meta in marker["files"].items():
+    files = sorted(marker["files"]) if files is None else files
+    for rel in files:
+        meta = marker["files"][rel]
         path = local_dir / rel
-        if storage.is_s3(remote_root):
+        if storage.is_s3(remote_root) and not _matches(path, meta):
             try:
-                storage.download_file(storage.join(remote_root, tag, rel), path)
+                storage.download_file(storage.join(remote_root, tag, rel), path, size=int(meta["size"]))
             except storage.StorageError as err:
                 return str(err)
         if not path.is_file():
@@ -124,6 +166,14 @@ def fetch_and_verify(remote_root: str, local_root: Path, tag: str) -> str | None
         if sha256_file(path) != meta["sha256"]:
             return f"{rel} does not match its sha256"
     return None
+
+
+def _matches(path: Path, meta: dict) -> bool:
+    """A staged file that is the marker's: the size first (cheap), then the hash."""
+    try:
+        return path.stat().st_size == meta["size"] and sha256_file(path) == meta["sha256"]
+    except OSError:
+        return False
 
 
 def resume_budget(checkpoint_bytes: int) -> timedelta:
@@ -165,9 +215,44 @@ class Checkpointer:
         self.lease = lease
         # Waits and agreements on the host, apart from the training's collectives (collective to create).
         self.control = dist.new_group(backend="gloo")
+        # The upload threads' own group: their one gather per save never shares a group with the training loop.
+        self.uploads = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.upload_timeout_s))
         self._upload: threading.Thread | None = None
         self._upload_tag: str | None = None
         self._upload_error: BaseException | None = None
+        if self.on_s3:
+            self._claim_staging(Path(cache_dir))
+
+    def _claim_staging(self, staging: Path) -> None:
+        """Each node's filesystem leader writes its node's name and this run's id into ``staging/.owner``, then
+        reads it back after every leader has written: a leader that finds another node's name shares the
+        directory with that node (a shared $HOME, one run.cache_dir for all), and every rank stops in one line
+        before anything is downloaded into it. A marker of another run (a predecessor on other nodes) is simply
+        replaced: only nodes of the same run collide. Collective."""
+        run_id = [uuid.uuid4().hex if self.env.is_main else None]
+        dist.broadcast_object_list(run_id, src=0, group=self.control)
+        me = {"node": node_name(), "run": run_id[0]}
+        marker = staging / STAGING_OWNER
+        if self._fs_leader:
+            storage.write_text(str(marker), json.dumps(me))
+        dist.barrier(group=self.control)
+        problem = None
+        if self._fs_leader:
+            try:
+                holder = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if holder != me:
+                problem = (
+                    f"the staging directory {staging} is shared by node {me['node']} and node "
+                    f"{holder.get('node', '?')} (one filesystem, such as a shared $HOME or one run.cache_dir for "
+                    "every node): unset run.cache_dir for the per-node default, or give each node its own"
+                )
+        verdicts: list = [None] * self.env.world_size
+        dist.all_gather_object(verdicts, problem, group=self.control)
+        problem = next((p for p in verdicts if p), None)
+        if problem:
+            raise ConfigError(problem)
 
     @property
     def _fs_leader(self) -> bool:
@@ -264,35 +349,49 @@ class Checkpointer:
             log.error("checkpoint %s: upload failed: %s", args[0], err)
 
     def _finish(self, tag: str, step: int, world_size: int, zero_stage: int) -> None:
-        """Hash and upload this rank's files and report them; rank 0 then writes COMPLETE and ``latest``."""
+        """Hash and upload this rank's files and write its part; every rank's part then reaches rank 0 by one
+        gather on the upload threads' own group (not W GETs of the part files, one after another), and rank 0
+        writes COMPLETE and ``latest``. A rank whose upload failed still joins the gather, with its error, so
+        that rank 0 says which rank failed instead of waiting for it."""
         started = time.monotonic()
-        local_dir = self.local / tag
-        mine = {}
-        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            rel = path.relative_to(local_dir).as_posix()
-            if owner_rank(rel) != self.env.rank or rel == MARKER or rel.startswith("parts/"):
-                continue
-            mine[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-            if self.on_s3:
-                storage.upload_file(path, storage.join(self.remote, tag, rel))
         writer = self.lease.token if self.lease is not None else None
-        part = {"writer": writer, "files": mine}
-        storage.write_text(storage.join(self.remote, tag, "parts", f"rank_{self.env.rank}.json"), json.dumps(part))
+        report: dict = {}
+        failure: BaseException | None = None
+        try:
+            local_dir = self.local / tag
+            mine = {}
+            for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
+                rel = path.relative_to(local_dir).as_posix()
+                if owner_rank(rel) != self.env.rank or rel == MARKER or rel.startswith("parts/"):
+                    continue
+                mine[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+                if self.on_s3:
+                    storage.upload_file(path, storage.join(self.remote, tag, rel))
+            report = {"writer": writer, "files": mine}
+            # The rank's record, for people and tools (scripts/soak.py); nobody waits for it any more.
+            storage.write_text(
+                storage.join(self.remote, tag, "parts", f"rank_{self.env.rank}.json"), json.dumps(report)
+            )
+        except BaseException as err:  # noqa: BLE001 - reported to rank 0, then raised here
+            failure, report = err, {"error": f"{type(err).__name__}: {err}"}
+        parts: list | None = [None] * self.env.world_size if self.env.is_main else None
+        try:
+            dist.gather_object(report, parts, dst=0, group=self.uploads)
+        except RuntimeError as err:  # a rank that never reported: its process died, or it outlived the timeout
+            if failure is None:
+                failure = CheckpointError(
+                    f"not every rank finished uploading {tag} within checkpoint.upload_timeout_s="
+                    f"{self.cfg.upload_timeout_s:g}s ({err}); the checkpoint stays incomplete and will not be used"
+                )
+        if failure is not None:
+            raise failure
         if not self.env.is_main:
             return
 
         files: dict[str, dict] = {}
-        deadline = time.monotonic() + self.cfg.upload_timeout_s
-        for r in range(self.env.world_size):
-            part_url = storage.join(self.remote, tag, "parts", f"rank_{r}.json")
-            # Another run's part (a predecessor still uploading when this run took its lease) is not ours: wait.
-            while (part := self._read_part(part_url)) is None or part.get("writer") != writer:
-                if time.monotonic() > deadline:
-                    raise CheckpointError(
-                        f"rank {r} did not finish uploading {tag} within checkpoint.upload_timeout_s="
-                        f"{self.cfg.upload_timeout_s:g}s; the checkpoint stays incomplete and will not be used"
-                    )
-                time.sleep(0.05)
+        for r, part in enumerate(parts):
+            if "error" in part:
+                raise CheckpointError(f"rank {r} could not upload {tag} ({part['error']}); it stays incomplete")
             files.update(part["files"])
         marker = {"step": step, "tag": tag, "world_size": world_size, "zero_stage": zero_stage, "files": files}
         marker["writer"] = writer  # the lease token of the run that marked it
@@ -307,27 +406,36 @@ class Checkpointer:
             "checkpoint %s complete (%d files, %.1fs after the local save)", tag, len(files), time.monotonic() - started
         )
 
-    @staticmethod
-    def _read_part(url: str) -> dict | None:
-        try:  # one GET a poll, not a HEAD and then a GET: rank 0 polls every rank's part
-            return json.loads(storage.read_text(url))
-        except storage.StorageError:  # not written yet, or gone: a checkpoint being rewritten
-            return None
-
     def _apply_retention(self, newest: str) -> None:
         """Keep the last ``keep_last`` complete checkpoints and every ``keep_every``-th step; never the newest
         (``latest``). Incomplete directories older than the newest are debris of crashed saves: the only save
-        that can be in flight is the one just completed, so they go too."""
-        complete = self.complete_tags()
+        that can be in flight is the one just completed, so they go too. One listing (a request per 1,000 keys)
+        finds them and their files, and DeleteObjects removes 1,000 files a request: at W = 512 a checkpoint of
+        1,030 files goes in 2 requests, not 1,030 DELETEs one after another."""
+        by_tag: dict[str, set[str]] = {}
+        for rel in storage.list_files(self.remote):
+            if _TAG.match(tag := rel.split("/")[0]):
+                by_tag.setdefault(tag, set()).add(rel)
+        complete = sorted((t for t, rels in by_tag.items() if f"{t}/{MARKER}" in rels), key=step_of, reverse=True)
         keep_every = self.cfg.keep_every
+        doomed = {}
         for tag in complete[self.cfg.keep_last :]:
             if tag != newest and not (keep_every and step_of(tag) % keep_every == 0):
-                storage.delete_prefix(storage.join(self.remote, tag))
-                log.info("retention: deleted %s", tag)
-        for tag in self.all_tags():
+                doomed[tag] = "retention: deleted %s"
+        for tag in by_tag:
             if tag not in complete and step_of(tag) < step_of(newest):
+                doomed[tag] = "retention: deleted %s, an incomplete checkpoint left by an interrupted save"
+        # The markers first: a checkpoint half deleted is then an incomplete one, never a complete one that
+        # fails verification.
+        names = sorted(f"{t}/{MARKER}" for t in doomed if f"{t}/{MARKER}" in by_tag[t])
+        storage.delete_files(self.remote, names)
+        if self.on_s3:
+            storage.delete_files(self.remote, sorted(rel for t in doomed for rel in by_tag[t] - set(names)))
+        else:  # local disk: the directories go too
+            for tag in doomed:
                 storage.delete_prefix(storage.join(self.remote, tag))
-                log.info("retention: deleted %s, an incomplete checkpoint left by an interrupted save", tag)
+        for tag, message in sorted(doomed.items()):
+            log.info(message, tag)
 
     # ------------------------------------------------------------------------------------------- find
     def all_tags(self) -> set[str]:
@@ -371,11 +479,20 @@ class Checkpointer:
         tags: list[str] = holder[0]
         problems = []
         for tag in tags:
-            size = [self._size(tag) if self.env.is_main else 0]
-            dist.broadcast_object_list(size, src=0, group=control)
-            budget = resume_budget(size[0])
-            # One process per node downloads and verifies; all ranks then agree before loading.
-            problem = fetch_and_verify(self.remote, self.local, tag) if self.env.local_rank == 0 else None
+            # Rank 0 reads the marker (one GET) and every rank gets it from rank 0: it names each file's size
+            # and sha256, so no rank needs a listing or a HEAD.
+            holder = [read_marker(self.remote, tag) if self.env.is_main else None]
+            dist.broadcast_object_list(holder, src=0, group=control)
+            marker = holder[0]
+            size = sum(int(m["size"]) for m in marker["files"].values()) if isinstance(marker, dict) else 0
+            budget = resume_budget(size)
+            if isinstance(marker, str):
+                problem = marker
+            else:
+                # Each rank fetches and verifies what it loads; all ranks then agree before loading.
+                env = self.env
+                files = needed_files(marker, env.rank, env.local_rank, env.world_size, zero_stage)
+                problem = fetch_and_verify(self.remote, self.local, tag, marker, files)
             dist.monitored_barrier(group=control, timeout=budget)
             verdicts: list = [None] * self.env.world_size
             dist.all_gather_object(verdicts, problem, group=control)
@@ -391,14 +508,6 @@ class Checkpointer:
                 "overwrite the run: fix or remove the broken checkpoints, or use a new run.output_dir"
             )
         return None
-
-    def _size(self, tag: str) -> int:
-        """A complete checkpoint's bytes, from its marker (0 when unreadable: verification will say why)."""
-        try:
-            marker = json.loads(storage.read_text(storage.join(self.remote, tag, MARKER)))
-            return sum(int(meta["size"]) for meta in marker["files"].values())
-        except (storage.StorageError, json.JSONDecodeError, KeyError, TypeError, ValueError):
-            return 0
 
     def _loadable(self, tag: str, zero_stage: int, check_state, control, budget: timedelta) -> Resumable:
         state = json.loads((self.local / tag / "trainer_state.json").read_text()) if self.env.is_main else None
@@ -455,9 +564,9 @@ class Checkpointer:
             set_rng_state(torch.load(rng_file, weights_only=False))
         dist.barrier()
         if self._fs_leader:
+            # The loaded files stay staged until the next save replaces them: a crash before then restarts from
+            # them without downloading them again (fetch_and_verify keeps a staged file that matches the marker).
             shutil.rmtree(self.local / f"{found.tag}.universal", ignore_errors=True)
-            if self.on_s3:
-                shutil.rmtree(local_dir, ignore_errors=True)  # loaded; S3 holds the checkpoint
         if self.env.is_main:
             how = f" (converted from {found.world_size} rank(s), ZeRO-{found.zero_stage})" if found.universal else ""
             log.info("resumed from %s/%s at step %d%s", self.remote, found.tag, state["step"], how)

@@ -312,14 +312,19 @@ class Lease:
     def acquire(cls, output_dir: str, timeout_s: float, take_over: bool, me: Holder | None = None) -> Lease:
         me = me or Holder.this_process(timeout_s)
         store = _S3Lease(output_dir) if storage.is_s3(output_dir) else _LocalLease(output_dir)
+        tried_absent = None  # the last lap's create: of an absent lease (True) or over a holder (False)
         for _ in range(20):  # each lap follows another writer that moved first
             found = store.read()
+            # Our own create landed, its answer was lost, and the retry failed its precondition: ours.
+            if tried_absent is not None and found is not None and found.holder and found.holder.token == me.token:
+                return cls(output_dir, store, me, found.version, only_writer=tried_absent)
             free = found is None or (found.holder is not None and found.holder.released)
             reason = None
             if not free:
                 reason = take_over_reason(me, found.holder, found.age, take_over)
                 if reason is None:
                     raise LeaseHeld(refusal(output_dir, found))
+            tried_absent = found is None
             try:
                 version = store.create(me.encode(), found.version if found else None)
             except storage.ConditionsUnsupported:

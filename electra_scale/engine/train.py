@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from electra_scale.config import Config, ConfigError, cache_root, deepspeed_config
+from electra_scale.config import Config, ConfigError, deepspeed_config, staging_root
 from electra_scale.data.shards import DataError
 from electra_scale.data.stream import PretrainStream, check_same_mix, load_sources, resolve_partitions
 from electra_scale.data.tokenizer import load_tokenizer, model_dir_tokenizer
@@ -76,13 +76,14 @@ class StopRequest:
 
 
 def cache_dir_for(cfg: Config) -> Path:
-    """Node-local scratch for a run whose output is on S3 (checkpoint staging, metrics)."""
+    """Node-local scratch for a run whose output is on S3 (checkpoint staging, metrics): one per node by default
+    (config.staging_root), which Checkpointer claims for its node."""
     if cfg.run.cache_dir:
         return Path(cfg.run.cache_dir)
     if not storage.is_s3(cfg.run.output_dir):
         return Path(cfg.run.output_dir)
     bucket_path = cfg.run.output_dir[len("s3://") :].replace("/", "_")
-    return cache_root() / bucket_path
+    return staging_root() / bucket_path
 
 
 class StopVote:

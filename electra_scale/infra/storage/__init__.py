@@ -51,6 +51,7 @@ from electra_scale.infra.storage.client import (
 )
 from electra_scale.infra.storage.ops import (
     check_writable,
+    delete_files,
     delete_if,
     delete_prefix,
     download_file,
@@ -80,6 +81,7 @@ __all__ = [
     "RetryPolicy",
     "StorageError",
     "check_writable",
+    "delete_files",
     "delete_if",
     "delete_prefix",
     "download_file",

@@ -346,9 +346,11 @@ def _complete_multipart(url: str, bucket: str, key: str, upload_id: str, parts: 
             attempts.failed(err)
 
 
-def download_file(url: str, local_path: str | Path) -> None:
+def download_file(url: str, local_path: str | Path, size: int | None = None) -> None:
     """Copy ``url`` to a local file (written to ``.part`` and renamed). Large objects come down as parallel
-    ranged GETs, each resuming where it broke; all must see the same ETag."""
+    ranged GETs, each resuming where it broke; all must see the same ETag. ``size``: the object's bytes when the
+    caller knows them (a checkpoint's marker lists them), which saves the HEAD; the ETag is then the first GET's,
+    and the caller checks what it got (the marker's sha256)."""
     local_path = Path(local_path)
     local_path.parent.mkdir(parents=True, exist_ok=True)
     if not is_s3(url):
@@ -359,8 +361,10 @@ def download_file(url: str, local_path: str | Path) -> None:
         return
     bucket, key = split_s3(url)
     tmp = local_path.with_name(f".{local_path.name}.part")
-    head = retry_call(url, "download", s3_client().head_object, Bucket=bucket, Key=key)
-    size, etag = int(head["ContentLength"]), head.get("ETag")
+    etag = None
+    if size is None:
+        head = retry_call(url, "download", s3_client().head_object, Bucket=bucket, Key=key)
+        size, etag = int(head["ContentLength"]), head.get("ETag")
 
     def fetch(start: int) -> None:
         end = min(size, start + DOWNLOAD_PART_SIZE)
@@ -405,14 +409,40 @@ def list_files(prefix: str) -> list[str]:
 
 
 def delete_prefix(prefix: str) -> None:
-    """Delete everything below ``prefix`` (a checkpoint directory, typically)."""
+    """Delete everything below ``prefix`` (a checkpoint directory, typically): one listing, then
+    ``delete_files``."""
     if not is_s3(prefix):
         shutil.rmtree(prefix, ignore_errors=True)
         return
+    delete_files(prefix, list_files(prefix))
+
+
+DELETE_BATCH = 1000  # S3's DeleteObjects takes at most 1,000 keys a request
+
+
+def delete_files(prefix: str, names: list[str]) -> None:
+    """Delete ``names`` (paths relative to ``prefix``): on S3 one DeleteObjects per 1,000 keys, each retried as
+    a whole (deleting a key twice, or one already gone, is no error)."""
+    if not is_s3(prefix):
+        for name in names:
+            Path(prefix, name).unlink(missing_ok=True)
+        return
     bucket, key = split_s3(prefix)
-    for name in list_files(prefix):
-        full = f"{key.rstrip('/')}/{name}"
-        retry_call(prefix, "delete", lambda k=full: s3_client().delete_object(Bucket=bucket, Key=k))
+    keys = [f"{key.rstrip('/')}/{name}" if key else name for name in names]
+    for i in range(0, len(keys), DELETE_BATCH):
+        batch = keys[i : i + DELETE_BATCH]
+
+        def delete(batch=batch) -> None:
+            objects = {"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            errors = s3_client().delete_objects(Bucket=bucket, Delete=objects).get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"{prefix}: {len(errors)} of {len(batch)} deletes failed, the first "
+                    f"{first.get('Key')}: {first.get('Code')} {first.get('Message')}"
+                )
+
+        retry_call(prefix, "delete", delete)
 
 
 def iter_lines(url: str) -> Iterator[str]:
