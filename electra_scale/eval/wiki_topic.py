@@ -50,12 +50,9 @@ def article_topics(workdir: Path) -> list[tuple[str, str]]:
     """(title, topic) of every article ``fetch_corpus`` writes, in its order (it skips empty extracts)."""
     from electra_scale.data.wiki import articles
 
-    out = []
-    for title, entry in articles(workdir).items():
-        text = entry.get("extract", "") if isinstance(entry, dict) else ""
-        if text.strip():
-            out.append((str(entry.get("title") or title), str(entry.get("topic") or UNLABELLED)))
-    return out
+    return [
+        (str(entry.get("title") or title), str(entry.get("topic") or UNLABELLED)) for title, entry in articles(workdir)
+    ]
 
 
 def wiki_topic_task(corpus: Path, topics: list[tuple[str, str]], eval_fraction: float) -> TaskData:
