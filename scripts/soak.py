@@ -56,7 +56,7 @@ import torch  # noqa: E402
 
 from electra_scale.data import load_manifest  # noqa: E402
 from electra_scale.data.stream import StreamLayout  # noqa: E402
-from electra_scale.engine.checkpoint import MARKER, fetch_and_verify, step_of, tag_for  # noqa: E402
+from electra_scale.engine.checkpoint import MARKER, UNIVERSAL, fetch_and_verify, step_of, tag_for  # noqa: E402
 from electra_scale.engine.metrics import read_metrics, read_samples  # noqa: E402
 from electra_scale.infra import storage  # noqa: E402
 from electra_scale.infra.launch import cli_command  # noqa: E402
@@ -191,7 +191,8 @@ class Attempt:
         rest = request.path[len(ckpts) :]
         if self.kind == "upload" and request.method in ("PUT", "POST", "DELETE"):
             tag = rest.split("/")[0].split("?")[0]
-            if request.method == "PUT" and tag.startswith("step_") and tag not in self._tags:
+            saved = tag.startswith("step_") and not tag.endswith(UNIVERSAL)  # not a converted copy's publication
+            if request.method == "PUT" and saved and tag not in self._tags:
                 self._tags.append(tag)
             if len(self._tags) >= min(2, self._saves_ahead()):
                 self._writes += 1
@@ -417,7 +418,8 @@ class Soak:
         for rel in files:
             if rel.split("/")[0] in complete or rel == "latest":
                 storage.write_bytes(f"{self.bucket}/replay/checkpoints/{rel}", storage.read_bytes(f"{remote}/{rel}"))
-        self.replay_from = max(complete, key=step_of) if complete else None
+        saved = [tag for tag in complete if not tag.endswith(UNIVERSAL)]  # (converted copies are copied too)
+        self.replay_from = max(saved, key=step_of) if saved else None
 
     def replay(self) -> list[dict]:
         """The last restart again, from the same checkpoint on the same world size, without faults or kills."""
@@ -511,17 +513,20 @@ class Soak:
                         f"losses after the last restart differ from its replay by {rep.loss_rel_last:.1e}"
                     )
 
-        # Retention: the last keep_last complete checkpoints, `latest` naming the newest, nothing else.
+        # Retention: the last keep_last complete checkpoints, `latest` naming the newest, nothing else but the
+        # converted copies of kept ones (a world-size change publishes one; it goes with its checkpoint).
         remote = f"{self.run}/checkpoints"
         files = storage.list_files(remote)
         saved = sorted({a.steps, *range(a.every, a.steps + 1, a.every)}, reverse=True)  # every save, newest first
         want_tags = {tag_for(s) for s in saved[: a.keep]}
-        tags = {rel.split("/")[0] for rel in files if rel.startswith("step_")}
-        complete = {rel.split("/")[0] for rel in files if rel.endswith(f"/{MARKER}")}
+        tags = {tag for rel in files if (tag := rel.split("/")[0]).startswith("step_") and not tag.endswith(UNIVERSAL)}
+        complete = {rel.split("/")[0] for rel in files if rel.endswith(f"/{MARKER}")} - {t + UNIVERSAL for t in tags}
+        converted = {tag.removesuffix(UNIVERSAL) for rel in files if (tag := rel.split("/")[0]).endswith(UNIVERSAL)}
         others = sorted(rel for rel in files if not rel.startswith("step_") and rel != "latest")
-        if tags != want_tags or complete != want_tags or others:
+        if tags != want_tags or complete != want_tags or others or not converted <= want_tags:
             rep.failures.append(
-                f"the prefix holds {sorted(tags)} ({sorted(complete)} complete) and {others}, "
+                f"the prefix holds {sorted(tags)} ({sorted(complete)} complete), converted copies of "
+                f"{sorted(converted)} and {others}, "
                 f"not just {sorted(want_tags)}"
             )
         if storage.read_text(f"{remote}/latest").strip() != tag_for(a.steps):

@@ -68,14 +68,31 @@ def test_two_ranks_resume_on_one(shards, reference, tmp_path, zero):
     out = tmp_path / "run"
     rewind(reference, out, EVERY)
     args = pretrain_args(shards, str(out), f"train.max_steps={STEPS}", f"checkpoint.every_steps={EVERY}")
-    proc = run_cli([*args, "run.record_samples=true", f"train.deepspeed_config=ds_configs/{zero}.json", *NO_DROPOUT])
+    args += ["run.record_samples=true", f"train.deepspeed_config=ds_configs/{zero}.json", *NO_DROPOUT]
+    proc = run_cli(args)
     assert "converting it to a universal checkpoint for 1 rank(s)" in proc.stderr
     assert f"at step {EVERY} (converted from 2 rank(s), ZeRO-2)" in proc.stderr
     assert_continues(reference, out, EVERY)
     assert_every_sample_once(out, STEPS)
     state = json.loads((out / "checkpoints" / f"step_{STEPS:07d}" / "trainer_state.json").read_text())
     assert state["world_size"] == 1 and state["data_position"]["samples_seen"] == STEPS * BATCH
-    assert not list((out / "checkpoints").glob("*.universal")), "the converted copy is removed after loading"
+    # The converted copy is published next to its checkpoint, with a marker naming every file it holds.
+    converted = out / "checkpoints" / f"step_{EVERY:07d}.universal"
+    marker = json.loads((converted / "COMPLETE").read_text())
+    assert marker["source"] == f"step_{EVERY:07d}" and (marker["world_size"], marker["zero_stage"]) == (2, 2)
+    on_disk = {p.relative_to(converted).as_posix() for p in converted.rglob("*") if p.is_file()}
+    assert on_disk - {"COMPLETE"} == set(marker["files"]) and "zero/optimizer_state.pt" in on_disk
+    if zero == "zero1":
+        return
+    # A later start from the same checkpoint (here: step 8 lost) reuses it: no second conversion, the same
+    # losses, and with keep_last=1 retention deletes the checkpoint and its converted copy together.
+    first = metrics(str(out))
+    shutil.rmtree(out / "checkpoints" / f"step_{STEPS:07d}")
+    (out / "checkpoints" / "latest").write_text(f"step_{EVERY:07d}\n")
+    proc = run_cli([*args, "checkpoint.keep_last=1"])
+    assert "converting" not in proc.stderr and "step_0000004.universal (converted once, reused)" in proc.stderr
+    assert [m["loss"] for m in metrics(str(out))] == [m["loss"] for m in first], "the same copy, the same run"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [f"step_{STEPS:07d}"]
 
 
 def stop_then_resume(shards, out: Path, zero: str, ranks: int, then_ranks: int) -> str:
@@ -349,3 +366,76 @@ def test_each_node_fetches_only_its_files_and_reuses_a_staged_copy(shards, s3_bu
     for r in (0, 1):
         refused = [line for line in (logs / f"rank_{r}.log").read_text().splitlines() if "is shared by node" in line]
         assert len(refused) == 1 and "unset run.cache_dir" in refused[0], refused
+
+
+def test_a_world_size_change_converts_once_and_each_node_fetches_its_part(shards, s3_bucket, s3_server, tmp_path):
+    """A 1-rank checkpoint on S3 resumed by 2 ranks, each its own node, through the fault proxy: node n0 (rank 0)
+    fetches the whole checkpoint, converts it and publishes ``step_0000002.universal`` with its marker; node n1
+    fetches none of the checkpoint's DeepSpeed files and, of the converted copy, only what its rank's partition
+    reads. A second start on fresh nodes converts nothing: each node fetches only its own part of the copy."""
+    from tests.faultproxy import FaultProxy
+
+    run = f"{s3_bucket}/run"
+    common = ("train.max_steps=100", "checkpoint.every_steps=100", *NO_DROPOUT)
+    run_cli(pretrain_args(shards, run, *common, "train.stop_at_step=2"))  # 1 rank
+    home = tmp_path / "electra-scale-cache"  # the s3_bucket fixture's ELECTRA_SCALE_CACHE
+    utag = "step_0000002.universal"
+
+    def staged(r: int, tag: str) -> set[str]:
+        root = home / f"staging-n{r}" / f"{s3_bucket.removeprefix('s3://')}_run" / "checkpoints" / tag
+        return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+    def params(rels: set[str]) -> set[str]:
+        return {rel.split("/")[1] for rel in rels if rel.startswith("zero/") and rel.count("/") == 2}
+
+    def requests(proxy, method: str) -> list[str]:
+        """The converted copy's files that ``method`` requests named (listings aside), in order."""
+        paths = [r.path.split("?")[0] for r in proxy.requests if r.method == method]
+        return [path.split(f"/{utag}/")[1] for path in paths if f"/{utag}/" in path]
+
+    with FaultProxy(s3_server.endpoint).start() as proxy:
+        env = {"AWS_ENDPOINT_URL": proxy.endpoint}
+        logs = tmp_path / "b"
+        logs.mkdir()
+        runs = _as_nodes(pretrain_args(shards, run, *common), 2, env, logs)
+        try:  # killed once both have loaded
+            deadline = time.monotonic() + PATIENCE
+            while "resumed from" not in (logs / "rank_0.log").read_text():
+                assert all(r.poll() is None for r in runs), (logs / "rank_0.log").read_text()[-3000:]
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        finally:
+            for r in runs:
+                r.kill()
+        assert "converting it to a universal checkpoint for 2 rank(s)" in (logs / "rank_0.log").read_text()
+        marker = json.loads(storage.read_text(f"{run}/checkpoints/{utag}/COMPLETE"))
+        assert marker["source"] == "step_0000002" and marker["world_size"] == 1
+        every = set(marker["files"])
+        # The parameters an optimizer holds. Tied weights (the generator's embeddings and output layer are the
+        # discriminator's) have folders with only the fp32.pt that --inject_missing_state writes; none reads them.
+        held = {name for name in params(every) if f"zero/{name}/exp_avg.pt" in every}
+        assert sorted(requests(proxy, "PUT")) == sorted([*every, "COMPLETE"]), "published once, by n0"
+        assert not [rel for rel in staged(1, "step_0000002") if rel.endswith("_states.pt")], "no DeepSpeed file"
+        fetched = staged(1, utag)
+        # Rank 0 looked for a converted copy first (none yet); then n1 fetched its part, each file once.
+        assert sorted(requests(proxy, "GET")) == sorted(["COMPLETE", *fetched])
+        assert "zero/optimizer_state.pt" in fetched and "mp_rank_00_model_states.pt" in fetched
+        assert 0 < len(params(fetched)) < len(held), "n1's partition reads some parameters, not all"
+
+        # Fresh nodes (empty staging) start again from the same checkpoint and train to step 4.
+        shutil.rmtree(home)
+        proxy.requests.clear()
+        logs = tmp_path / "c"
+        logs.mkdir()
+        assert _wait_all(_as_nodes(pretrain_args(shards, run, *common, "train.stop_at_step=4"), 2, env, logs)) == [0, 0]
+        text = (logs / "rank_0.log").read_text()
+        assert "converting" not in text and f"{utag} (converted once, reused)" in text
+        assert requests(proxy, "PUT") == [], "nothing converted or published again"
+        # Rank 0 read the copy's marker once; each node fetched the files every rank reads, and between them
+        # every parameter's files, fewer than twice over: a node fetched only its partition's.
+        got = Counter(requests(proxy, "GET"))
+        shared = ["zero/optimizer_state.pt", "mp_rank_00_model_states.pt"]
+        assert got.pop("COMPLETE") == 1 and [got.pop(rel) for rel in shared] == [2, 2], got
+        assert params(set(got)) == held, "every parameter an optimizer holds"
+        assert sum(got.values()) < 2 * len(got), "not every node fetched every parameter"
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]

@@ -25,9 +25,13 @@ only the files it loads, its own per-rank files, and each node's local rank 0 al
 (``needed_files``); a staged file that matches the marker is not downloaded again; all ranks agree before
 loading. Each node stages in a directory of its own, which its local rank 0 claims at start (``.owner``).
 A checkpoint saved on a different number of ranks (or another ZeRO stage of the same group) is converted to
-DeepSpeed's universal format first (``ds_to_universal --inject_missing_state``) and loaded with
+DeepSpeed's universal format (``ds_to_universal --inject_missing_state``) and loaded with
 ``checkpoint.load_universal``; DeepSpeed cannot convert between ZeRO-1/2 and ZeRO-3, or into ZeRO-0, and
-that case stops with an error that says what would work.
+that case stops with an error that says what would work. The conversion runs once: rank 0 alone fetches the
+whole checkpoint, converts it with all its node's cores and publishes the result next to it, with a marker of
+its own, as ``step_0000500.universal/`` (COMPLETE written last, under the run's lease); every later start, at
+any world size, reuses it. Each node then fetches only the universal files its ranks' new partitions read
+(``universal_files``), and retention deletes the converted copy with its checkpoint.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -44,6 +49,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -64,8 +70,10 @@ log = logging.getLogger("electra_scale")
 MARKER = "COMPLETE"
 LATEST = "latest"
 STAGING_OWNER = ".owner"  # in a staging directory: the node (and run) that uses it
+UNIVERSAL = ".universal"  # step_N.universal/: step_N converted to DeepSpeed's universal format, once
 _TAG = re.compile(r"^step_(\d+)$")
 _OWNER = re.compile(r"zero_pp_rank_(\d+)_|^rng/rank_(\d+)\.pt$")
+_DEEPSPEED = re.compile(r"(^|_)(model|optim)_states\.pt$")  # DeepSpeed's own files (the rest are the trainer's)
 
 
 class CheckpointError(RuntimeError):
@@ -123,19 +131,53 @@ def read_marker(remote_root: str, tag: str) -> dict | str:
         return f"{MARKER} is unreadable: {err}"
 
 
-def needed_files(marker: dict, rank: int, local_rank: int, world_size: int, zero_stage: int) -> list[str]:
+def needs_conversion(marker: dict, world_size: int, zero_stage: int) -> bool:
+    """A checkpoint DeepSpeed cannot load as saved: another world size or ZeRO stage (ZeRO-0 files hold whole,
+    unpartitioned states, which load on any world size)."""
+    same = marker.get("world_size") == world_size and marker.get("zero_stage") == zero_stage
+    return not same and not (marker.get("zero_stage") == 0 and zero_stage == 0)
+
+
+def needed_files(
+    marker: dict, rank: int, local_rank: int, world_size: int, zero_stage: int, converts: bool = False
+) -> list[str]:
     """The files of a checkpoint that this rank fetches and verifies: the ones it loads. Loaded as saved (the
     same world size and ZeRO stage, or ZeRO-0 on any), a rank loads only its own per-rank files (its optimizer
     shard, its RNG state, at ZeRO-3 its model-state partition: DeepSpeed opens no other rank's file unless
     zero_elastic_checkpoint is set, which this package never sets), and local rank 0 also the files every rank
     reads (the module at ZeRO-1/2, the trainer state, the tokenizer), which its node's ranks share through the
-    node's staging. A checkpoint that must be converted needs every file, on the node that converts it (each
-    node's local rank 0)."""
+    node's staging. A checkpoint that must be converted is read whole by the one rank that ``converts`` it;
+    every other node's local rank 0 reads only the trainer's own files (DeepSpeed's come from the converted
+    copy, ``universal_files``)."""
     files = sorted(marker["files"])
-    same = marker.get("world_size") == world_size and marker.get("zero_stage") == zero_stage
-    if not same and not (marker.get("zero_stage") == 0 and zero_stage == 0):
-        return files if local_rank == 0 else []
+    if needs_conversion(marker, world_size, zero_stage):
+        if converts:
+            return files
+        return [rel for rel in files if not (_OWNER.search(rel) or _DEEPSPEED.search(rel))] if local_rank == 0 else []
     return [rel for rel in files if (owner_rank(rel) == rank if _OWNER.search(rel) else local_rank == 0)]
+
+
+def universal_files(engine, marker: dict) -> list[str]:
+    """The files of a converted (universal) checkpoint that this rank's engine reads as it loads: DeepSpeed's
+    module file (rank 0's at ZeRO-3), the optimizer's global state, and ``zero/<param>/`` for each parameter
+    this rank holds a piece of. At ZeRO-1/2 that is the parameters its partition of the flat buffer overlaps
+    (DeepSpeed's own map, ``_hp_mapping``, set when the engine was built): about 1/W of them. At ZeRO-3 every
+    rank holds a slice of every parameter, and DeepSpeed reads each parameter's file whole to cut its slice,
+    so every node reads all of them (the format's cost, not this package's)."""
+    files = sorted(marker["files"])
+    optimizer = engine.optimizer
+    groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "bf16_groups", None)
+    names = getattr(optimizer, "param_names", None)
+    if engine.zero_optimization_partition_weights() or not groups or not names:
+        wanted = None  # every parameter
+    else:
+        wanted = {names[lp] for group in groups for lp in group if getattr(lp, "_hp_mapping", None) is not None}
+    shared = {"zero/optimizer_state.pt", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"}
+    return [
+        rel
+        for rel in files
+        if rel in shared or (rel.startswith("zero/") and (wanted is None or rel.split("/")[1] in wanted))
+    ]
 
 
 def fetch_and_verify(
@@ -195,11 +237,11 @@ class Resumable:
     tag: str
     world_size: int
     zero_stage: int
-    universal: bool = False  # loaded from the converted copy ``<tag>.universal``
+    universal: dict | None = None  # the marker of the converted copy ``<tag>.universal`` it loads from
 
     @property
     def load_tag(self) -> str:
-        return f"{self.tag}.universal" if self.universal else self.tag
+        return f"{self.tag}{UNIVERSAL}" if self.universal else self.tag
 
 
 class Checkpointer:
@@ -411,11 +453,15 @@ class Checkpointer:
         (``latest``). Incomplete directories older than the newest are debris of crashed saves: the only save
         that can be in flight is the one just completed, so they go too. One listing (a request per 1,000 keys)
         finds them and their files, and DeleteObjects removes 1,000 files a request: at W = 512 a checkpoint of
-        1,030 files goes in 2 requests, not 1,030 DELETEs one after another."""
+        1,030 files goes in 2 requests, not 1,030 DELETEs one after another. A checkpoint's converted copy
+        (``<tag>.universal``) goes with it."""
         by_tag: dict[str, set[str]] = {}
+        converted: dict[str, set[str]] = {}  # by the tag it was converted from
         for rel in storage.list_files(self.remote):
             if _TAG.match(tag := rel.split("/")[0]):
                 by_tag.setdefault(tag, set()).add(rel)
+            elif tag.endswith(UNIVERSAL) and _TAG.match(source := tag.removesuffix(UNIVERSAL)):
+                converted.setdefault(source, set()).add(rel)
         complete = sorted((t for t, rels in by_tag.items() if f"{t}/{MARKER}" in rels), key=step_of, reverse=True)
         keep_every = self.cfg.keep_every
         doomed = {}
@@ -425,6 +471,11 @@ class Checkpointer:
         for tag in by_tag:
             if tag not in complete and step_of(tag) < step_of(newest):
                 doomed[tag] = "retention: deleted %s, an incomplete checkpoint left by an interrupted save"
+        # A converted copy whose checkpoint goes (or went) goes too.
+        for source, rels in converted.items():
+            if source in doomed or (source not in by_tag and step_of(source) < step_of(newest)):
+                doomed[source + UNIVERSAL] = "retention: deleted %s, the converted copy of a deleted checkpoint"
+                by_tag[source + UNIVERSAL] = rels
         # The markers first: a checkpoint half deleted is then an incomplete one, never a complete one that
         # fails verification.
         names = sorted(f"{t}/{MARKER}" for t in doomed if f"{t}/{MARKER}" in by_tag[t])
@@ -478,20 +529,29 @@ class Checkpointer:
         dist.broadcast_object_list(holder, src=0, group=control)
         tags: list[str] = holder[0]
         problems = []
+        env = self.env
         for tag in tags:
             # Rank 0 reads the marker (one GET) and every rank gets it from rank 0: it names each file's size
-            # and sha256, so no rank needs a listing or a HEAD.
-            holder = [read_marker(self.remote, tag) if self.env.is_main else None]
+            # and sha256, so no rank needs a listing or a HEAD. For another world size, rank 0 also reads the
+            # marker of its converted copy, if an earlier start published one (``_publish_universal``).
+            converted = None
+            if env.is_main:
+                marker = read_marker(self.remote, tag)
+                if isinstance(marker, dict) and needs_conversion(marker, env.world_size, zero_stage):
+                    converted = read_marker(self.remote, tag + UNIVERSAL)
+                    converted = converted if isinstance(converted, dict) else None
+            holder = [(marker, converted) if env.is_main else None]
             dist.broadcast_object_list(holder, src=0, group=control)
-            marker = holder[0]
+            marker, converted = holder[0]
             size = sum(int(m["size"]) for m in marker["files"].values()) if isinstance(marker, dict) else 0
             budget = resume_budget(size)
             if isinstance(marker, str):
                 problem = marker
             else:
-                # Each rank fetches and verifies what it loads; all ranks then agree before loading.
-                env = self.env
-                files = needed_files(marker, env.rank, env.local_rank, env.world_size, zero_stage)
+                # Each rank fetches and verifies what it loads; all ranks then agree before loading. Without a
+                # converted copy, rank 0 fetches the whole checkpoint: it converts it.
+                converts = env.is_main and converted is None
+                files = needed_files(marker, env.rank, env.local_rank, env.world_size, zero_stage, converts)
                 problem = fetch_and_verify(self.remote, self.local, tag, marker, files)
             dist.monitored_barrier(group=control, timeout=budget)
             verdicts: list = [None] * self.env.world_size
@@ -501,7 +561,7 @@ class Checkpointer:
                 log.warning("checkpoint %s fails verification (%s); trying an older one", tag, problem)
                 problems.append(f"{tag}: {problem}")
                 continue
-            return self._loadable(tag, zero_stage, check_state, control, budget)
+            return self._loadable(tag, zero_stage, check_state, control, budget, converted)
         if problems:
             raise CheckpointError(
                 f"no checkpoint in {self.remote} verifies ({'; '.join(problems)}); refusing to start over and "
@@ -509,7 +569,9 @@ class Checkpointer:
             )
         return None
 
-    def _loadable(self, tag: str, zero_stage: int, check_state, control, budget: timedelta) -> Resumable:
+    def _loadable(
+        self, tag: str, zero_stage: int, check_state, control, budget: timedelta, converted: dict | None
+    ) -> Resumable:
         state = json.loads((self.local / tag / "trainer_state.json").read_text()) if self.env.is_main else None
         if state is not None and "model" not in state and (self.local / tag / "config.yaml").exists():
             # Checkpoints written before the trainer state named the model's shape: their config.yaml does.
@@ -532,28 +594,107 @@ class Checkpointer:
                 f"stage of the saved one's group (train.deepspeed_config), or on {saved_world} rank(s) at "
                 f"ZeRO-{saved_stage}"
             )
-        if self._fs_leader:
+        if converted is not None:
+            if self.env.is_main:
+                log.info("%s; loading its converted copy %s%s (converted once, reused)", where, tag, UNIVERSAL)
+            found.universal = converted
+            return found
+        # No converted copy yet: rank 0 converts (it fetched the whole checkpoint) and publishes the result; the
+        # other ranks wait for it, then get its marker.
+        outcome = None
+        if self.env.is_main:
             log.info("%s; converting it to a universal checkpoint for %d rank(s)", where, self.env.world_size)
-            self._convert_to_universal(tag)
+            try:
+                outcome = self._publish_universal(tag, found)
+            except (CheckpointError, storage.StorageError) as err:
+                outcome = f"converting {tag} to a universal checkpoint failed: {err}"
         dist.monitored_barrier(group=control, timeout=budget)
-        found.universal = True
+        holder = [outcome]
+        dist.broadcast_object_list(holder, src=0, group=control)
+        if isinstance(holder[0], str):
+            raise CheckpointError(holder[0])
+        found.universal = holder[0]
         return found
 
-    def _convert_to_universal(self, tag: str) -> None:
-        src, dst = self.local / tag, self.local / f"{tag}.universal"
+    def _publish_universal(self, tag: str, found: Resumable) -> dict:
+        """Convert ``tag`` (staged whole on this node) with DeepSpeed's ``ds_to_universal`` into
+        ``<tag>.universal``, with every core of the node, then publish it as a checkpoint of its own: each
+        file's size and sha256 in its COMPLETE marker, uploaded (on S3) by a pool of threads, the marker
+        last and only while this run holds the lease. Returns the marker."""
+        utag = tag + UNIVERSAL
+        src, dst = self.local / tag, self.local / utag
+        started = time.monotonic()
+        storage.delete_prefix(storage.join(self.remote, utag))  # what a conversion that died left behind
         shutil.rmtree(dst, ignore_errors=True)
+        # DeepSpeed's defaults are 4 extract + 2 merge workers; one node converting for all may use all it has.
+        # Extraction reads one rank's shard per worker; merging holds one parameter's slices per worker.
+        cores = len(os.sched_getaffinity(0))
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src)]
-        cmd += ["--output_folder", str(dst), "--inject_missing_state", "--num_extract_workers", "1"]
-        cmd += ["--num_merge_workers", "1"]
+        cmd += ["--output_folder", str(dst), "--inject_missing_state", "--num_extract_workers", str(cores)]
+        cmd += ["--num_merge_workers", str(max(1, cores // 2))]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise CheckpointError(f"converting {tag} to a universal checkpoint failed: {proc.stderr.strip()[-2000:]}")
-        # The converted copy keeps the trainer's own files next to DeepSpeed's.
-        for rel in ("trainer_state.json",):
-            shutil.copyfile(src / rel, dst / rel)
+            raise CheckpointError(proc.stderr.strip()[-2000:])
+        shutil.copyfile(src / "trainer_state.json", dst / "trainer_state.json")
+        converted_s = time.monotonic() - started
+        paths = sorted(p for p in dst.rglob("*") if p.is_file() and p.name != MARKER)
+
+        def publish(path: Path) -> tuple[str, dict]:
+            rel = path.relative_to(dst).as_posix()
+            if self.on_s3:
+                storage.upload_file(path, storage.join(self.remote, utag, rel))
+            return rel, {"size": path.stat().st_size, "sha256": sha256_file(path)}
+
+        # Many small files (4 per parameter at ZeRO-1/2: ~3,200 for Large): their requests overlap.
+        with ThreadPoolExecutor(max(4, cores)) as pool:
+            files = dict(pool.map(publish, paths))
+        marker = {"tag": utag, "source": tag, "world_size": found.world_size, "zero_stage": found.zero_stage}
+        marker |= {"files": files, "writer": self.lease.token if self.lease is not None else None}
+        self._check_lease()  # a run whose lease was taken publishes nothing
+        storage.write_text(storage.join(self.remote, utag, MARKER), json.dumps(marker, indent=1))
+        size = sum(m["size"] for m in files.values())
+        log.info(
+            "converted %s once: %d files, %.2f GB in %.1fs, published in %.1fs more",
+            utag,
+            len(files),
+            size / 1e9,
+            converted_s,
+            time.monotonic() - started - converted_s,
+        )
+        return marker
+
+    def _fetch_universal(self, engine, found: Resumable) -> None:
+        """Each node's local rank 0 fetches (and verifies) the converted files that its node's ranks read
+        (``universal_files``), all ranks agree, and a copy that fails verification loses its marker (the next
+        start converts again) before every rank stops. Collective."""
+        marker, utag = found.universal, found.load_tag
+        mine = universal_files(engine, marker)
+        wanted: list = [None] * self.env.world_size
+        dist.all_gather_object(wanted, (node_name(), mine), group=self.control)
+        problem = None
+        if self._fs_leader:
+            # One filesystem per node for S3 staging; the output directory itself (one for all) otherwise.
+            here = lambda node: node == node_name() or not self.on_s3  # noqa: E731
+            files = sorted({rel for node, rels in wanted if here(node) for rel in rels})
+            problem = fetch_and_verify(self.remote, self.local, utag, marker, files)
+        size = sum(int(m["size"]) for m in marker["files"].values())
+        dist.monitored_barrier(group=self.control, timeout=resume_budget(size))
+        verdicts: list = [None] * self.env.world_size
+        dist.all_gather_object(verdicts, problem, group=self.control)
+        problem = next((p for p in verdicts if p), None)
+        if problem:
+            if self.env.is_main:
+                self._check_lease()
+                storage.delete_files(storage.join(self.remote, utag), [MARKER])
+            raise CheckpointError(
+                f"the converted copy {utag} fails verification ({problem}); its marker is deleted, so the next "
+                "start converts the checkpoint again: re-run the same command"
+            )
 
     def load(self, engine, found: Resumable) -> dict:
         """Load a checkpoint that ``select`` returned into ``engine``; return its trainer state."""
+        if found.universal:
+            self._fetch_universal(engine, found)
         engine.load_checkpoint(str(self.local), tag=found.load_tag)
         local_dir = self.local / found.tag
         state = json.loads((local_dir / "trainer_state.json").read_text())
@@ -562,11 +703,9 @@ class Checkpointer:
         # masking do not depend on it (they are keyed by stream position), so a new world size loses nothing.
         if found.world_size == self.env.world_size and rng_file.exists():
             set_rng_state(torch.load(rng_file, weights_only=False))
+        # The loaded files stay staged until the next save replaces them: a crash before then restarts from them
+        # without downloading them again (fetch_and_verify keeps a staged file that matches the marker).
         dist.barrier()
-        if self._fs_leader:
-            # The loaded files stay staged until the next save replaces them: a crash before then restarts from
-            # them without downloading them again (fetch_and_verify keeps a staged file that matches the marker).
-            shutil.rmtree(self.local / f"{found.tag}.universal", ignore_errors=True)
         if self.env.is_main:
             how = f" (converted from {found.world_size} rank(s), ZeRO-{found.zero_stage})" if found.universal else ""
             log.info("resumed from %s/%s at step %d%s", self.remote, found.tag, state["step"], how)

@@ -324,7 +324,7 @@ def setup(cfg: Config, stop: StopRequest) -> Run:
             check_vocabulary(cfg.model.init_from, cfg.data.tokenizer_prefix)
             init_weights(cfg, objective, cache, dist_env.local_rank)
     dog.waiting("the engine's build (deepspeed.initialize)")
-    engine = build_engine(cfg, objective, world, device, universal=resume_from is not None and resume_from.universal)
+    engine = build_engine(cfg, objective, world, device, universal=bool(resume_from and resume_from.universal))
     clock.mark("engine")
     torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout differs between ranks
     dog.waiting("checkpoint load")
