@@ -278,6 +278,41 @@ def fragments_expected(folder: Path, stage: int) -> int:
     return total
 
 
+def large_counts(scaled_shapes: list, worlds: list[int]) -> dict:
+    """The file counts at Large's real sizes (configs/large.yaml built on the meta device), same grouping.
+    Input, output and ZeRO-3 fragment counts depend only on the tensors and W, so they are the measured ones;
+    a ZeRO-2 fragment is a (parameter, rank) overlap, which depends on the sizes: counted here with the split's
+    own layout rules (parameters back to back, the group padded to 2 * W, W equal partitions)."""
+    from electra_scale.config import load_config
+    from electra_scale.engine.model import build_electra
+
+    cfg = load_config(str(ROOT / "configs/large.yaml"))
+    with torch.device("meta"):
+        generator, discriminator = build_electra(cfg.model)
+    real = {}
+    for prefix, module in (("generator.", generator), ("discriminator.", discriminator)):
+        for name, param in module.named_parameters():  # a tied tensor is listed once, under its first name
+            real.setdefault(prefix + name, math.prod(param.shape))
+    numels = [[real[name] for name in group] for group in scaled_shapes]
+    return {
+        "params": sum(map(sum, numels)),
+        "zero2_fragments": {world: zero2_fragment_count(numels, world) for world in worlds},
+    }
+
+
+def zero2_fragment_count(numels: list[list[int]], world: int) -> int:
+    """ZeRO-2 fragment files at W ranks of groups of parameters of these sizes (no parameter-alignment padding,
+    DeepSpeed's default): per parameter, the partitions from its first element's to its last's, x 4 states."""
+    total = 0
+    for group in numels:
+        size = -(-sum(group) // (ALIGN * world)) * ALIGN  # (group aligned to 2 * W) / W
+        offset = 0
+        for n in group:
+            total += (offset + n - 1) // size - offset // size + 1
+            offset += n
+    return 4 * total  # fp32, exp_avg, exp_avg_sq, step
+
+
 # ------------------------------------------------------------------------------------------ measuring
 def tree(folder: Path) -> tuple[int, int]:
     files = size = 0
@@ -321,7 +356,8 @@ def run_measured(cmd: list[str], log: Path) -> dict:
     Memory is sampled (5 Hz) from /proc: the peak of the PSS summed over the process and its workers (what the
     node must hold at once), and the largest RSS of one of them. Not ru_maxrss: Linux carries a process's
     high-water RSS across fork and exec, so a child of this (large) process would report this one's."""
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
+    # Unbuffered: the converter's "*** N." lines must arrive when printed, to time its phases.
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     peak = [0, 0]
@@ -529,8 +565,10 @@ def main() -> None:
     scratch.mkdir()
     results = []
     print(f"workers: {args.extract_workers} extract, {args.merge_workers} merge", flush=True)
+    shapes = {}
     for stage in stages:
         src = sources[stage]
+        shapes[stage] = load(next(src.glob("*_model_states.pt")))["param_shapes"]
         reference = None
         if verify & set(worlds):
             files = verify_round_trip(src, stage, scratch)
@@ -560,7 +598,27 @@ def main() -> None:
                 shutil.rmtree(base)
         if reference is not None and not args.keep:
             shutil.rmtree(reference.parent)
-    print(json.dumps({"extract_workers": args.extract_workers, "merge_workers": args.merge_workers, "runs": results}))
+    # The counting rule, checked on what the converter wrote, then applied to Large's real sizes.
+    numels = {stage: [[math.prod(x) for x in g.values()] for g in shapes[stage]] for stage in shapes}
+    for r in results:
+        if r["stage"] == 2:
+            assert zero2_fragment_count(numels[2], r["world"]) == r["fragment_files"], r
+    large = large_counts(next(iter(shapes.values())), sorted({SOURCE_RANKS, *worlds}))
+    print(
+        f"at Large's sizes ({large['params']:,} parameters, {LARGE_TENSORS} tensors): ZeRO-2 fragment files "
+        + ", ".join(f"W={w}: {n:,}" for w, n in large["zero2_fragments"].items())
+        + " (the rule matches every ZeRO-2 count measured here); every other count is the same as measured"
+    )
+    print(
+        json.dumps(
+            {
+                "large": large,
+                "extract_workers": args.extract_workers,
+                "merge_workers": args.merge_workers,
+                "runs": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
