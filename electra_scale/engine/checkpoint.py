@@ -636,6 +636,7 @@ class Checkpointer:
         if proc.returncode != 0:
             raise CheckpointError(proc.stderr.strip()[-2000:])
         shutil.copyfile(src / "trainer_state.json", dst / "trainer_state.json")
+        (dst.parent / "latest_universal").unlink(missing_ok=True)  # the converter's own pointer; nobody reads it
         converted_s = time.monotonic() - started
         paths = sorted(p for p in dst.rglob("*") if p.is_file() and p.name != MARKER)
 
