@@ -29,7 +29,7 @@ from electra_scale.data.shards import DataError
 from electra_scale.data.stream import PretrainStream, check_same_mix, load_sources, resolve_partitions
 from electra_scale.data.tokenizer import load_tokenizer, model_dir_tokenizer
 from electra_scale.data.words import WordConventionError, continuation_ids, warn_if_unsegmented
-from electra_scale.engine import watchdog
+from electra_scale.engine import early_stop, watchdog
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.evaluate import Evaluator, describe
 from electra_scale.engine.guard import check_finite
@@ -59,6 +59,9 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        early = early_stop.take()  # one that came while the CLI still imported (engine/early_stop.py)
+        if early is not None:
+            self._handle(early, None)
 
     def restore(self) -> None:
         """Give the signals back to the handlers they had (a tool runs pretrain several times in one process)."""
