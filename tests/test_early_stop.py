@@ -1,6 +1,7 @@
-"""A stop signal that reaches `electra-scale pretrain` while it still imports torch (engine/early_stop.py): on a
-loaded node SLURM's time-limit USR1 can come that early, and a task killed by it never saves, nor does a
-requeued one that starts as slowly (the flake of tests/test_slurm.py's time-limit test)."""
+"""A stop signal that reaches `electra-scale pretrain` while it still starts (engine/early_stop.py): on a loaded
+node SLURM's time-limit USR1 can come while a task imports torch, or while DeepSpeed's `ninja` runs, and a task
+killed by it never saves, nor does a requeued one that starts as slowly (the flake of
+tests/test_slurm_requeue.py's time-limit test)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_a_signal_while_the_cli_imports_torch_stops_the_run_with_a_checkpoint(sh
         timeout=PATIENCE,
     )
     err = proc.stderr
-    # Without the early handler the process dies of the signal (-10) before it has a run to stop.
+    # Without the signals held from the CLI's first line the process dies of it (-10) before it has a run.
     assert proc.returncode == 75, err[-3000:]
     assert err.index("test: SIGUSR1 sent while importing torch") < err.index("SIGUSR1 received: stopping"), err[-3000:]
     # Adopted as a signal during set-up: the run goes on to train (so that an incarnation signalled while it
@@ -55,20 +56,26 @@ def test_a_signal_while_the_cli_imports_torch_stops_the_run_with_a_checkpoint(sh
     assert [m["step"] for m in metrics(str(out))] == list(range(1, stopped + 1))
 
 
-def test_a_signal_recorded_before_the_run_is_adopted_by_its_stop_request():
-    """The hand-over itself, in this process: what early_stop recorded becomes the run's stop request, once."""
+def test_a_signal_held_during_the_start_reaches_the_run_and_spares_the_processes_started_meanwhile():
+    """In this process: what comes while the signals are held is handled once released, by the run's handler;
+    and a process started meanwhile (DeepSpeed's `ninja`, which SLURM's signal reaches too) survives it."""
     from electra_scale.engine import early_stop
     from electra_scale.engine.train import StopRequest
 
-    before = {sig: signal.getsignal(sig) for sig in early_stop.SIGNALS}
+    stop = StopRequest()
     try:
-        early_stop.install()
+        early_stop.hold()
+        child = subprocess.run(
+            [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGUSR1); print('alive')"],
+            capture_output=True,
+            text=True,
+            timeout=PATIENCE,
+        )
+        assert (child.returncode, child.stdout) == (0, "alive\n"), "the child inherits the held signals"
         signal.raise_signal(signal.SIGTERM)
-        signal.raise_signal(signal.SIGUSR1)  # a second one changes nothing
-        stop = StopRequest()
+        assert not stop.requested, "held, not yet handled"
+        early_stop.release()
         assert stop.requested and stop.signal_name == "SIGTERM"
-        stop.restore()
-        assert not StopRequest().requested, "handed over once"
     finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+        early_stop.release()
+        stop.restore()

@@ -59,9 +59,6 @@ class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-        early = early_stop.take()  # one that came while the CLI still imported (engine/early_stop.py)
-        if early is not None:
-            self._handle(early, None)
 
     def restore(self) -> None:
         """Give the signals back to the handlers they had (a tool runs pretrain several times in one process)."""
@@ -329,6 +326,7 @@ def setup(cfg: Config, stop: StopRequest) -> Run:
     dog.waiting("the engine's build (deepspeed.initialize)")
     engine = build_engine(cfg, objective, world, device, universal=resume_from is not None and resume_from.universal)
     clock.mark("engine")
+    early_stop.release()  # a signal held back since the CLI's first line reaches `stop` now (engine/early_stop.py)
     torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout differs between ranks
     dog.waiting("checkpoint load")
     state = checkpointer.load(engine, resume_from) if resume_from is not None else {}
