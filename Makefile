@@ -18,9 +18,10 @@ services:
 demo: setup
 	$(VENV)/bin/electra-scale demo --workdir demo-output
 
-## Lint, format check and the whole test suite (starts its own SeaweedFS), two test files at a time.
+## Lint, format check and the whole test suite (starts its own SeaweedFS), two test files at a time, in the
+## order tests/conftest.py gives them (longest first: --no-loadscope-reorder keeps it).
 test: setup services lint
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 lint:
 	$(VENV)/bin/ruff check electra_scale tests

@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 
@@ -126,6 +127,12 @@ def _describe(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["pretrain"]:
+        # Before any heavy import: a SIGUSR1/SIGTERM from now on waits until the run can handle it
+        # (engine/early_stop.py: the scheduler's signal may come while torch and DeepSpeed still load).
+        from electra_scale.engine import early_stop
+
+        early_stop.hold()
     args = _parser().parse_args(argv)
     if args.command == "prepare":  # no torch (which the engine's modules import): prepare runs on CPU nodes
         return _prepare(args)
@@ -147,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
 
             spawn = launch.node_spawn_command(launch.detect(), sys.argv[1:])
             if spawn:  # a Kubernetes pod running one process per GPU supervises torchrun
+                from electra_scale.engine import early_stop
+
+                early = early_stop.take()  # run_node forwards the signals to the ranks from here on
+                if early is not None:  # no rank has started: nothing to save, and nothing to stop but this
+                    name = signal.Signals(early).name
+                    print(f"electra-scale pretrain: {name} before the ranks started; exit 75", file=sys.stderr)
+                    return EXIT_PREEMPTED
                 return launch.run_node(spawn, EXIT_PREEMPTED)
             try:
                 result = pretrain(cfg)

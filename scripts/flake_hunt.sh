@@ -20,7 +20,7 @@ while [ $# -gt 0 ]; do
     *) files+=("$1"); shift ;;
   esac
 done
-[ ${#files[@]} -gt 0 ] || files=(tests/test_faults.py tests/test_resilience.py tests/test_slurm.py)
+[ ${#files[@]} -gt 0 ] || files=(tests/test_faults.py tests/test_resilience.py tests/test_slurm.py tests/test_slurm_requeue.py)
 command -v stress-ng > /dev/null || { echo "flake_hunt: stress-ng is not installed (apt-get install -y stress-ng)" >&2; exit 2; }
 
 logs=${FLAKE_LOGS:-/tmp/flake-hunt}

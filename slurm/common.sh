@@ -68,9 +68,10 @@ run_pretrain() {
         exit 0
     fi
     if [ "$rc" -eq "$KILLED_BY_USR1" ]; then
-        # The signal came while a task was still starting (before it could catch USR1): nothing new to save,
-        # the run resumes from its latest complete checkpoint all the same.
-        echo "electra-scale: USR1 reached a task before training started; requeueing job ${SLURM_JOB_ID}"
+        # The signal came in the instant before a task's interpreter ran the CLI's first line, which holds
+        # USR1 back from then on (electra_scale/engine/early_stop.py): nothing new to save, the run resumes from
+        # its latest complete checkpoint all the same.
+        echo "electra-scale: USR1 reached a task before it could catch it; requeueing job ${SLURM_JOB_ID}"
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi

@@ -77,10 +77,38 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """The GPU checks run only when asked for (`-m gpu`): deselected, not skipped, from the CPU suite, which
-    runs them through `scripts/gpu_check.sh --dry-run` instead."""
-    if "gpu" in (config.option.markexpr or ""):
-        return
-    keep = [item for item in items if item.get_closest_marker("gpu") is None]
-    if len(keep) != len(items):
-        config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("gpu")])
-        items[:] = keep
+    runs them through `scripts/gpu_check.sh --dry-run` instead. Then the files in the order `make test` hands
+    them to its two workers (see LONGEST_FIRST)."""
+    if "gpu" not in (config.option.markexpr or ""):
+        keep = [item for item in items if item.get_closest_marker("gpu") is None]
+        if len(keep) != len(items):
+            config.hook.pytest_deselected(items=[item for item in items if item.get_closest_marker("gpu")])
+            items[:] = keep
+    items[:] = longest_first(items)
+
+
+# `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder`: each file goes whole to one of two
+# workers, in the order collected here, the next file to whichever worker runs low. xdist's default order (most
+# tests first) left the SLURM files, few tests but minutes each, to the end, where the other worker ran out of
+# files and waited for them. These files go first, longest first (seconds on 2 quiet cores), so that
+# the two SLURM files start on different workers and the short files fill in around them; the rest follow in
+# xdist's own order, most tests first.
+LONGEST_FIRST = (
+    "test_slurm.py",  # ~200 s: the 2-node reference job, the frozen rank's restart, requeue and 1-rank resume
+    "test_slurm_requeue.py",  # ~100 s: the time limit's USR1 and requeue; a second job refused
+    "test_soak.py",  # ~80 s: the short soak
+    "test_slurm_prepare.py",
+)
+
+
+def longest_first(items: list) -> list:
+    per_file: dict[str, int] = {}
+    for item in items:
+        per_file[item.path.name] = per_file.get(item.path.name, 0) + 1
+
+    def rank(name: str) -> tuple[int, int]:
+        if name in LONGEST_FIRST:
+            return LONGEST_FIRST.index(name), 0
+        return len(LONGEST_FIRST), -per_file[name]
+
+    return sorted(items, key=lambda item: rank(item.path.name))  # stable: a file's own tests keep their order

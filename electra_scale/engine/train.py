@@ -29,7 +29,7 @@ from electra_scale.data.shards import DataError
 from electra_scale.data.stream import PretrainStream, check_same_mix, load_sources, resolve_partitions
 from electra_scale.data.tokenizer import load_tokenizer, model_dir_tokenizer
 from electra_scale.data.words import WordConventionError, continuation_ids, warn_if_unsegmented
-from electra_scale.engine import watchdog
+from electra_scale.engine import early_stop, watchdog
 from electra_scale.engine.checkpoint import Checkpointer
 from electra_scale.engine.evaluate import Evaluator, describe
 from electra_scale.engine.guard import check_finite
@@ -326,6 +326,7 @@ def setup(cfg: Config, stop: StopRequest) -> Run:
     dog.waiting("the engine's build (deepspeed.initialize)")
     engine = build_engine(cfg, objective, world, device, universal=bool(resume_from and resume_from.universal))
     clock.mark("engine")
+    early_stop.release()  # a signal held back since the CLI's first line reaches `stop` now (engine/early_stop.py)
     torch.manual_seed(cfg.train.seed + 1 + dist_env.rank)  # dropout differs between ranks
     dog.waiting("checkpoint load")
     state = checkpointer.load(engine, resume_from) if resume_from is not None else {}
