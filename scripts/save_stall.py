@@ -21,7 +21,13 @@ the module and 1/64 of the optimizer state, the other ranks 1/64 each, so this i
    - ``launch``: the same 2,000 ops without the sleep: a host-bound step, the worst case.
    On this 2-core machine the upload's hashing, its HTTP threads and SeaweedFS itself also compete for the
    cores that the probe runs on, which a GPU node (16+ cores a GPU) does not: the figures are upper bounds.
-Prints a table; the last line is JSON.
+   (The SeaweedFS server runs at niceness 19, standing for a remote store; the upload threads at +10, as
+   engine/checkpoint.py runs them, or, with --no-nice, at the training's.)
+3. Then the question the figures of 2 cannot answer alone: is a slowdown the GIL (a thread of the training
+   process) or the cores (any process)? The same work, hashing and uploading the checkpoint's module file,
+   runs in turns in a thread of this process, in a child process (started and imported beforehand, as a
+   per-node uploader would be), and not at all, with the probes running meanwhile; A/B/C in alternation.
+Prints tables; the last line is JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +51,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 from electra_scale.config import load_config  # noqa: E402
-from electra_scale.engine.checkpoint import Checkpointer  # noqa: E402
+from electra_scale.engine import checkpoint  # noqa: E402
+from electra_scale.engine.checkpoint import Checkpointer, lower_priority, sha256_file  # noqa: E402
 from electra_scale.engine.objective import build_objective  # noqa: E402
 from electra_scale.engine.step import build_engine, train_step  # noqa: E402
 from electra_scale.infra import storage  # noqa: E402
@@ -53,6 +61,7 @@ from electra_scale.infra.s3server import SeaweedS3  # noqa: E402
 from electra_scale.tools.bench.paths import fixed_batch  # noqa: E402
 from tests.corpus import prepare_shards, write_corpus  # noqa: E402
 
+NICE = True  # --no-nice: the upload threads at the training's priority (engine/checkpoint.py before it)
 OPS = 2000  # small tensor ops a probe step launches: a transformer layer's forward and backward launch ~100
 
 
@@ -86,13 +95,72 @@ def probe(p: Probe, steps: int, until: threading.Thread | None = None) -> dict[s
     return out
 
 
+def upload_work(path: Path, url: str) -> None:
+    """What the upload thread does per file (engine/checkpoint.py ``_finish``): hash it, upload it."""
+    if NICE:
+        lower_priority()
+    sha256_file(path)
+    storage.upload_file(path, url)
+
+
+CHILD = """
+import sys
+from pathlib import Path
+from electra_scale.engine.checkpoint import lower_priority, sha256_file
+from electra_scale.infra import storage
+if sys.argv[1] == "nice":
+    lower_priority()
+print("ready", flush=True)
+path, url = sys.stdin.readline().split()
+sha256_file(Path(path))
+storage.upload_file(path, url)
+"""
+
+
+def thread_or_process(p: Probe, path: Path, rounds: int) -> dict:
+    """Probe steps while ``path`` is hashed and uploaded by a thread, by a child process, or by no one."""
+    runs: dict[str, list[dict]] = {"thread": [], "process": [], "none": []}
+    order = ["thread", "process", "none", "process", "thread", "none"] * max(1, rounds // 2)
+    for i, mode in enumerate(order):
+        url = f"s3://stall/ab/{i}/{path.name}"
+        if mode == "thread":
+            worker = threading.Thread(target=upload_work, args=(path, url))
+            worker.start()
+            runs[mode].append(probe(p, 10**9, until=worker))
+            worker.join()
+        elif mode == "process":
+            command = [sys.executable, "-c", CHILD, "nice" if NICE else "-"]
+            child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            assert child.stdout.readline().strip() == "ready"
+            child.stdin.write(f"{path} {url}\n")
+            child.stdin.flush()
+            watcher = threading.Thread(target=child.wait)
+            watcher.start()
+            runs[mode].append(probe(p, 10**9, until=watcher))
+            if child.wait() != 0:
+                raise RuntimeError("the uploading child process failed")
+        else:
+            busy = [len(r["host"]) for r in runs["thread"] + runs["process"]]
+            runs[mode].append(probe(p, max(busy) if busy else 200))
+    out = {}
+    for mode, trials in runs.items():
+        out[mode] = {name: [x for t in trials for x in t[name]] for name in ("host", "launch")}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/large.yaml")
     ap.add_argument("--probe-steps", type=int, default=30)
     ap.add_argument("--out", default=None, help="a scratch directory (default: a temporary one)")
+    ap.add_argument("--rounds", type=int, default=2, help="turns of thread / process / none in step 3")
+    ap.add_argument("--no-nice", action="store_true", help="upload threads at the training thread's priority")
     ap.add_argument("--keep", action="store_true", help="keep the run's files (staging, SeaweedFS) afterwards")
     args = ap.parse_args()
+    global NICE
+    NICE = not args.no_nice
+    if not NICE:
+        checkpoint.UPLOAD_NICE = 0
     torch.set_num_threads(1)  # the training process's host thread; the other core is the upload's and S3's
     scratch = Path(args.out or tempfile.mkdtemp(prefix="save-stall-"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -116,6 +184,10 @@ def main() -> int:
     os.environ.update(server.env())
     storage.reset_client()
     server.create_bucket("stall")
+    # The store stands for a remote one: its server yields this machine's 2 cores to the process measured, as
+    # a real object store takes none of the training node's. (Niceness is per thread: each of its threads.)
+    for task in Path(f"/proc/{server.proc.pid}/task").iterdir():
+        os.setpriority(os.PRIO_PROCESS, int(task.name), 19)
     try:
         env = detect()
         device = init_distributed(env)
@@ -137,12 +209,17 @@ def main() -> int:
         started = time.perf_counter()
         tag = checkpointer.save(engine, 1, state, {})
         stall_s = time.perf_counter() - started
+        staged = work / "staging" / "checkpoints" / tag
+        size = sum(f.stat().st_size for f in staged.rglob("*") if f.is_file())
+        module = work / "module.pt"  # step 3's file; staging is emptied once the upload is done
+        os.link(staged / "mp_rank_00_model_states.pt", module)
+        module_bytes = module.stat().st_size
         upload = checkpointer._upload  # noqa: SLF001 - the background thread this measures against
         during = probe(p, 10**9, until=upload)
         checkpointer.wait()
         upload_s = time.perf_counter() - started - stall_s
         after = probe(p, args.probe_steps)
-        size = sum(f.stat().st_size for f in (work / "staging" / "checkpoints" / tag).rglob("*") if f.is_file())
+        ab = thread_or_process(p, module, args.rounds)
         checkpointer.close()
     finally:
         server.stop()
@@ -179,8 +256,23 @@ def main() -> int:
             f"| {100 * r['slowdown']:+.1f}% | {100 * r['mean_slowdown']:+.1f}% "
             f"| {r['p99_base_ms']:.2f} -> {r['p99_during_ms']:.2f} ms |"
         )
+    none = {name: ab["none"][name] for name in ("host", "launch")}
+    print(f"\nthe module file ({module_bytes / 1e9:.2f} GB) hashed and uploaded, {args.rounds} turns each:")
+    print("| uploader | steps | host: median | mean | launch: median | mean |")
+    print("|---|---|---|---|---|---|")
+    ab_rows = {}
+    for mode in ("thread", "process", "none"):
+        r = {"steps": len(ab[mode]["host"])}
+        for name in ("host", "launch"):
+            r[name] = statistics.median(ab[mode][name]) / statistics.median(none[name]) - 1
+            r[name + "_mean"] = statistics.fmean(ab[mode][name]) / statistics.fmean(none[name]) - 1
+        ab_rows[mode] = r
+        print(
+            f"| {mode} | {r['steps']} | {100 * r['host']:+.1f}% | {100 * r['host_mean']:+.1f}% "
+            f"| {100 * r['launch']:+.1f}% | {100 * r['launch_mean']:+.1f}% |"
+        )
     result = {"params": params, "bytes": size, "step_s": step_s, "stall_s": stall_s, "upload_s": upload_s}
-    print(json.dumps(result | {"device_ms": 1e3 * p.device_s, "probes": rows}))
+    print(json.dumps(result | {"device_ms": 1e3 * p.device_s, "probes": rows, "thread_or_process": ab_rows}))
     return 0
 
 

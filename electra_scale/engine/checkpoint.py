@@ -36,6 +36,7 @@ any world size, reuses it. Each node then fetches only the universal files its r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -103,6 +104,18 @@ def owner_rank(relpath: str) -> int:
 def sha256_file(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+UPLOAD_NICE = 10  # the upload thread's niceness above the training's (scripts/save_stall.py measures it)
+
+
+def lower_priority() -> None:
+    """Run the calling thread (and the threads it starts: they inherit it) at a lower CPU priority. Hashing and
+    the HTTP transfers mostly run outside the GIL, so the slowdown they cause the training's host thread is
+    competition for cores, not the lock (scripts/save_stall.py: a child process slows it as much as a
+    thread); on Linux niceness is per thread, so the training thread keeps its own."""
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: the same work, same priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + UPLOAD_NICE)
 
 
 def rng_state() -> dict:
@@ -385,6 +398,7 @@ class Checkpointer:
 
     def _finish_guarded(self, *args) -> None:
         try:
+            lower_priority()
             self._finish(*args)
         except BaseException as err:  # surfaced by wait() in the training thread
             self._upload_error = err
