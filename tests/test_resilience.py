@@ -439,3 +439,29 @@ def test_a_world_size_change_converts_once_and_each_node_fetches_its_part(shards
         assert params(set(got)) == held, "every parameter an optimizer holds"
         assert sum(got.values()) < 2 * len(got), "not every node fetched every parameter"
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
+
+
+def test_the_upload_thread_yields_cores_to_training_and_training_keeps_its_priority():
+    """Hashing and uploading compete with the training thread for cores (scripts/save_stall.py): the upload
+    thread lowers its own priority, which threads it starts (the HTTP transfers) inherit, and leaves the
+    training thread's alone (niceness is per thread on Linux)."""
+    import os
+    import threading
+
+    from electra_scale.engine.checkpoint import UPLOAD_NICE, lower_priority
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    seen = {}
+
+    def upload():
+        lower_priority()
+        seen["upload"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        child = threading.Thread(target=lambda: seen.update(http=os.getpriority(os.PRIO_PROCESS, 0)))
+        child.start()
+        child.join()
+
+    worker = threading.Thread(target=upload)
+    worker.start()
+    worker.join()
+    want = min(19, base + UPLOAD_NICE)
+    assert seen == {"upload": want, "http": want} and os.getpriority(os.PRIO_PROCESS, 0) == base
