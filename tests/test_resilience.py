@@ -290,6 +290,19 @@ def _as_nodes(args: list[str], ranks: int, env: dict, logs: Path) -> list:
     return [start_cli(args, env={**env, **world, **node(r)}, stderr=logs / f"rank_{r}.log") for r in range(ranks)]
 
 
+def _load_then_kill(runs: list, logs: Path) -> None:
+    """Wait until rank 0 has loaded its checkpoint (the runs would go on training), then kill every rank."""
+    try:
+        deadline = time.monotonic() + PATIENCE
+        while "resumed from" not in (logs / "rank_0.log").read_text():
+            assert all(r.poll() is None for r in runs), (logs / "rank_0.log").read_text()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        for r in runs:
+            r.kill()
+
+
 def _wait_all(runs: list) -> list[int]:
     try:
         return [run.wait(timeout=PATIENCE) for run in runs]
@@ -326,16 +339,7 @@ def test_each_node_fetches_only_its_files_and_reuses_a_staged_copy(shards, s3_bu
         # Resume on 2 nodes; killed once both have loaded (the run would go on to step 100).
         logs = tmp_path / "b"
         logs.mkdir()
-        runs = _as_nodes(pretrain_args(shards, run, *common), 2, env, logs)
-        try:
-            deadline = time.monotonic() + PATIENCE
-            while "resumed from" not in (logs / "rank_0.log").read_text():
-                assert all(r.poll() is None for r in runs), (logs / "rank_0.log").read_text()[-3000:]
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-        finally:
-            for r in runs:
-                r.kill()
+        _load_then_kill(_as_nodes(pretrain_args(shards, run, *common), 2, env, logs), logs)
         got = checkpoint_requests(proxy)
         assert all(method == "GET" for method, _ in got), got  # no HEAD: the marker has the sizes
         per_rank = {rel for rel in files if re.search(r"zero_pp_rank_\d+_|^rng/rank_\d+\.pt$", rel)}
@@ -397,16 +401,7 @@ def test_a_world_size_change_converts_once_and_each_node_fetches_its_part(shards
         env = {"AWS_ENDPOINT_URL": proxy.endpoint}
         logs = tmp_path / "b"
         logs.mkdir()
-        runs = _as_nodes(pretrain_args(shards, run, *common), 2, env, logs)
-        try:  # killed once both have loaded
-            deadline = time.monotonic() + PATIENCE
-            while "resumed from" not in (logs / "rank_0.log").read_text():
-                assert all(r.poll() is None for r in runs), (logs / "rank_0.log").read_text()[-3000:]
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-        finally:
-            for r in runs:
-                r.kill()
+        _load_then_kill(_as_nodes(pretrain_args(shards, run, *common), 2, env, logs), logs)
         assert "converting it to a universal checkpoint for 2 rank(s)" in (logs / "rank_0.log").read_text()
         marker = json.loads(storage.read_text(f"{run}/checkpoints/{utag}/COMPLETE"))
         assert marker["source"] == "step_0000002" and marker["world_size"] == 1
