@@ -61,7 +61,6 @@ from electra_scale.infra.s3server import SeaweedS3  # noqa: E402
 from electra_scale.tools.bench.paths import fixed_batch  # noqa: E402
 from tests.corpus import prepare_shards, write_corpus  # noqa: E402
 
-NICE = True  # --no-nice: the upload threads at the training's priority (engine/checkpoint.py before it)
 OPS = 2000  # small tensor ops a probe step launches: a transformer layer's forward and backward launch ~100
 
 
@@ -97,8 +96,7 @@ def probe(p: Probe, steps: int, until: threading.Thread | None = None) -> dict[s
 
 def upload_work(path: Path, url: str) -> None:
     """What the upload thread does per file (engine/checkpoint.py ``_finish``): hash it, upload it."""
-    if NICE:
-        lower_priority()
+    lower_priority()
     sha256_file(path)
     storage.upload_file(path, url)
 
@@ -106,10 +104,11 @@ def upload_work(path: Path, url: str) -> None:
 CHILD = """
 import sys
 from pathlib import Path
+from electra_scale.engine import checkpoint
 from electra_scale.engine.checkpoint import lower_priority, sha256_file
 from electra_scale.infra import storage
-if sys.argv[1] == "nice":
-    lower_priority()
+checkpoint.UPLOAD_NICE = int(sys.argv[1])  # the parent's: the same priority as its upload thread's
+lower_priority()
 print("ready", flush=True)
 path, url = sys.stdin.readline().split()
 sha256_file(Path(path))
@@ -129,7 +128,7 @@ def thread_or_process(p: Probe, path: Path, rounds: int) -> dict:
             runs[mode].append(probe(p, 10**9, until=worker))
             worker.join()
         elif mode == "process":
-            command = [sys.executable, "-c", CHILD, "nice" if NICE else "-"]
+            command = [sys.executable, "-c", CHILD, str(checkpoint.UPLOAD_NICE)]
             child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
             assert child.stdout.readline().strip() == "ready"
             child.stdin.write(f"{path} {url}\n")
@@ -157,9 +156,7 @@ def main() -> int:
     ap.add_argument("--no-nice", action="store_true", help="upload threads at the training thread's priority")
     ap.add_argument("--keep", action="store_true", help="keep the run's files (staging, SeaweedFS) afterwards")
     args = ap.parse_args()
-    global NICE
-    NICE = not args.no_nice
-    if not NICE:
+    if args.no_nice:  # for the Checkpointer's upload thread and step 3's uploaders alike
         checkpoint.UPLOAD_NICE = 0
     torch.set_num_threads(1)  # the training process's host thread; the other core is the upload's and S3's
     scratch = Path(args.out or tempfile.mkdtemp(prefix="save-stall-"))

@@ -170,26 +170,29 @@ def needed_files(
     return [rel for rel in files if (owner_rank(rel) == rank if _OWNER.search(rel) else local_rank == 0)]
 
 
-def universal_files(engine, marker: dict) -> list[str]:
-    """The files of a converted (universal) checkpoint that this rank's engine reads as it loads: DeepSpeed's
-    module file (rank 0's at ZeRO-3), the optimizer's global state, and ``zero/<param>/`` for each parameter
-    this rank holds a piece of. At ZeRO-1/2 that is the parameters its partition of the flat buffer overlaps
+def universal_params(engine) -> set[str] | None:
+    """The parameters whose ``zero/<param>/`` files of a converted (universal) checkpoint this rank's engine
+    reads as it loads (None: all of them). At ZeRO-1/2, those its partition of the flat buffer overlaps
     (DeepSpeed's own map, ``_hp_mapping``, set when the engine was built): about 1/W of them. At ZeRO-3 every
     rank holds a slice of every parameter, and DeepSpeed reads each parameter's file whole to cut its slice,
     so every node reads all of them (the format's cost, not this package's)."""
-    files = sorted(marker["files"])
     optimizer = engine.optimizer
     groups = getattr(optimizer, "bit16_groups", None) or getattr(optimizer, "bf16_groups", None)
     names = getattr(optimizer, "param_names", None)
     if engine.zero_optimization_partition_weights() or not groups or not names:
-        wanted = None  # every parameter
-    else:
-        wanted = {names[lp] for group in groups for lp in group if getattr(lp, "_hp_mapping", None) is not None}
+        return None
+    return {names[lp] for group in groups for lp in group if getattr(lp, "_hp_mapping", None) is not None}
+
+
+def universal_files(marker: dict, params: set[str] | None) -> list[str]:
+    """The files of a converted checkpoint that ranks reading ``params`` (``universal_params``; None: all)
+    load: DeepSpeed's module file (rank 0's at ZeRO-3), the optimizer's global state, and those parameters'
+    ``zero/<param>/`` files."""
     shared = {"zero/optimizer_state.pt", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"}
     return [
         rel
-        for rel in files
-        if rel in shared or (rel.startswith("zero/") and (wanted is None or rel.split("/")[1] in wanted))
+        for rel in sorted(marker["files"])
+        if rel in shared or (rel.startswith("zero/") and (params is None or rel.split("/")[1] in params))
     ]
 
 
@@ -303,11 +306,18 @@ class Checkpointer:
                     f"{holder.get('node', '?')} (one filesystem, such as a shared $HOME or one run.cache_dir for "
                     "every node): unset run.cache_dir for the per-node default, or give each node its own"
                 )
-        verdicts: list = [None] * self.env.world_size
-        dist.all_gather_object(verdicts, problem, group=self.control)
-        problem = next((p for p in verdicts if p), None)
+        problem = self._agree(problem)
         if problem:
             raise ConfigError(problem)
+
+    def _agree(self, problem: str | None, budget: timedelta | None = None) -> str | None:
+        """The first rank's problem (None if none), the same on every rank. ``budget``: first wait for every
+        rank that long (a monitored barrier names a rank that never came). Collective, on the control group."""
+        if budget is not None:
+            dist.monitored_barrier(group=self.control, timeout=budget)
+        verdicts: list = [None] * self.env.world_size
+        dist.all_gather_object(verdicts, problem, group=self.control)
+        return next((p for p in verdicts if p), None)
 
     @property
     def _fs_leader(self) -> bool:
@@ -567,10 +577,7 @@ class Checkpointer:
                 converts = env.is_main and converted is None
                 files = needed_files(marker, env.rank, env.local_rank, env.world_size, zero_stage, converts)
                 problem = fetch_and_verify(self.remote, self.local, tag, marker, files)
-            dist.monitored_barrier(group=control, timeout=budget)
-            verdicts: list = [None] * self.env.world_size
-            dist.all_gather_object(verdicts, problem, group=control)
-            problem = next((p for p in verdicts if p), None)
+            problem = self._agree(problem, budget)
             if problem:
                 log.warning("checkpoint %s fails verification (%s); trying an older one", tag, problem)
                 problems.append(f"{tag}: {problem}")
@@ -683,20 +690,18 @@ class Checkpointer:
         (``universal_files``), all ranks agree, and a copy that fails verification loses its marker (the next
         start converts again) before every rank stops. Collective."""
         marker, utag = found.universal, found.load_tag
-        mine = universal_files(engine, marker)
+        # Parameter names, not file names, and None for "all" (ZeRO-3, where every rank's list would be the
+        # whole copy's): what every rank receives stays about one list of the model's parameters as W grows.
         wanted: list = [None] * self.env.world_size
-        dist.all_gather_object(wanted, (node_name(), mine), group=self.control)
+        dist.all_gather_object(wanted, (node_name(), universal_params(engine)), group=self.control)
         problem = None
         if self._fs_leader:
             # One filesystem per node for S3 staging; the output directory itself (one for all) otherwise.
-            here = lambda node: node == node_name() or not self.on_s3  # noqa: E731
-            files = sorted({rel for node, rels in wanted if here(node) for rel in rels})
-            problem = fetch_and_verify(self.remote, self.local, utag, marker, files)
+            ours = [params for node, params in wanted if node == node_name() or not self.on_s3]
+            params = None if None in ours else set().union(*ours)
+            problem = fetch_and_verify(self.remote, self.local, utag, marker, universal_files(marker, params))
         size = sum(int(m["size"]) for m in marker["files"].values())
-        dist.monitored_barrier(group=self.control, timeout=resume_budget(size))
-        verdicts: list = [None] * self.env.world_size
-        dist.all_gather_object(verdicts, problem, group=self.control)
-        problem = next((p for p in verdicts if p), None)
+        problem = self._agree(problem, resume_budget(size))
         if problem:
             if self.env.is_main:
                 self._check_lease()
