@@ -519,9 +519,10 @@ class Soak:
         files = storage.list_files(remote)
         saved = sorted({a.steps, *range(a.every, a.steps + 1, a.every)}, reverse=True)  # every save, newest first
         want_tags = {tag_for(s) for s in saved[: a.keep]}
-        tags = {tag for rel in files if (tag := rel.split("/")[0]).startswith("step_") and not tag.endswith(UNIVERSAL)}
-        complete = {rel.split("/")[0] for rel in files if rel.endswith(f"/{MARKER}")} - {t + UNIVERSAL for t in tags}
-        converted = {tag.removesuffix(UNIVERSAL) for rel in files if (tag := rel.split("/")[0]).endswith(UNIVERSAL)}
+        entries = [(rel.split("/")[0], rel) for rel in files if rel.startswith("step_")]
+        tags = {tag for tag, _ in entries if not tag.endswith(UNIVERSAL)}
+        complete = {tag for tag, rel in entries if tag in tags and rel.endswith(f"/{MARKER}")}
+        converted = {tag.removesuffix(UNIVERSAL) for tag, _ in entries if tag.endswith(UNIVERSAL)}
         others = sorted(rel for rel in files if not rel.startswith("step_") and rel != "latest")
         if tags != want_tags or complete != want_tags or others or not converted <= want_tags:
             rep.failures.append(
