@@ -4,6 +4,7 @@ and checked for the values metrics.jsonl holds; nothing leaves the machine (WAND
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -147,8 +148,12 @@ def test_every_tracker_gets_the_config_and_every_record(tmp_path):
     assert tensorboard_series(out / "tensorboard", "train/loss")[-1] == (4, 2.75)
     # Offline, the resumed part is written as another offline-run-* directory of the same run id.
     runs = sorted((cache / "wandb").glob("offline-run-*"))
-    assert {r.name.rsplit("-", 1)[1] for r in runs} == {run_dir.name.rsplit("-", 1)[1]}
-    assert any(wandb_history(r)[0].get(4) == {"train/loss": 2.75, "train/lr": 2e-3} for r in runs)
+    # offline-run-<YYYYMMDD_HHMMSS>-<run id>, and "-1" after it when both parts started in the same second
+    run_id = lambda path: re.match(r"offline-run-\d{8}_\d{6}-([^-]+)", path.name).group(1)  # noqa: E731
+    assert {run_id(r) for r in runs} == {run_id(run_dir)} and len(runs) == 2
+    assert any(wandb_history(r)[0].get(4) == {"train/loss": 2.75, "train/lr": 2e-3} for r in runs), [
+        (r.name, wandb_history(r)[0]) for r in runs
+    ]
 
 
 def test_pretrain_reports_to_all_trackers(shards, tmp_path):
