@@ -199,10 +199,12 @@ class CheckpointConfig:
     keep_last: int = 3
     # Also keep every checkpoint whose step is a multiple of this (e.g. for evaluation along the way); null = off.
     keep_every: int | None = None
-    # Hash and upload in a background thread, so training waits only for the local save. At most one upload
-    # is in flight: the next save waits for it. false = the save returns once the checkpoint is complete.
+    # Hash and upload in the background (each node's uploader process, engine/uploader.py), so training waits
+    # only for the local save. At most one upload is in flight: the next save waits for it. false = the save
+    # returns once the checkpoint is complete.
     async_upload: bool = True
-    # Rank 0 gives up marking a checkpoint complete if some rank's files are not up after this long.
+    # Rank 0 gives up marking a checkpoint complete if some node's files are not up after this long (a node's
+    # uploader still running then is stopped).
     upload_timeout_s: float = 3600.0
 
 

@@ -1,6 +1,6 @@
 """What a checkpoint save costs training (issue 35, item 2): the stall of a save, from its call to the next step,
-and how much slower training steps are while its upload runs in the background thread of the same process
-(threads share the GIL), with a state of ELECTRA-Large's size.
+and how much slower training steps are while its upload runs in the background (the node's uploader process,
+engine/uploader.py), with a state of ELECTRA-Large's size.
 
     .venv/bin/python scripts/save_stall.py [--config configs/large.yaml] [--probe-steps 30] [--out DIR]
 
@@ -11,7 +11,7 @@ the module and 1/64 of the optimizer state, the other ranks 1/64 each, so this i
 1. The real engine (step.build_engine: DeepSpeed ZeRO-2, fp32 on CPU) takes one step on one 128-token sequence,
    so that Adam's state exists, then saves through engine/checkpoint.py's Checkpointer to a SeaweedFS started
    here, as pretrain does: the stall is ``Checkpointer.save``'s wall time (the local write, then every rank's
-   barrier); hashing and the multipart upload then run in its background thread.
+   barrier); hashing and the multipart upload then run in the node's uploader process.
 2. While they run, the main thread runs probe steps; the same probes run before the save and after the upload
    (the baseline, both sides, so a drift of the machine shows). Two probes:
    - ``host``: what a GPU step asks of the host thread, which needs the GIL: launching kernels. Here: 2,000
@@ -21,12 +21,13 @@ the module and 1/64 of the optimizer state, the other ranks 1/64 each, so this i
    - ``launch``: the same 2,000 ops without the sleep: a host-bound step, the worst case.
    On this 2-core machine the upload's hashing, its HTTP threads and SeaweedFS itself also compete for the
    cores that the probe runs on, which a GPU node (16+ cores a GPU) does not: the figures are upper bounds.
-   (The SeaweedFS server runs at niceness 19, standing for a remote store; the upload threads at +10, as
-   engine/checkpoint.py runs them, or, with --no-nice, at the training's.)
+   (The SeaweedFS server runs at niceness 19, standing for a remote store; the uploader at +10, as
+   engine/uploader.py runs it, or, with --no-nice, at the training's.)
 3. Then the question the figures of 2 cannot answer alone: is a slowdown the GIL (a thread of the training
    process) or the cores (any process)? The same work, hashing and uploading the checkpoint's module file,
-   runs in turns in a thread of this process, in a child process (started and imported beforehand, as a
-   per-node uploader would be), and not at all, with the probes running meanwhile; A/B/C in alternation.
+   runs in turns in a thread of this process (how engine/checkpoint.py uploaded before the per-node
+   uploader), in a child process (started and imported beforehand), and not at all, with the probes running
+   meanwhile; A/B/C in alternation.
 Prints tables; the last line is JSON.
 """
 
@@ -51,10 +52,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import torch  # noqa: E402
 
 from electra_scale.config import load_config  # noqa: E402
-from electra_scale.engine import checkpoint  # noqa: E402
-from electra_scale.engine.checkpoint import Checkpointer, lower_priority, sha256_file  # noqa: E402
+from electra_scale.engine import uploader  # noqa: E402
+from electra_scale.engine.checkpoint import Checkpointer  # noqa: E402
 from electra_scale.engine.objective import build_objective  # noqa: E402
 from electra_scale.engine.step import build_engine, train_step  # noqa: E402
+from electra_scale.engine.uploader import sha256_file  # noqa: E402
 from electra_scale.infra import storage  # noqa: E402
 from electra_scale.infra.launch import detect, init_distributed  # noqa: E402
 from electra_scale.infra.s3server import SeaweedS3  # noqa: E402
@@ -95,20 +97,20 @@ def probe(p: Probe, steps: int, until: threading.Thread | None = None) -> dict[s
 
 
 def upload_work(path: Path, url: str) -> None:
-    """What the upload thread does per file (engine/checkpoint.py ``_finish``): hash it, upload it."""
-    lower_priority()
+    """What an upload thread did per file: lower its own priority (niceness is per thread on Linux, and the
+    threads it starts inherit it), hash the file, upload it."""
+    nice = os.getpriority(os.PRIO_PROCESS, 0) + uploader.UPLOAD_NICE
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     sha256_file(path)
     storage.upload_file(path, url)
 
 
 CHILD = """
-import sys
+import os, sys
 from pathlib import Path
-from electra_scale.engine import checkpoint
-from electra_scale.engine.checkpoint import lower_priority, sha256_file
+from electra_scale.engine.uploader import sha256_file
 from electra_scale.infra import storage
-checkpoint.UPLOAD_NICE = int(sys.argv[1])  # the parent's: the same priority as its upload thread's
-lower_priority()
+os.nice(int(sys.argv[1]))  # the parent's UPLOAD_NICE, as the uploader runs
 print("ready", flush=True)
 path, url = sys.stdin.readline().split()
 sha256_file(Path(path))
@@ -128,7 +130,7 @@ def thread_or_process(p: Probe, path: Path, rounds: int) -> dict:
             runs[mode].append(probe(p, 10**9, until=worker))
             worker.join()
         elif mode == "process":
-            command = [sys.executable, "-c", CHILD, str(checkpoint.UPLOAD_NICE)]
+            command = [sys.executable, "-c", CHILD, str(uploader.UPLOAD_NICE)]
             child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
             assert child.stdout.readline().strip() == "ready"
             child.stdin.write(f"{path} {url}\n")
@@ -153,11 +155,11 @@ def main() -> int:
     ap.add_argument("--probe-steps", type=int, default=30)
     ap.add_argument("--out", default=None, help="a scratch directory (default: a temporary one)")
     ap.add_argument("--rounds", type=int, default=2, help="turns of thread / process / none in step 3")
-    ap.add_argument("--no-nice", action="store_true", help="upload threads at the training thread's priority")
+    ap.add_argument("--no-nice", action="store_true", help="uploaders at the training thread's priority")
     ap.add_argument("--keep", action="store_true", help="keep the run's files (staging, SeaweedFS) afterwards")
     args = ap.parse_args()
-    if args.no_nice:  # for the Checkpointer's upload thread and step 3's uploaders alike
-        checkpoint.UPLOAD_NICE = 0
+    if args.no_nice:  # for the Checkpointer's uploader and step 3's alike
+        uploader.UPLOAD_NICE = 0
     torch.set_num_threads(1)  # the training process's host thread; the other core is the upload's and S3's
     scratch = Path(args.out or tempfile.mkdtemp(prefix="save-stall-"))
     scratch.mkdir(parents=True, exist_ok=True)
@@ -211,7 +213,7 @@ def main() -> int:
         module = work / "module.pt"  # step 3's file; staging is emptied once the upload is done
         os.link(staged / "mp_rank_00_model_states.pt", module)
         module_bytes = module.stat().st_size
-        upload = checkpointer._upload  # noqa: SLF001 - the background thread this measures against
+        upload = checkpointer._upload  # noqa: SLF001 - the thread that waits for the uploader process
         during = probe(p, 10**9, until=upload)
         checkpointer.wait()
         upload_s = time.perf_counter() - started - stall_s

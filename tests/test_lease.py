@@ -138,7 +138,7 @@ def test_a_second_run_refuses_a_stale_lease_is_taken_and_its_holder_stops_writin
     from tests.faultproxy import FaultProxy
 
     bucket, run = s3_bucket.removeprefix("s3://"), f"{s3_bucket}/run"
-    part2 = f"PUT /{bucket}/run/checkpoints/step_0000002/parts/rank_0.json"
+    part2 = f"PUT /{bucket}/run/checkpoints/step_0000002/parts/node_0.json"
     common = ("train.max_steps=40", "checkpoint.every_steps=1", "run.lease_timeout_s=10")
 
     def incarnation(n: int) -> dict[str, str]:

@@ -15,7 +15,7 @@ import pytest
 
 from electra_scale.data import load_manifest
 from electra_scale.data.stream import StreamLayout
-from electra_scale.engine.checkpoint import owner_rank
+from electra_scale.engine.checkpoint import owner_rank, tag_for
 from electra_scale.engine.metrics import read_samples
 from electra_scale.infra import storage
 from tests.cli import PATIENCE, run_cli, start_cli
@@ -60,6 +60,16 @@ def assert_continues(reference: Path, run: Path, from_step: int, rel: float = 1e
 
 def test_reference_accounts_for_every_sample(reference):
     assert_every_sample_once(reference, STEPS)
+
+
+def test_one_uploader_per_node_hashes_both_ranks_files(reference):
+    """The two ranks share a node: its lowest rank's uploader (engine/uploader.py) hashed both ranks' files and
+    wrote the node's one part, and the marker lists exactly those files."""
+    step = reference / "checkpoints" / tag_for(STEPS)
+    assert sorted(p.name for p in (step / "parts").iterdir()) == ["node_0.json"]
+    part = json.loads((step / "parts" / "node_0.json").read_text())
+    assert part["ranks"] == [0, 1] and {owner_rank(rel) for rel in part["files"]} == {0, 1}
+    assert part["files"] == json.loads((step / "COMPLETE").read_text())["files"]
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero1"])
@@ -221,7 +231,7 @@ def test_upload_runs_in_the_background_and_the_next_save_waits_for_it(shards, s3
     run = f"{s3_bucket}/run"
     log = tmp_path / "run.log"
     with FaultProxy(s3_server.endpoint).start() as proxy:
-        proxy.stall_after(0, match=f"PUT /{bucket}/run/checkpoints/step_0000001/parts/rank_0.json")
+        proxy.stall_after(0, match=f"PUT /{bucket}/run/checkpoints/step_0000001/parts/node_0.json")
         args = pretrain_args(
             shards, run, "train.max_steps=3", "checkpoint.every_steps=1", f"run.cache_dir={tmp_path / 'cache'}"
         )
@@ -279,14 +289,15 @@ def test_a_checkpoint_is_marked_complete_only_after_the_metrics_of_its_steps_are
     assert proxy.count("blackhole") == 1 and "metrics.jsonl failed" in log.read_text()
 
 
-def _as_nodes(args: list[str], ranks: int, env: dict, logs: Path) -> list:
-    """``ranks`` ranks, each its own node (LOCAL_WORLD_SIZE=1, a node name of its own: n0, n1...), so each stages
-    in a directory of its own as separate machines do; rank r's stderr in ``logs/rank_r.log``."""
+def _as_nodes(args: list[str], ranks: int, env: dict, logs: Path, names: list[str] | None = None) -> list:
+    """``ranks`` ranks, each its own node (LOCAL_WORLD_SIZE=1, a node name of its own: n0, n1..., or ``names``),
+    so each stages in a directory of its own as separate machines do; rank r's stderr in ``logs/rank_r.log``."""
     from electra_scale.infra.launch import free_port
 
     world = {"WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
     world["MASTER_PORT"] = str(free_port())
-    node = lambda r: {"RANK": str(r), "GROUP_RANK": str(r), "ELECTRA_NODE_NAME": f"n{r}"}  # noqa: E731
+    names = names or [f"n{r}" for r in range(ranks)]
+    node = lambda r: {"RANK": str(r), "GROUP_RANK": str(r), "ELECTRA_NODE_NAME": names[r]}  # noqa: E731
     return [start_cli(args, env={**env, **world, **node(r)}, stderr=logs / f"rank_{r}.log") for r in range(ranks)]
 
 
@@ -368,8 +379,17 @@ def test_each_node_fetches_only_its_files_and_reuses_a_staged_copy(shards, s3_bu
     args = pretrain_args(shards, run, *common, "train.stop_at_step=6", f"run.cache_dir={tmp_path / 'shared'}")
     assert _wait_all(_as_nodes(args, 2, {}, logs)) == [2, 2]
     for r in (0, 1):
-        refused = [line for line in (logs / f"rank_{r}.log").read_text().splitlines() if "is shared by node" in line]
+        refused = [line for line in (logs / f"rank_{r}.log").read_text().splitlines() if "is shared by rank" in line]
         assert len(refused) == 1 and "unset run.cache_dir" in refused[0], refused
+        assert "on node n0" in refused[0] and "on node n1" in refused[0]
+    # Two launch groups on one node that stage in one directory (two pods of a Kubernetes node sharing a
+    # hostPath volume): the same node name, so only the leaders' ranks tell them apart. Refused the same way.
+    logs = tmp_path / "e"
+    logs.mkdir()
+    args = pretrain_args(shards, run, *common, "train.stop_at_step=6")
+    assert _wait_all(_as_nodes(args, 2, {}, logs, names=["n0", "n0"])) == [2, 2]
+    refused = [line for line in (logs / "rank_0.log").read_text().splitlines() if "is shared by rank" in line]
+    assert len(refused) == 1 and "rank 0 on node n0" in refused[0] and "rank 1 on node n0" in refused[0], refused
 
 
 def test_a_world_size_change_converts_once_and_each_node_fetches_its_part(shards, s3_bucket, s3_server, tmp_path):
@@ -434,29 +454,9 @@ def test_a_world_size_change_converts_once_and_each_node_fetches_its_part(shards
         assert params(set(got)) == held, "every parameter an optimizer holds"
         assert sum(got.values()) < 2 * len(got), "not every node fetched every parameter"
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4]
-
-
-def test_the_upload_thread_yields_cores_to_training_and_training_keeps_its_priority():
-    """Hashing and uploading compete with the training thread for cores (scripts/save_stall.py): the upload
-    thread lowers its own priority, which threads it starts (the HTTP transfers) inherit, and leaves the
-    training thread's alone (niceness is per thread on Linux)."""
-    import os
-    import threading
-
-    from electra_scale.engine.checkpoint import UPLOAD_NICE, lower_priority
-
-    base = os.getpriority(os.PRIO_PROCESS, 0)
-    seen = {}
-
-    def upload():
-        lower_priority()
-        seen["upload"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        child = threading.Thread(target=lambda: seen.update(http=os.getpriority(os.PRIO_PROCESS, 0)))
-        child.start()
-        child.join()
-
-    worker = threading.Thread(target=upload)
-    worker.start()
-    worker.join()
-    want = min(19, base + UPLOAD_NICE)
-    assert seen == {"upload": want, "http": want} and os.getpriority(os.PRIO_PROCESS, 0) == base
+    # Step 4 was saved by the two nodes: each node's uploader wrote its node's part, with its rank's files.
+    step4 = f"{run}/checkpoints/step_0000004"
+    parts = [json.loads(storage.read_text(f"{step4}/parts/node_{n}.json")) for n in (0, 1)]
+    assert [p["ranks"] for p in parts] == [[0], [1]] and {owner_rank(rel) for rel in parts[1]["files"]} == {1}
+    marker = json.loads(storage.read_text(f"{step4}/COMPLETE"))
+    assert parts[0]["files"] | parts[1]["files"] == marker["files"]

@@ -146,6 +146,11 @@ def test_resume_is_exact_on_s3(shards, s3_bucket, tmp_path):
     assert [m["loss"] for m in straight] == [m["loss"] for m in resumed]
     files = storage.list_files(f"{s3_bucket}/resumed/checkpoints")
     assert "step_0000006/COMPLETE" in files and "latest" in files
+    # The node's uploader (engine/uploader.py) wrote one part, which lists every file of the marker.
+    assert [rel for rel in files if rel.startswith("step_0000006/parts/")] == ["step_0000006/parts/node_0.json"]
+    part = json.loads(storage.read_text(f"{s3_bucket}/resumed/checkpoints/step_0000006/parts/node_0.json"))
+    marker = json.loads(storage.read_text(f"{s3_bucket}/resumed/checkpoints/step_0000006/COMPLETE"))
+    assert part["ranks"] == [0] and part["files"] == marker["files"]
     assert not any(Path(tmp_path, "cache", "checkpoints").glob("step_*")), "staging is cleaned after upload"
 
 

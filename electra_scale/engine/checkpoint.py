@@ -4,19 +4,21 @@ Layout (a local directory or an s3:// prefix, same keys)::
 
     OUTPUT/checkpoints/step_0000500/   DeepSpeed's files (per rank), trainer_state.json, config.yaml,
                                        tokenizer/, rng/rank_<r>.pt (DeepSpeed does not save RNG state)
-    OUTPUT/checkpoints/step_0000500/parts/rank_<r>.json   each rank's files with size and sha256, once uploaded
+    OUTPUT/checkpoints/step_0000500/parts/node_<n>.json   each node's files with size and sha256, once uploaded
                                                           (for tools: rank 0 gets them by a gather)
     OUTPUT/checkpoints/step_0000500/COMPLETE   written last, by rank 0: every file with its size and sha256
     OUTPUT/checkpoints/latest                  names the newest complete step; written after COMPLETE
 
 Saving has two halves. In the foreground every rank writes with ``engine.save_checkpoint`` into a local
 directory (the output dir itself, or node-local staging when the output is on S3): training waits only for
-that. In a background thread each rank then hashes the files it owns, uploads them (multipart above 8 MiB)
-and writes its ``parts/rank_<r>.json`` (a record for tools); the threads' reports then reach rank 0 by one
-gather on a gloo group of their own (never the training loop's groups, so it never races its all-reduces), and
-rank 0's thread writes COMPLETE, then ``latest``, then applies retention (one listing, DeleteObjects): its
-requests after a save stay flat as W grows. At most one upload is in flight per rank: the next save waits for
-it (and says so in the log).
+that. Then, in the background, each node's lowest rank starts its node's uploader, a child process
+(engine/uploader.py: out of the training process's GIL, at a lower priority, killed with the rank), which
+hashes the files its node's ranks own, uploads them (multipart above 8 MiB) and writes ``parts/node_<n>.json``
+(a record for tools). A thread of every rank waits for it; the nodes' file lists then reach rank 0 by one gather
+on a gloo group of their own (never the training loop's groups, so it never races its all-reduces), and rank
+0's thread writes COMPLETE, then ``latest``, then applies retention (one listing, DeleteObjects): its requests
+after a save stay flat as W grows. At most one upload is in flight: the next save waits for it (and says so
+in the log).
 
 Resuming: try ``latest`` first, then every other complete step, newest first; a checkpoint is used only if
 every file in its marker is present with the right size and sha256, otherwise it is skipped with a warning.
@@ -36,8 +38,6 @@ any world size, reuses it. Each node then fetches only the universal files its r
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -61,19 +61,18 @@ import torch.distributed as dist
 import yaml
 
 from electra_scale.config import CheckpointConfig, node_name
-from electra_scale.engine import watchdog
+from electra_scale.engine import uploader, watchdog
+from electra_scale.engine.uploader import MARKER, PER_RANK, owner_rank, sha256_file
 from electra_scale.errors import ConfigError
 from electra_scale.infra import storage
 from electra_scale.infra.launch import DistEnv
 
 log = logging.getLogger("electra_scale")
 
-MARKER = "COMPLETE"
 LATEST = "latest"
-STAGING_OWNER = ".owner"  # in a staging directory: the node (and run) that uses it
+STAGING_OWNER = ".owner"  # in a staging directory: the node, leader rank and run that use it
 UNIVERSAL = ".universal"  # step_N.universal/: step_N converted to DeepSpeed's universal format, once
 _TAG = re.compile(r"^step_(\d+)$")
-_OWNER = re.compile(r"zero_pp_rank_(\d+)_|^rng/rank_(\d+)\.pt$")
 _DEEPSPEED = re.compile(r"(^|_)(model|optim)_states\.pt$")  # DeepSpeed's own files (the rest are the trainer's)
 
 
@@ -92,30 +91,6 @@ def tag_for(step: int) -> str:
 
 def step_of(tag: str) -> int:
     return int(_TAG.match(tag).group(1))
-
-
-def owner_rank(relpath: str) -> int:
-    """Which rank wrote (and so hashes and uploads) a file: DeepSpeed names per-rank files
-    ``zero_pp_rank_<r>_...``; everything else is written by rank 0."""
-    m = _OWNER.search(relpath)
-    return int(m.group(1) or m.group(2)) if m else 0
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-UPLOAD_NICE = 10  # the upload thread's niceness above the training's (scripts/save_stall.py measures it)
-
-
-def lower_priority() -> None:
-    """Run the calling thread (and the threads it starts: they inherit it) at a lower CPU priority. Hashing and
-    the HTTP transfers mostly run outside the GIL, so the slowdown they cause the training's host thread is
-    competition for cores, not the lock (scripts/save_stall.py: a child process slows it as much as a
-    thread); on Linux niceness is per thread, so the training thread keeps its own."""
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: the same work, same priority
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + UPLOAD_NICE)
 
 
 def rng_state() -> dict:
@@ -166,8 +141,8 @@ def needed_files(
     if needs_conversion(marker, world_size, zero_stage):
         if converts:
             return files
-        return [rel for rel in files if not (_OWNER.search(rel) or _DEEPSPEED.search(rel))] if local_rank == 0 else []
-    return [rel for rel in files if (owner_rank(rel) == rank if _OWNER.search(rel) else local_rank == 0)]
+        return [rel for rel in files if not (PER_RANK.search(rel) or _DEEPSPEED.search(rel))] if local_rank == 0 else []
+    return [rel for rel in files if (owner_rank(rel) == rank if PER_RANK.search(rel) else local_rank == 0)]
 
 
 def universal_params(engine) -> set[str] | None:
@@ -279,36 +254,56 @@ class Checkpointer:
         self._upload_tag: str | None = None
         self._upload_error: BaseException | None = None
         if self.on_s3:
-            self._claim_staging(Path(cache_dir))
+            self._group_by_node(self._claim_staging(Path(cache_dir)))
+        else:  # the output directory itself: every node sees every file, and hashes its own ranks'
+            self._group_by_node(node_name())
 
-    def _claim_staging(self, staging: Path) -> None:
-        """Each node's filesystem leader writes its node's name and this run's id into ``staging/.owner``, then
-        reads it back after every leader has written: a leader that finds another node's name shares the
-        directory with that node (a shared $HOME, one run.cache_dir for all), and every rank stops in one line
-        before anything is downloaded into it. A marker of another run (a predecessor on other nodes) is simply
-        replaced: only nodes of the same run collide. Collective."""
+    def _group_by_node(self, key: str | int) -> None:
+        """Which ranks save into this rank's local directory (``key``: the same on exactly those ranks), and
+        their group's place among the groups: the group's lowest rank runs its node's uploader
+        (engine/uploader.py), which writes ``parts/node_<index>.json``. Collective: one key from each rank."""
+        keys: list = [None] * self.env.world_size
+        dist.all_gather_object(keys, key, group=self.control)
+        self.node_ranks = [r for r, k in enumerate(keys) if k == key]
+        self.node_index = list(dict.fromkeys(keys)).index(key)
+        self.runs_uploader = self.env.rank == self.node_ranks[0]
+
+    def _claim_staging(self, staging: Path) -> int:
+        """Each node's filesystem leader writes its node's name, its rank and this run's id into
+        ``staging/.owner``, then reads it back after every leader has written: a leader that finds another
+        leader's record shares the directory with it (a shared $HOME, one run.cache_dir for all, a hostPath
+        volume of two pods on one Kubernetes node), and every rank stops in one line before anything is
+        downloaded into it. A marker of another run (a predecessor on other nodes) is simply replaced: only
+        leaders of the same run collide. Every rank returns the rank of the leader whose directory it stages
+        in: the ranks that save into one directory are the ones one uploader serves. Collective."""
         run_id = [uuid.uuid4().hex if self.env.is_main else None]
         dist.broadcast_object_list(run_id, src=0, group=self.control)
-        me = {"node": node_name(), "run": run_id[0]}
+        me = {"node": node_name(), "rank": self.env.rank, "run": run_id[0]}
         marker = staging / STAGING_OWNER
         if self._fs_leader:
             storage.write_text(str(marker), json.dumps(me))
         dist.barrier(group=self.control)
         problem = None
-        if self._fs_leader:
-            try:
-                holder = json.loads(marker.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            if holder != me:
-                problem = (
-                    f"the staging directory {staging} is shared by node {me['node']} and node "
-                    f"{holder.get('node', '?')} (one filesystem, such as a shared $HOME or one run.cache_dir for "
-                    "every node): unset run.cache_dir for the per-node default, or give each node its own"
-                )
+        try:
+            holder = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            holder = {}
+        if self._fs_leader and holder != me:
+            problem = (
+                f"the staging directory {staging} is shared by rank {me['rank']} on node {me['node']} and rank "
+                f"{holder.get('rank', '?')} on node {holder.get('node', '?')} (one filesystem, such as a shared "
+                "$HOME or one run.cache_dir for every node): unset run.cache_dir for the per-node default, or "
+                "give each node its own"
+            )
+        elif holder.get("run") != me["run"] or holder.get("node") != me["node"]:
+            problem = (
+                f"rank {self.env.rank} on node {me['node']} finds no record of its node's local rank 0 in "
+                f"{marker}: every rank of a node must stage in the same directory (run.cache_dir)"
+            )
         problem = self._agree(problem)
         if problem:
             raise ConfigError(problem)
+        return holder["rank"]
 
     def _agree(self, problem: str | None, budget: timedelta | None = None) -> str | None:
         """The first rank's problem (None if none), the same on every rank. ``budget``: first wait for every
@@ -408,38 +403,35 @@ class Checkpointer:
 
     def _finish_guarded(self, *args) -> None:
         try:
-            lower_priority()
             self._finish(*args)
         except BaseException as err:  # surfaced by wait() in the training thread
             self._upload_error = err
             log.error("checkpoint %s: upload failed: %s", args[0], err)
 
     def _finish(self, tag: str, step: int, world_size: int, zero_stage: int) -> None:
-        """Hash and upload this rank's files and write its part; every rank's part then reaches rank 0 by one
-        gather on the upload threads' own group (not W GETs of the part files, one after another), and rank 0
-        writes COMPLETE and ``latest``. A rank whose upload failed still joins the gather, with its error, so
-        that rank 0 says which rank failed instead of waiting for it."""
+        """The node's uploader process (engine/uploader.py), started by the node's lowest rank, hashes and
+        uploads every file its node's ranks wrote and writes the node's part; the nodes' file lists then reach
+        rank 0 by one gather on the upload threads' own group (the other ranks send an empty list), and rank 0
+        writes COMPLETE and ``latest``. A node whose upload failed still joins the gather, with its error, so
+        that rank 0 says which failed instead of waiting for it."""
         started = time.monotonic()
         writer = self.lease.token if self.lease is not None else None
-        report: dict = {}
+        report: dict = {"files": {}}
         failure: BaseException | None = None
-        try:
-            local_dir = self.local / tag
-            mine = {}
-            for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-                rel = path.relative_to(local_dir).as_posix()
-                if owner_rank(rel) != self.env.rank or rel == MARKER or rel.startswith("parts/"):
-                    continue
-                mine[rel] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-                if self.on_s3:
-                    storage.upload_file(path, storage.join(self.remote, tag, rel))
-            report = {"writer": writer, "files": mine}
-            # The rank's record, for people and tools (scripts/soak.py); nobody waits for it any more.
-            storage.write_text(
-                storage.join(self.remote, tag, "parts", f"rank_{self.env.rank}.json"), json.dumps(report)
-            )
-        except BaseException as err:  # noqa: BLE001 - reported to rank 0, then raised here
-            failure, report = err, {"error": f"{type(err).__name__}: {err}"}
+        if self.runs_uploader:
+            job = {
+                "local_dir": str(self.local / tag),
+                "remote_dir": storage.join(self.remote, tag),
+                "on_s3": self.on_s3,
+                "ranks": self.node_ranks,
+                "part": f"parts/node_{self.node_index}.json",
+                "writer": writer,
+                "label": f"rank {self.env.rank} uploader",
+            }
+            try:
+                report = {"files": uploader.result(uploader.start(job), self.cfg.upload_timeout_s)}
+            except BaseException as err:  # noqa: BLE001 - reported to rank 0, then raised here
+                failure, report = err, {"error": f"{type(err).__name__}: {err}"}
         parts: list | None = [None] * self.env.world_size if self.env.is_main else None
         try:
             dist.gather_object(report, parts, dst=0, group=self.uploads)
@@ -457,7 +449,9 @@ class Checkpointer:
         files: dict[str, dict] = {}
         for r, part in enumerate(parts):
             if "error" in part:
-                raise CheckpointError(f"rank {r} could not upload {tag} ({part['error']}); it stays incomplete")
+                raise CheckpointError(
+                    f"the uploader of rank {r}'s node could not upload {tag} ({part['error']}); it stays incomplete"
+                )
             files.update(part["files"])
         marker = {"step": step, "tag": tag, "world_size": world_size, "zero_stage": zero_stage, "files": files}
         marker["writer"] = writer  # the lease token of the run that marked it

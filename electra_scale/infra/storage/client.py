@@ -139,7 +139,8 @@ def s3_client():
         retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=policy.connect_timeout,
         read_timeout=policy.read_timeout,
-        max_pool_connections=max(10, TRANSFER_THREADS + 2),
+        # A few files at once (a node's uploader, a conversion's publish), each in up to 8 parts.
+        max_pool_connections=4 * TRANSFER_THREADS + 2,
         # Path-style addressing works with every S3-compatible server (SeaweedFS, MinIO, Ceph) and AWS.
         s3={"addressing_style": "path"},
     )
