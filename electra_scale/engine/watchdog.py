@@ -11,12 +11,12 @@ slurm/common.sh, Kubernetes' podFailurePolicy) restarts on 75, and the run resum
 checkpoint. Every rank has its own watchdog: the frozen rank's peers fire, each naming what it waited for.
 
 What a firing must not do is mark anything complete. It writes nothing; the process dies with its threads. A
-checkpoint's background upload is cut off where it is: COMPLETE is written by rank 0 only after every rank's
-part list is up (engine/checkpoint.py), so a checkpoint without the marker is ignored on resume, and
-``fired()`` stops the marker once the watchdog has decided. The lease (engine/lease.py) is not released: the
-restart takes it over (its process is gone, or it is a later incarnation of the same job); a predecessor that
-was frozen and is resumed later (SIGCONT) finds its phase long expired and exits at the watchdog's next look,
-and in any case its lease check fails before any marker it might reach.
+checkpoint's background upload is cut off where it is (the node's uploader process dies with its rank): COMPLETE is
+written by rank 0 only after every node's file list is up (engine/checkpoint.py), so a checkpoint without the
+marker is ignored on resume, and ``fired()`` stops the marker once the watchdog has decided. The lease
+(engine/lease.py) is not released: the restart takes it over (its process is gone, or it is a later incarnation of
+the same job); a predecessor that was frozen and is resumed later (SIGCONT) finds its phase long expired and exits
+at the watchdog's next look, and in any case its lease check fails before any marker it might reach.
 """
 
 from __future__ import annotations
