@@ -687,11 +687,12 @@ class Checkpointer:
         # Parameter names, not file names, and None for "all" (ZeRO-3, where every rank's list would be the
         # whole copy's): what every rank receives stays about one list of the model's parameters as W grows.
         wanted: list = [None] * self.env.world_size
-        dist.all_gather_object(wanted, (node_name(), universal_params(engine)), group=self.control)
+        dist.all_gather_object(wanted, universal_params(engine), group=self.control)
         problem = None
         if self._fs_leader:
-            # One filesystem per node for S3 staging; the output directory itself (one for all) otherwise.
-            ours = [params for node, params in wanted if node == node_name() or not self.on_s3]
+            # The ranks that stage in this directory (_group_by_node) for S3; the output directory itself (one
+            # for all) otherwise.
+            ours = [params for r, params in enumerate(wanted) if r in self.node_ranks or not self.on_s3]
             params = None if None in ours else set().union(*ours)
             problem = fetch_and_verify(self.remote, self.local, utag, marker, universal_files(marker, params))
         size = sum(int(m["size"]) for m in marker["files"].values())
